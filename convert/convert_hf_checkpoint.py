@@ -1,0 +1,225 @@
+"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into the engine's format.
+
+    python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR [--dtype bfloat16] [--force]
+
+Reads config.json (+ generation_config.json), the weights (sharded or single safetensors, or
+pytorch_model*.bin read with `weights_only=True`), renames and casts them, checks every tensor
+against the config, and writes safetensors + engine_config.json + the tokenizer files. Output is
+assembled in a temporary directory beside --out and renamed into place at the end, so a failed
+run never leaves a half-written checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, engine_weight_files, first_line,
+                                          hf_to_engine_name, save_engine_checkpoint,
+                                          validate_state_dict)
+from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.errors import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": None}
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old transformers versions saved
+# (index file, single file, shard glob) in order of preference.
+_HF_LAYOUTS = (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+               ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
+
+
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The weight files of a HF checkpoint; an index's shards must all be present."""
+    for index_name, single_name, pattern in _HF_LAYOUTS:
+        if (hf_dir / index_name).is_file():
+            weight_map = _read_json(hf_dir / index_name).get("weight_map") or {}
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (hf_dir / n).is_file()]
+            if missing:
+                raise UserError(f"{hf_dir} is missing {len(missing)} of {len(names)} weight shards listed "
+                                f"in {index_name} (first: {missing[0]}); download the complete checkpoint")
+            if names:
+                return [hf_dir / n for n in names]
+        if (hf_dir / single_name).is_file():
+            return [hf_dir / single_name]
+        shards = sorted(hf_dir.glob(pattern))
+        if shards:
+            return shards
+    raise UserError(f"no weights in {hf_dir}: expected model.safetensors, model-*.safetensors with "
+                    "model.safetensors.index.json, or pytorch_model*.bin")
+
+
+def _load_hf_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot read weights file {path}: {first_line(e)}") from None
+
+
+def read_hf_state_dict(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """All weights of `hf_dir` under engine names, cast to `dtype` (None keeps each tensor's)."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for path in hf_weight_files(hf_dir):
+        for hf_name, tensor in _load_hf_file(path).items():
+            name = hf_to_engine_name(hf_name)
+            if name is None:
+                if not hf_name.endswith(IGNORED_HF_SUFFIXES):
+                    unknown.append(hf_name)
+                continue
+            if name == "output.weight" and args.tie_word_embeddings:
+                continue  # tied: the engine reuses tok_embeddings, as transformers does
+            out[name] = tensor if dtype is None else tensor.to(dtype)
+    if unknown:
+        raise UserError(f"{hf_dir} has {len(unknown)} tensor(s) the engine does not know (first: "
+                        f"{unknown[0]!r}); this model variant is not supported")
+    return out
+
+
+def _unshare(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (possible in .bin files): copy the repeats."""
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            state_dict[name] = t.clone()
+        seen.add(ptr)
+    return state_dict
+
+
+def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = False,
+                          max_shard_gb: float = 0.0) -> Path:
+    """Convert the HF checkpoint in `hf_dir` into an engine checkpoint at `out_dir`; returns it."""
+    hf_dir = Path(hf_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # normalised, so "." or "x/.." still has a name and a parent
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if max_shard_gb < 0:
+        raise UserError(f"--max-shard-gb must be >= 0 (0 writes one file), got {max_shard_gb}")
+    if not hf_dir.is_dir():
+        raise UserError(f"--hf-dir {hf_dir} is not a directory: point it at a downloaded Hugging Face "
+                        "model (the folder holding config.json)")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"--out {out_dir} already exists and is not empty; pass --force to replace it")
+        hf_real, out_real = hf_dir.resolve(), out_dir.resolve()
+        if hf_real == out_real or out_real in hf_real.parents:
+            raise UserError(f"--out {out_dir} holds the input checkpoint; choose another output path")
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
+    hf_config = _read_json(hf_dir / "config.json")
+    gen_path = hf_dir / "generation_config.json"
+    try:
+        args = ModelArgs.from_hf_config(hf_config, _read_json(gen_path) if gen_path.is_file() else None)
+    except KeyError as e:
+        raise UserError(f"{hf_dir / 'config.json'} lacks the key {e}; the file looks incomplete") from None
+    if not hf_config.get("_name_or_path"):  # transformers 5 no longer saves it: name after the folder
+        args.name = hf_dir.resolve().name
+    state_dict = read_hf_state_dict(hf_dir, args, DTYPES[dtype])
+    validate_state_dict(args, state_dict, hint=f"the checkpoint in {hf_dir} is incomplete or does "
+                        "not match its config.json")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        save_engine_checkpoint(tmp, args, _unshare(state_dict),
+                               max_shard_bytes=int(max_shard_gb * 2**30) or None)
+        _copy_tokenizer_files(hf_dir, tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _copy_tokenizer_files(hf_dir: Path, out_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out_dir / name)
+    # Meta's Llama-3 repos keep the tiktoken model under original/.
+    if not (out_dir / "tokenizer.model").exists() and (hf_dir / "original" / "tokenizer.model").is_file():
+        shutil.copy2(hf_dir / "original" / "tokenizer.model", out_dir / "tokenizer.model")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`, replacing an existing (checked-before) `out_dir`."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def summarize(out_dir: Path) -> str:
+    """One-paragraph description of a converted checkpoint, read back from disk."""
+    args = ModelArgs.load(out_dir)
+    files = engine_weight_files(out_dir)
+    n_params, dtypes = 0, set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                n_params += torch.Size(piece.get_shape()).numel()
+                dtypes.add(piece.get_dtype())
+    nbytes = sum(p.stat().st_size for p in files)
+    scaling = f", rope {args.rope_scaling.rope_type} x{args.rope_scaling.factor:g}" if args.rope_scaling else ""
+    return (f"model  : {args.name}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads "
+            f"({args.n_kv_heads} kv, head_dim {args.head_dim}), ffn {args.intermediate_size}, "
+            f"vocab {args.vocab_size}{scaling}{', tied embeddings' if args.tie_word_embeddings else ''}\n"
+            f"params : {n_params / 1e6:.2f}M in {len(files)} file(s), dtype {'/'.join(sorted(dtypes))}, "
+            f"{nbytes / 2**20:.1f} MiB\n"
+            f"output : {out_dir}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hf-dir", required=True, type=click.Path(path_type=Path),
+              help="Hugging Face model directory: config.json plus *.safetensors or pytorch_model*.bin "
+                   "weights, and tokenizer files.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory to write the engine checkpoint to (created; must not exist or be empty "
+                   "unless --force).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+              help="Weight dtype to store; 'auto' keeps the dtype the checkpoint is stored in.")
+@click.option("--force", is_flag=True, help="Replace an existing, non-empty --out directory.")
+@click.option("--max-shard-gb", type=float, default=0.0, show_default=True,
+              help="Split the weights into safetensors shards of at most this many GiB; 0 writes "
+                   "one model.safetensors.")
+def main(hf_dir: Path, out_dir: Path, dtype: str, force: bool, max_shard_gb: float) -> None:
+    """Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into the engine's safetensors
+    format (engine_config.json + model.safetensors + tokenizer files)."""
+    try:
+        out = convert_hf_checkpoint(hf_dir, out_dir, dtype=dtype, force=force, max_shard_gb=max_shard_gb)
+    except UserError as e:
+        click.echo(f"error: {first_line(e)}", err=True)
+        sys.exit(1)
+    click.echo(summarize(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The engine's checkpoint format: tensor names and shapes, the HF -> engine name map, and
+safetensors save/load with validation.
+
+A checkpoint directory holds `engine_config.json` (ModelArgs), the weights as `model.safetensors`
+or as shards `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`, and the
+tokenizer files copied from the Hugging Face directory. Loading never unpickles."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelArgs
+from .errors import UserError
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+RECONVERT_HINT = ("re-run `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR --force` "
+                  "to rebuild it")
+
+# HF per-layer suffix -> engine per-layer suffix. No q/k permutation: the engine keeps HF's
+# rotate-half RoPE layout.
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.q_proj.bias": "attention.wq.bias",
+    "self_attn.k_proj.bias": "attention.wk.bias",
+    "self_attn.v_proj.bias": "attention.wv.bias",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor an engine checkpoint for `args` holds, with its shape."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (q, args.dim)
+        shapes[p + "attention.wk.weight"] = (kv, args.dim)
+        shapes[p + "attention.wv.weight"] = (kv, args.dim)
+        if args.qkv_bias:
+            shapes[p + "attention.wq.bias"] = (q,)
+            shapes[p + "attention.wk.bias"] = (kv,)
+            shapes[p + "attention.wv.bias"] = (kv,)
+        shapes[p + "attention.wo.weight"] = (args.dim, q)
+        shapes[p + "feed_forward.w1.weight"] = (args.intermediate_size, args.dim)
+        shapes[p + "feed_forward.w3.weight"] = (args.intermediate_size, args.dim)
+        shapes[p + "feed_forward.w2.weight"] = (args.dim, args.intermediate_size)
+        shapes[p + "attention_norm.weight"] = (args.dim,)
+        shapes[p + "ffn_norm.weight"] = (args.dim,)
+    shapes["norm.weight"] = (args.dim,)
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def hf_to_engine_name(name: str) -> Optional[str]:
+    """Engine name of a Hugging Face Llama/Mistral/Qwen2 tensor, or None when the engine has no
+    such weight (RoPE `inv_freq` buffers, or a tensor from an architecture we do not know)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def validate_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor],
+                        hint: str = RECONVERT_HINT) -> None:
+    """Raise UserError (one line, ending in `hint`) unless `state_dict` has exactly the expected
+    tensors with the expected shapes."""
+    expected = expected_shapes(args)
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise UserError(f"checkpoint is missing {len(missing)} of {len(expected)} tensors "
+                        f"(first: {missing[0]!r}); {hint}")
+    wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"tensor {k!r} has shape {tuple(state_dict[k].shape)} but the config needs "
+                        f"{expected[k]} ({len(wrong)} tensor(s) mis-shaped); {hint}")
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise UserError(f"checkpoint has {len(unexpected)} unexpected tensor(s) (first: "
+                        f"{unexpected[0]!r}) that this config does not use; {hint}")
+
+
+def save_engine_checkpoint(directory: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor],
+                           max_shard_bytes: Optional[int] = None) -> list[Path]:
+    """Write `engine_config.json` and the weights into an existing `directory`: one
+    `model.safetensors`, or shards of at most `max_shard_bytes` (a tensor is never split) plus an
+    index. Returns the weight files written."""
+    directory = Path(directory)
+    args.save(directory)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        return [directory / WEIGHTS_NAME]
+    files, weight_map = [], {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        files.append(directory / fname)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line, for UserError messages."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def engine_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of an engine checkpoint, checked to exist."""
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    index = directory / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        raise UserError(f"{directory} has no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME}); {RECONVERT_HINT}")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{index} is not a valid safetensors index ({e}); {RECONVERT_HINT}") from None
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise UserError(f"{directory} is missing {len(missing)} of {len(names)} weight shards "
+                        f"(first: {missing[0]}); {RECONVERT_HINT}")
+    return [directory / n for n in names]
+
+
+def load_engine_checkpoint(directory: Path, device="cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Read a converted checkpoint: (ModelArgs, state dict with the engine's names), validated."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory {directory} does not exist; convert a Hugging Face "
+                        "model first with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`")
+    args = ModelArgs.load(directory)
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in engine_weight_files(directory):
+        try:
+            tensors = load_file(path, device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path} ({first_line(e)}); {RECONVERT_HINT}") from None
+        duplicated = sorted(set(tensors) & set(state_dict))
+        if duplicated:
+            raise UserError(f"tensor {duplicated[0]!r} appears in more than one shard; {RECONVERT_HINT}")
+        state_dict.update(tensors)
+    validate_state_dict(args, state_dict)
+    return args, state_dict

@@ -1,0 +1,234 @@
+"""Model shape and hyper-parameters: `ModelArgs`, built from a Hugging Face `config.json`,
+from the engine's own JSON, or from a named preset for random-weight runs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+ENGINE_CONFIG_NAME = "engine_config.json"  # what the converter writes beside model.safetensors
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+
+
+class ConfigError(UserError):
+    """A configuration the engine cannot run correctly. The message says what to do."""
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """`linear` divides positions by `factor` (LLaMA-2-7B-32K); `llama3` rescales low
+    frequencies only (Llama-3.1/3.2, see transformers' `_compute_llama3_parameters`)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("linear", "llama3"):
+            raise ConfigError(
+                f"unknown rope scaling type {self.rope_type!r}: supported are 'linear' and 'llama3'"
+            )
+        if self.factor <= 0:
+            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    name: str = "custom"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (multi-head attention)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2/2.5
+    tie_word_embeddings: bool = False  # Llama-3.2-1B, small Qwen2.5
+    bos_id: Optional[int] = 1
+    eos_ids: tuple = (2,)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        self.eos_ids = tuple(int(e) for e in self.eos_ids)
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / ENGINE_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "ModelArgs":
+        path = Path(directory) / ENGINE_CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(
+                f"{directory} has no {ENGINE_CONFIG_NAME}: convert the Hugging Face checkpoint first "
+                "with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`"
+            )
+        return cls(**json.loads(path.read_text()))
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, generation_config: Optional[dict] = None) -> "ModelArgs":
+        """Map a transformers `config.json` dict to ModelArgs, refusing what we cannot run exactly."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}: supported are {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {hf.get('hidden_act')!r}: only 'silu' is supported")
+        if hf.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true is not supported")
+        if model_type == "llama" and hf.get("attention_bias"):
+            raise ConfigError("attention_bias=true (bias on q/k/v/o projections) is not supported for llama")
+        max_pos = int(hf.get("max_position_embeddings", 4096))
+        window = hf.get("sliding_window")
+        uses_window = hf.get("use_sliding_window", model_type == "mistral")
+        if uses_window and window is not None and int(window) < max_pos:
+            raise ConfigError(
+                f"sliding-window attention (sliding_window={window}) is not supported: the engine "
+                "attends to the full context, which would silently change this model's output"
+            )
+        rope_scaling = _parse_rope_scaling(hf.get("rope_scaling"))
+        rope_theta = hf.get("rope_theta")
+        if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
+            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            if rope_scaling is None:
+                rope_scaling = _parse_rope_scaling(hf.get("rope_parameters"))
+        n_heads = int(hf["num_attention_heads"])
+        gen = generation_config or {}
+        eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        bos = gen.get("bos_token_id", hf.get("bos_token_id"))
+        return cls(
+            name=hf.get("_name_or_path") or model_type,
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            head_dim=hf.get("head_dim") or None,
+            intermediate_size=int(hf["intermediate_size"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_base=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            qkv_bias=model_type == "qwen2",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_id=bos,
+            eos_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+        return cls(name=name, **PRESETS[name])
+
+    # ---- derived quantities --------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies across all layers, per element size 1."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+
+
+def _parse_rope_scaling(raw: Optional[dict]) -> Optional[RopeScaling]:
+    if not raw:
+        return None
+    rope_type = raw.get("rope_type", raw.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"unknown rope scaling type {rope_type!r}: supported are 'linear' and 'llama3' "
+            "(or none); running it anyway would give wrong output"
+        )
+    if rope_type == "default":
+        return None
+    keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    return RopeScaling(rope_type=rope_type, **{k: v for k, v in raw.items() if k in keep})
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (float64 for exact scaling math), scaling applied."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths divided by factor, short ones kept, a smooth ramp between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+_LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+
+# Shapes of the public checkpoints, for random-weight runs (benchmarks) and cost-model checks.
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
+                       max_position_embeddings=4096),
+    "llama-2-7b-32k": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
+                           max_position_embeddings=32768,
+                           rope_scaling=dict(rope_type="linear", factor=8.0)),
+    "llama-3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         intermediate_size=14336, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling=_LLAMA3_SCALING, bos_id=128000, eos_ids=(128001, 128008, 128009)),
+    "llama-3.1-70b": dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                          intermediate_size=28672, rope_base=500000.0, max_position_embeddings=131072,
+                          rope_scaling=_LLAMA3_SCALING, bos_id=128000, eos_ids=(128001, 128008, 128009)),
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                         intermediate_size=8192, rope_base=500000.0, max_position_embeddings=131072,
+                         rope_scaling=dict(_LLAMA3_SCALING, factor=32.0), tie_word_embeddings=True,
+                         bos_id=128000, eos_ids=(128001, 128008, 128009)),
+    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                           intermediate_size=5632, max_position_embeddings=2048),
+    "qwen2.5-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                       intermediate_size=18944, rope_base=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                       max_position_embeddings=32768, bos_id=None, eos_ids=(151643, 151645)),
+    "mistral-7b": dict(vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       intermediate_size=14336, rope_base=1000000.0, max_position_embeddings=32768),
+    # Tiny shapes for tests and CPU smoke runs.
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                 max_position_embeddings=4096),
+    "tiny-llama3": dict(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16,
+                        intermediate_size=160, rope_base=500000.0, max_position_embeddings=8192,
+                        rope_scaling=dict(_LLAMA3_SCALING, original_max_position_embeddings=64)),
+    "tiny-qwen2": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, intermediate_size=128,
+                       qkv_bias=True, norm_eps=1e-6, max_position_embeddings=4096, bos_id=None),
+}

@@ -1,0 +1,383 @@
+"""Load, prefill, capture, and run the generation loop with statistics.
+
+The loop is speculative_round() over a DecodeState; plain decoding is the same loop with gamma 0.
+On CUDA every fixed-shape model step (verify: gamma+1 tokens; draft: 1 token, 2 for a standalone
+draft's first step) is compiled and captured as a CUDA graph over static buffers; the host
+synchronises once per round, to read which sequences are done. On CPU the same steps run eagerly.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import resource
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import MAX_KERNEL_QUERIES, AttentionView, resolve_backend
+from .config import ModelArgs
+from .drafting import DraftConfig, select_positions
+from .errors import UserError
+from .model import Transformer
+from .sampling import SamplingParams, select_tokens
+from .speculative import DecodeState, speculative_round
+
+CAPTURE_SCRATCH = MAX_KERNEL_QUERIES  # cache slots past the last real position, for graph warm-ups
+
+
+def set_compiler_flags() -> None:
+    """Inductor settings, set once at start-up (never inside a method), as gpt-fast does."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = True
+    inductor_config.triton.unique_kernel_names = True
+    inductor_config.fx_graph_cache = True
+
+
+# ---- building models ----------------------------------------------------------------------------
+def model_from_state_dict(args: ModelArgs, state_dict: dict, device, dtype) -> Transformer:
+    """Build on the meta device and adopt the tensors (no second copy of the weights)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise UserError(f"checkpoint does not match the model: missing {sorted(set(missing) - allowed_missing)[:3]}, "
+                        f"unexpected {unexpected[:3]}; re-run the converter")
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def random_model(args: ModelArgs, device, dtype, seed: int = 0) -> Transformer:
+    """Random weights of a preset shape, for benchmarks: the output text is noise."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    torch.nn.init.normal_(p, std=0.02)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def load_model(checkpoint: Path, device, dtype, shard: Optional[Callable] = None) -> Transformer:
+    """Load a converted checkpoint; `shard(args, state_dict) -> (args, state_dict)` slices it for TP."""
+    from .checkpoint import load_engine_checkpoint
+
+    args, state_dict = load_engine_checkpoint(checkpoint)
+    if shard is not None:
+        args, state_dict = shard(args, state_dict)
+    return model_from_state_dict(args, state_dict, device, dtype)
+
+
+# ---- one forward step, the unit that gets compiled and captured ---------------------------------
+def forward_step(model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor, window: Optional[int],
+                 selected: Optional[list], backend: str, last_only: bool,
+                 kv_limit: Optional[int] = None) -> torch.Tensor:
+    """tokens [B, T] at cache_len.. -> logits [B, T, V] (or [B, 1, V] when last_only)."""
+    view = AttentionView(cache_len=cache_len, n_tokens=tokens.shape[1], window=window, selected=selected,
+                         backend=backend, kv_limit=kv_limit)
+    output_index = None
+    if last_only:
+        output_index = torch.full((tokens.shape[0], 1), tokens.shape[1] - 1, device=tokens.device)
+    return model(tokens, view, output_index)
+
+
+class CapturedStep:
+    """forward_step for one fixed shape as a CUDA graph over static token / cache_len buffers."""
+
+    def __init__(self, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device, pool):
+        self.tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
+        # Warm-up and capture write their K/V into scratch slots no real token ever uses.
+        self.cache_len = torch.full((batch,), scratch_pos, dtype=torch.long, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile + autotune outside the graph
+                step(self.tokens, self.cache_len)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = step(self.tokens, self.cache_len)
+
+    def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.cache_len.copy_(cache_len)
+        self.graph.replay()
+        return self.logits
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+class PhaseTimer:
+    """Time named phases without host syncs: CUDA events on GPU, read once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events = defaultdict(list)
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events[name].append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.seconds[name] += time.perf_counter() - t
+
+    def totals(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, pairs in self.events.items():
+                self.seconds[name] = sum(s.elapsed_time(e) for s, e in pairs) / 1e3
+        return dict(self.seconds)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    batch_size: int
+    prompt_tokens: list
+    new_tokens: list
+    prefill_s: float
+    decode_s: float
+    latency_s: list  # per sequence, from the start of prefill to its last token
+    rounds: int
+    gamma: int
+    accepted: int  # draft tokens accepted, summed over sequences
+    drafted: int  # draft tokens proposed to running sequences
+    seq_rounds: int  # rounds summed over sequences (a sequence counts while it runs)
+    phase_s: dict
+    peak_memory_bytes: int
+    simulated_acceptance: Optional[float] = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.new_tokens) / max(self.decode_s, 1e-9)
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def mean_accepted_per_round(self) -> Optional[float]:
+        """Tokens emitted per sequence per round (accepted drafts + the bonus token)."""
+        if not self.drafted:
+            return None
+        return (self.accepted + self.seq_rounds) / self.seq_rounds
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"prefill: {sum(self.prompt_tokens)} tokens in {self.prefill_s:.3f} s",
+            f"decode:  {sum(self.new_tokens)} tokens in {self.decode_s:.3f} s = {self.tokens_per_s:.1f} tokens/s "
+            f"(batch {self.batch_size}, {self.rounds} rounds)",
+            "latency per sequence (s): " + " ".join(f"{x:.2f}" for x in self.latency_s),
+        ]
+        if self.gamma:
+            tag = f" [SIMULATED acceptance {self.simulated_acceptance}]" if self.simulated_acceptance is not None else ""
+            lines.append(f"speculation: gamma {self.gamma}, acceptance rate {self.acceptance_rate:.3f}, "
+                         f"mean tokens per round {self.mean_accepted_per_round:.2f}{tag}")
+        if self.phase_s:
+            lines.append("time split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in self.phase_s.items()))
+        lines.append(f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB")
+        return lines
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list  # per sequence: the generated token ids (EOS included when it stopped there)
+    stats: GenerationStats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+class Engine:
+    """Target model (+ optional standalone draft model), caches, captured steps, generate()."""
+
+    def __init__(self, model: Transformer, *, draft_model: Optional[Transformer] = None,
+                 attention: str = "auto", compile: Optional[bool] = None, use_graphs: Optional[bool] = None):
+        self.model = model
+        self.draft_model = draft_model
+        self.device = model.output.weight.device
+        self.dtype = model.output.weight.dtype
+        self.backend = resolve_backend(attention, self.device)
+        on_cuda = self.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        if self.use_graphs and not on_cuda:
+            raise UserError("CUDA graphs need a CUDA device")
+        if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
+            raise UserError(f"draft vocabulary ({draft_model.args.vocab_size}) differs from the target's "
+                            f"({model.args.vocab_size}): the draft must share the target's tokenizer")
+        self._step = torch.compile(forward_step, fullgraph=False) if self.compile else forward_step
+        self._shape = None
+        self._captured: dict = {}
+        self._selected: dict = {}  # model role -> static per-layer selection buffers
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _setup(self, batch: int, seq_len: int, draft: DraftConfig) -> None:
+        """(Re)allocate caches and selection buffers when the shape changes; drop stale graphs."""
+        seq_len = -(-seq_len // 256) * 256 + CAPTURE_SCRATCH  # round up so repeated runs reuse graphs
+        shape = (batch, seq_len, draft.n_selected if draft.enabled else 0)
+        if shape == self._shape:
+            return
+        self._shape, self._captured, self._selected = shape, {}, {}
+        for model in self._models():
+            model.setup_caches(batch, seq_len, self.dtype, self.device)
+        if draft.enabled and not draft.full:
+            drafter = self.draft_model or self.model
+            n_kv = drafter.args.n_kv_heads
+            self._selected["draft"] = [torch.full((batch, n_kv, draft.n_selected), -1, dtype=torch.long,
+                                                  device=self.device) for _ in range(drafter.args.n_layers)]
+
+    def _models(self):
+        return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+
+    def _run(self, key: tuple, model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor,
+             window: Optional[int], selected: Optional[list], last_only: bool) -> torch.Tensor:
+        """One fixed-shape step: captured graph on CUDA, eager (with a key-range hint) elsewhere."""
+        if not self.use_graphs:
+            kv_limit = int(cache_len.max()) + tokens.shape[1]  # free on CPU; trims the key axis
+            return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, kv_limit)
+        if key not in self._captured:
+            def step(t, c):
+                return self._step(model, t, c, window, selected, self.backend, last_only)
+
+            scratch = model.max_seq_len - CAPTURE_SCRATCH
+            self._captured[key] = CapturedStep(step, tokens.shape[0], tokens.shape[1], scratch, self.device,
+                                               self._pool())
+        return self._captured[key](tokens, cache_len)
+
+    def _pool(self):
+        if not hasattr(self, "_graph_pool"):
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
+    # -- prefill ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, model: Transformer, tokens: torch.Tensor, prompt_len: torch.Tensor, chunk: int,
+                progress: bool) -> torch.Tensor:
+        """Chunked prefill of tokens [B, L_max] (ragged; padding sits after each prompt and is never
+        attended by a real query) -> logits at each prompt's last token [B, V]."""
+        B, L = tokens.shape
+        last = torch.zeros(B, model.args.vocab_size, device=self.device)
+        starts = range(0, L, chunk)
+        for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 4):
+            T = min(chunk, L - start)
+            view = AttentionView(cache_len=torch.full((B,), start, device=self.device), n_tokens=T,
+                                 backend=self.backend, kv_limit=start + T)
+            idx = (prompt_len - 1 - start).clamp(0, T - 1)[:, None]  # [B, 1] row of each last token
+            logits = model(tokens[:, start:start + T], view, output_index=idx)[:, 0]  # [B, V]
+            here = (prompt_len - 1 >= start) & (prompt_len - 1 < start + T)
+            last = torch.where(here[:, None], logits, last)
+        return last
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list, max_new_tokens, sampling: SamplingParams = SamplingParams(),
+                 draft: DraftConfig = DraftConfig(), eos_ids=(), prefill_chunk: int = 512,
+                 max_seq_len: Optional[int] = None, progress: bool = False,
+                 accept_override: Optional[Callable] = None, gamma_controller=None) -> GenerationResult:
+        """prompts: token-id lists (ragged). max_new_tokens: int or one per prompt."""
+        if draft.kind == "model" and self.draft_model is None:
+            raise UserError("a standalone draft needs --draft-checkpoint")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt must have at least one token")
+        B = len(prompts)
+        max_new = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(max_new) != B or min(max_new) < 1:
+            raise UserError("--max-new-tokens must be >= 1 (one value per prompt when given as a list)")
+        lens = [len(p) for p in prompts]
+        gamma = draft.gamma if draft.enabled else 0
+        limit = max_seq_len or self.model.args.max_position_embeddings
+        longest = max(lens[b] + max_new[b] for b in range(B))
+        if longest > limit:
+            raise UserError(f"a prompt of {lens[int(max(range(B), key=lambda b: lens[b] + max_new[b]))]} tokens "
+                            f"plus {max(max_new)} new tokens does not fit max_seq_len {limit}: shorten the "
+                            "prompt, lower --max-new-tokens, or raise --max-seq-len")
+        draft.warn_if_budget_covers(max(lens) + max(max_new))
+        self._setup(B, longest + gamma + 1, draft)
+
+        dev = self.device
+        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        prompt_len = torch.tensor(lens, device=dev)
+        eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
+        timer = PhaseTimer(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.synchronize(dev)
+        t_start = time.perf_counter()
+
+        last_logits = self.prefill(self.model, tokens, prompt_len, prefill_chunk, progress)
+        first, _ = select_tokens(last_logits, sampling)
+        drafter = self.draft_model if draft.kind == "model" else self.model
+        draft_selected = None
+        if draft.enabled:
+            if draft.kind == "model":
+                self.prefill(self.draft_model, tokens, prompt_len, prefill_chunk, progress)
+            picked = select_positions(drafter, draft, tokens, prompt_len, self.backend)
+            if picked is not None:
+                for buf, sel in zip(self._selected["draft"], picked):
+                    buf.copy_(sel)
+                draft_selected = self._selected["draft"]
+        state = DecodeState.start(first, tokens[torch.arange(B), prompt_len - 1], prompt_len,
+                                  torch.tensor(max_new, device=dev), eos, max(max_new) + gamma + 2)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_decode = time.perf_counter()
+        prefill_s = t_decode - t_start
+
+        def target_step(toks, cache_len):
+            return self._run(("target", toks.shape[1]), self.model, toks, cache_len, None, None, False)
+
+        def draft_step(toks, cache_len):
+            window = None if draft.full else draft.window
+            return self._run(("draft", toks.shape[1]), drafter, toks, cache_len, window, draft_selected, True)
+
+        latency = [None] * B
+        done = state.done.cpu()
+        for b in range(B):
+            if done[b]:
+                latency[b] = prefill_s
+        rounds, drafted = 0, 0
+        while not bool(done.all()):
+            running = int((~done).sum())
+            g = gamma if gamma_controller is None else gamma_controller(state, rounds)
+            speculative_round(state, target_step, draft_step if g else None, g, sampling, eos,
+                              reread_prev=draft.kind == "model", accept_override=accept_override, timer=timer)
+            rounds, drafted = rounds + 1, drafted + running * g
+            done = state.done.cpu()  # the one host synchronisation per round
+            now = time.perf_counter() - t_start
+            for b in range(B):
+                if done[b] and latency[b] is None:
+                    latency[b] = now
+        decode_s = time.perf_counter() - t_decode
+
+        n_out = state.n_out.tolist()
+        out = state.out.tolist()
+        stats = GenerationStats(
+            batch_size=B, prompt_tokens=lens, new_tokens=n_out, prefill_s=prefill_s, decode_s=decode_s,
+            latency_s=latency, rounds=rounds, gamma=gamma, accepted=int(state.accepted.sum()), drafted=drafted,
+            seq_rounds=int(state.rounds.sum()),
+            phase_s=timer.totals() if gamma else {}, peak_memory_bytes=peak_memory_bytes(dev))
+        return GenerationResult(tokens=[out[b][:n_out[b]] for b in range(B)], stats=stats)

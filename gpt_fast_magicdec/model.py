@@ -1,0 +1,157 @@
+"""The Llama-family Transformer, gpt-fast style: one forward(tokens, view) for every mode.
+
+Covers Llama 1/2/3/3.1/3.2, Mistral (full attention), Qwen2/2.5 (q/k/v bias) and TinyLlama.
+RoPE uses the Hugging Face rotate-half layout, so converted weights need no permutation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionView, attend
+from .cache import KVCache
+from .config import ModelArgs, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like transformers, then scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_seq_len, head_dim] in fp32 (rotate-half layout: freqs repeated)."""
+    inv_freq = rope_inv_freq(args).float()  # [D/2]
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # [S, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [S, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, D] already gathered at the tokens' positions."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        # q, k and v share one matmul; checkpoints keep them apart (see _fuse_qkv).
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+        self._register_load_state_dict_pre_hook(self._fuse_qkv)
+
+    def _fuse_qkv(self, state_dict, prefix, *args):
+        for suffix in ("weight", "bias"):
+            names = [f"{prefix}w{x}.{suffix}" for x in "qkv"]
+            if names[0] in state_dict:
+                state_dict[f"{prefix}wqkv.{suffix}"] = torch.cat([state_dict.pop(n) for n in names])
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                view: Optional[AttentionView]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if view is None:  # cache-free causal pass over the given tokens (training, scoring)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
+        if view.write_cache:
+            k_cache, v_cache = self.kv_cache.update(view.input_pos, k, v)  # [B, H_kv, S_max, D]
+        else:
+            k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
+        if view.observer is not None:
+            view.observer(self.layer_id, q, k_cache, view)
+        out = attend(q, k_cache, v_cache, view, self.layer_id, self.head_dim ** -0.5)  # [B, H, T, D]
+        return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, view: Optional[AttentionView]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, view)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.max_batch_size = self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
+                     device: Optional[torch.device] = None) -> None:
+        """Allocate the static KV cache [B, H_kv, S_max, D] per layer and the RoPE tables."""
+        dtype = dtype or self.output.weight.dtype
+        device = device or self.output.weight.device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
+                                               self.args.head_dim, dtype, device)
+        cos, sin = rope_tables(self.args, max_seq_len)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def forward(self, tokens: torch.Tensor, view: Optional[AttentionView] = None,
+                output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] -> fp32 logits [B, T, V], or [B, K, V] at positions output_index [B, K].
+
+        view None: a cache-free causal pass over positions 0..T-1 (training, scoring)."""
+        if view is None:
+            cos, sin = rope_tables(self.args, tokens.shape[1])
+            cos, sin = cos.to(tokens.device)[None, None], sin.to(tokens.device)[None, None]  # [1, 1, T, D]
+        else:
+            pos = view.input_pos  # [B, T]
+            cos = self.rope_cos[pos].unsqueeze(1)  # [B, 1, T, D]
+            sin = self.rope_sin[pos].unsqueeze(1)
+        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        for layer in self.layers:
+            x = layer(x, cos, sin, view)
+        if output_index is not None:  # only the rows we sample from pay for the vocab projection
+            x = torch.gather(x, 1, output_index[..., None].expand(-1, -1, x.shape[-1]))
+        return self.output(self.norm(x)).float()
+
+    def kv_caches(self) -> list[KVCache]:
+        return [layer.attention.kv_cache for layer in self.layers]

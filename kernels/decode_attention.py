@@ -1,0 +1,189 @@
+"""Triton decode attention: T = 1..16 new tokens per sequence over the static KV cache.
+
+Same signature and answer as `decode_attention_reference` (read its module doc for the full and
+sparse views). Layout of the work:
+
+* one program per (b, h_kv, split): its query tile holds all G = H // H_kv query heads of that KV
+  head times all T new tokens (row m = g * T + t, padded to >= 16 rows for tl.dot), so every K/V
+  byte is loaded once per (b, h_kv);
+* the keys a sequence needs form one "virtual" list: first the n_sel selected slots (sparse view
+  only), then the contiguous window win_lo .. cache_len + T - 1. The full view is the same list
+  with n_sel = 0 and an infinite window (win_lo = 0). Nothing past cache_len + T is ever loaded;
+* flash-decoding split-K: the virtual list is cut into num_splits chunks, each program writes an
+  fp32 partial (row max, row sum of exp, un-normalised output) and `_combine_kernel` merges them
+  with the log-sum-exp rule. With num_splits == 1 the first kernel writes the final output.
+
+All softmax arithmetic is in fp32 and in base 2 (scores pre-multiplied by log2(e)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MAX_ROWS = 256  # G * T above this is prefill territory: use the reference / SDPA path
+
+
+@triton.jit
+def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
+                  sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                  sskb, sskh, ssks, sskd, ssvb, ssvh, ssvs, ssvd, spb, sph, spk,
+                  sob, soh, sot, sod,
+                  qk_scale, window, n_sel, T, G, num_splits,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                  COMPACT: tl.constexpr, SPLIT_OUT: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)  # int64 so b * stride cannot overflow on big caches
+    h_kv = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M] query-tile rows
+    offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N] keys of one block
+    offs_d = tl.arange(0, HEAD_D)  # [D]
+    g = offs_m // T  # query head inside the group
+    t = offs_m % T  # new-token index
+    row_ok = offs_m < G * T  # padding rows load zeros and are never stored
+    head = h_kv * G + g  # [BLOCK_M] query head, h = h_kv * G + g
+
+    cache_len = tl.load(CacheLen + b).to(tl.int32)
+    pos_q = cache_len + t  # [BLOCK_M] position of each query token
+    n_live = cache_len + T  # keys 0 .. n_live - 1 hold data; nothing at or past n_live is read
+    win_lo = tl.maximum(cache_len - window + 1, 0)  # first key inside the window of token t = 0
+    n_total = n_sel + n_live - win_lo  # length of the virtual key list [selected ; window]
+    chunk = tl.cdiv(tl.cdiv(n_total, num_splits), BLOCK_N) * BLOCK_N  # keys per split, whole blocks
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_total)
+
+    q_ptrs = Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    k_base = K + b * skb + h_kv * skh  # this (b, h_kv) slice of the cache
+    v_base = V + b * svb + h_kv * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 scores)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)  # running un-normalised output
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + offs_n  # [BLOCK_N] index into the virtual key list
+        in_range = idx < end
+        is_sel = idx < n_sel  # selected slot (sparse view) vs window key
+        sel = tl.load(SelPos + b * spb + h_kv * sph + idx * spk, mask=in_range & is_sel, other=-1)
+        kpos = tl.where(is_sel, sel.to(tl.int32), win_lo + idx - n_sel)  # [BLOCK_N] cache position
+        # Visibility [BLOCK_M, BLOCK_N]: selected keys only before the window, window keys causal.
+        vis_sel = (kpos[None, :] >= 0) & (kpos[None, :] <= pos_q[:, None] - window)
+        vis_win = (kpos[None, :] <= pos_q[:, None]) & (kpos[None, :] > pos_q[:, None] - window)
+        visible = tl.where(is_sel[None, :], vis_sel, vis_win) & in_range[None, :]
+        # A selected key is needed only if some row sees it; invisible ones are never loaded.
+        load_n = in_range & (tl.max(visible.to(tl.int32), axis=0) > 0)  # [BLOCK_N]
+        row = tl.where(load_n, kpos, 0)  # keep masked-off addresses inside the cache
+        k_ptrs = k_base + row[:, None] * sks + offs_d[None, :] * skd  # [BLOCK_N, D]
+        v_ptrs = v_base + row[:, None] * svs + offs_d[None, :] * svd
+        if COMPACT:  # selected rows come from the compact [B, H_kv, K, D] buffers, row = slot
+            slot = tl.where(is_sel & load_n, idx, 0)
+            sk_ptrs = SK + b * sskb + h_kv * sskh + slot[:, None] * ssks + offs_d[None, :] * sskd
+            sv_ptrs = SV + b * ssvb + h_kv * ssvh + slot[:, None] * ssvs + offs_d[None, :] * ssvd
+            k_ptrs = tl.where(is_sel[:, None], sk_ptrs, k_ptrs)
+            v_ptrs = tl.where(is_sel[:, None], sv_ptrs, v_ptrs)
+        k = tl.load(k_ptrs, mask=load_n[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptrs, mask=load_n[:, None], other=0.0)  # [BLOCK_N, D]
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
+        alpha = tl.exp2(m_i - m_safe)  # rescale of the old state (0 when m_i is -inf)
+        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], 0 where invisible
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLIT_OUT:  # partials [B, H_kv, num_splits, G*T, (D)] in fp32, row m = g * T + t
+        part = ((b * tl.num_programs(1) + h_kv) * num_splits + split) * (G * T) + offs_m  # flat row
+        tl.store(PartM + part, m_i, mask=row_ok)
+        tl.store(PartL + part, l_i, mask=row_ok)
+        tl.store(PartO + part[:, None] * HEAD_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    else:  # single split: normalise here; a row with no visible key gives zeros
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = Out + b * sob + head[:, None] * soh + t[:, None] * sot + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(PartO, PartM, PartL, Out, sob, soh, sot, sod, T, G, num_splits,
+                    SPLITS_P2: tl.constexpr, HEAD_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)  # query head
+    t = tl.program_id(2)  # new-token index
+    h_kv = h // G
+    offs_s = tl.arange(0, SPLITS_P2)  # [SPLITS_P2]
+    offs_d = tl.arange(0, HEAD_D)  # [D]
+    split_ok = offs_s < num_splits
+    n_kv = tl.num_programs(1) // G  # H_kv
+    # Flat partial row of (b, h_kv, split, m) with m = g * T + t, as written by _split_kernel.
+    part = ((b * n_kv + h_kv) * num_splits + offs_s) * (G * T) + (h % G) * T + t  # [SPLITS_P2]
+    m_s = tl.load(PartM + part, mask=split_ok, other=float("-inf"))
+    l_s = tl.load(PartL + part, mask=split_ok, other=0.0)
+    o_s = tl.load(PartO + part[:, None] * HEAD_D + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    m_max = tl.max(m_s, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no split saw a key: all weights 0
+    w = tl.exp2(m_s - m_max)  # [SPLITS_P2] log-sum-exp weight of each split (0 for empty ones)
+    l_tot = tl.sum(w * l_s, axis=0)
+    out = tl.sum(w[:, None] * o_s, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)  # [D]; no key -> zeros
+    tl.store(Out + b * sob + h * soh + t * sot + offs_d * sod, out.to(Out.dtype.element_ty))
+
+
+def default_num_splits(q: torch.Tensor, n_kv_heads: int, max_keys: int, block_n: int) -> int:
+    """Split-K count: enough programs to cover the SMs about twice, >= 2 blocks of keys per split."""
+    if q.device.type != "cuda":
+        return 2  # interpreter / CPU: small but > 1, so the combine path is always exercised
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = triton.cdiv(2 * sms, q.shape[0] * n_kv_heads)
+    return max(1, min(want, triton.cdiv(max_keys, 2 * block_n), 64))
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cache_len: torch.Tensor, *, scale: float,
+                            sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                            sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
+                            kv_limit: Optional[int] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+    """Triton twin of `decode_attention_reference`; returns [B, H, T, D] in q's dtype.
+
+    kv_limit only bounds the split count (the kernel reads each sequence's own length);
+    num_splits forces the split-K factor (default: `default_num_splits`)."""
+    B, H, T, D = q.shape
+    H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
+    G = H // H_kv
+    if D & (D - 1) or not 16 <= D <= 256 or G * H_kv != H:
+        raise ValueError(f"need a power-of-two head_dim in 16..256 and H % H_kv == 0, got D={D} H={H} H_kv={H_kv}")
+    if G * T > _MAX_ROWS:
+        raise ValueError(f"G*T={G * T} query rows is prefill-sized: use decode_attention_reference")
+    if window is not None and sel_pos is None:
+        raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
+    n_sel = 0 if window is None else sel_pos.shape[-1]
+    win = S_max + T if window is None else int(window)  # full view = window that covers everything
+    compact = sel_k is not None and n_sel > 0
+    if n_sel == 0:
+        sel_pos = cache_len  # never read (n_sel = 0); any valid pointer with strides 0 will do
+    sp_strides = sel_pos.stride() + (0,) * (3 - sel_pos.dim())
+    sk, sv = (sel_k, sel_v) if compact else (k_cache, v_cache)  # unused stand-ins when not compact
+    block_n = 64 if D <= 128 else 32
+    max_keys = min(n_sel + win + T, S_max) if kv_limit is None else min(n_sel + win + T, kv_limit)
+    splits = num_splits or default_num_splits(q, H_kv, max_keys, block_n)
+    block_m = max(16, triton.next_power_of_2(G * T))
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, T, D]
+    part_o = q.new_empty((B, H_kv, splits, G * T, D) if splits > 1 else (1,), dtype=torch.float32)
+    part_m = q.new_empty((B, H_kv, splits, G * T) if splits > 1 else (1,), dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models stay exact (no TF32)
+    _split_kernel[(B, H_kv, splits)](
+        q, k_cache, v_cache, sk, sv, cache_len, sel_pos, out, part_o, part_m, part_l,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *sk.stride(), *sv.stride(), *sp_strides,
+        *out.stride(), scale * _LOG2E, win, n_sel, T, G, splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, COMPACT=compact, SPLIT_OUT=splits > 1,
+        PRECISION=precision)
+    if splits > 1:
+        _combine_kernel[(B, H, T)](part_o, part_m, part_l, out, *out.stride(), T, G, splits,
+                                   SPLITS_P2=triton.next_power_of_2(splits), HEAD_D=D)
+    return out

@@ -1,0 +1,186 @@
+"""Roofline cost model: hand-computed byte and FLOP counts, and MagicDec's qualitative claims."""
+import math
+import time
+
+import pytest
+
+from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.cost_model import (
+    PROFILES, HardwareProfile, StepCost, achieved_bandwidth, best_gamma, best_gamma_from_times,
+    decode_step_cost, expected_tokens, get_profile, kv_bytes_per_token, measure_hardware, param_count,
+    params_touched, predict_times, predicted_speedup, roofline_time, weight_bytes,
+)
+from gpt_fast_magicdec.errors import UserError
+
+LLAMA3_8B = ModelArgs.from_preset("llama-3.1-8b")
+LLAMA2_7B = ModelArgs.from_preset("llama-2-7b")
+H100 = get_profile("H100-SXM")
+
+# Per-layer parameters, written out: wq + wk + wv + wo + w1/w2/w3 + two RMSNorms.
+L3_LAYER = 4096 * 4096 + 4096 * 1024 + 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096
+L2_LAYER = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+L3_TOUCHED = 32 * L3_LAYER + 4096 + 128256 * 4096  # layers + final norm + output head
+L2_TOUCHED = 32 * L2_LAYER + 4096 + 32000 * 4096
+
+
+# ---- parameter and byte counts ---------------------------------------------------------------
+def test_param_counts_match_public_checkpoints():
+    assert param_count(LLAMA3_8B) == 32 * L3_LAYER + 4096 + 2 * 128256 * 4096 == 8_030_261_248
+    assert param_count(LLAMA2_7B) == 32 * L2_LAYER + 4096 + 2 * 32000 * 4096 == 6_738_415_616
+    assert param_count(ModelArgs.from_preset("llama-3.2-1b")) == 1_235_814_400  # tied head
+    assert param_count(ModelArgs.from_preset("qwen2.5-7b")) == 7_615_616_512  # q/k/v biases
+
+
+def test_weight_bytes_exclude_embedding_table():
+    assert params_touched(LLAMA3_8B) == L3_TOUCHED
+    assert weight_bytes(LLAMA3_8B, 2) == 2 * L3_TOUCHED
+    assert weight_bytes(LLAMA2_7B, 4) == 4 * L2_TOUCHED
+    tied = ModelArgs.from_preset("llama-3.2-1b")  # head is the embedding table: read once
+    assert params_touched(tied) == param_count(tied)
+
+
+def test_kv_bytes_per_token():
+    assert kv_bytes_per_token(LLAMA3_8B, 2) == 32 * 8 * 128 * 2 * 2 == 131072  # 128 KiB
+    assert kv_bytes_per_token(LLAMA2_7B, 2) == 32 * 32 * 128 * 2 * 2 == 524288  # 512 KiB
+    assert kv_bytes_per_token(LLAMA3_8B, 2, tp=2) == 65536
+    assert kv_bytes_per_token(LLAMA3_8B, 2, tp=16) == 32 * 1 * 128 * 2 * 2  # KV heads replicated
+
+
+def test_decode_step_cost_llama3_by_hand():
+    B, S = 4, 1000
+    cost = decode_step_cost(LLAMA3_8B, batch=B, context=S, n_tokens=1)
+    weights = 2 * L3_TOUCHED
+    embed_rows = B * 1 * 4096 * 2
+    kv_read, kv_write = B * S * 131072, B * 1 * 131072
+    assert cost.bytes == weights + embed_rows + kv_read + kv_write
+    attn = 4 * B * 1 * S * 32 * 128 * 32
+    assert cost.flops == 2 * L3_TOUCHED * B * 1 + attn
+
+
+def test_decode_step_cost_llama2_verify_by_hand():
+    B, S, n = 2, 4096, 4  # verifying gamma + 1 = 4 tokens
+    cost = decode_step_cost(LLAMA2_7B, batch=B, context=S, n_tokens=n)
+    assert cost.bytes == 2 * L2_TOUCHED + B * n * 4096 * 2 + B * S * 524288 + B * n * 524288
+    assert cost.flops == 2 * L2_TOUCHED * B * n + 4 * B * n * S * 32 * 128 * 32
+
+
+def test_sparse_view_reads_only_budget():
+    full = decode_step_cost(LLAMA3_8B, 8, 32768, 1)
+    sparse = decode_step_cost(LLAMA3_8B, 8, 32768, 1, kv_tokens=512)
+    assert full.bytes - sparse.bytes == 8 * (32768 - 512) * 131072
+    assert full.flops - sparse.flops == 4 * 8 * (32768 - 512) * 32 * 128 * 32
+
+
+def test_tensor_parallel_per_rank_by_hand():
+    B, S, tp = 4, 1000, 2
+    cost = decode_step_cost(LLAMA3_8B, B, S, 1, tp=tp)
+    sharded = (4096 * 4096 + 4096 * 1024 + 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336) // tp
+    touched = 32 * (sharded + 2 * 4096) + 4096 + 128256 * 4096  # norms and head replicated
+    assert params_touched(LLAMA3_8B, tp=tp) == touched
+    assert cost.bytes == 2 * touched + B * 4096 * 2 + B * S * 65536 + B * 65536
+    assert cost.flops == 2 * touched * B + 4 * B * S * 16 * 128 * 32
+    one = decode_step_cost(LLAMA3_8B, B, S, 1)
+    eight = decode_step_cost(LLAMA3_8B, B, S, 1, tp=8)
+    assert eight.bytes < cost.bytes < one.bytes and eight.flops < cost.flops < one.flops
+    assert decode_step_cost(LLAMA3_8B, B, S, 1, dtype_bytes=1).bytes < one.bytes  # fp8 / int8
+
+
+# ---- roofline -----------------------------------------------------------------------------------
+def test_roofline_time_and_achieved_bandwidth():
+    hw = HardwareProfile("toy", mem_bandwidth=1e12, matmul_flops=1e14, step_overhead_s=1e-5)
+    assert roofline_time(StepCost(bytes=2e12, flops=1e14), hw) == pytest.approx(2.0 + 1e-5)  # memory
+    assert roofline_time(StepCost(bytes=1e9, flops=3e14), hw) == pytest.approx(3.0 + 1e-5)  # compute
+    assert achieved_bandwidth(StepCost(bytes=8e11, flops=0.0), 1.0) == 8e11
+
+
+def test_predict_times_structure():
+    t = predict_times(LLAMA3_8B, H100, batch=32, context=32768, gamma=3, budget=512)
+    assert t.T_T == pytest.approx(roofline_time(t.target, H100))
+    assert t.verify == decode_step_cost(LLAMA3_8B, 32, 32768, 4)
+    assert t.draft == decode_step_cost(LLAMA3_8B, 32, 32768, 1, kv_tokens=512)
+    assert t.T_T <= t.T_V < 1.1 * t.T_T  # memory bound: verifying 4 tokens ~ decoding 1
+    assert t.draft_ratio < 0.2 and t.verify_ratio == t.T_V / t.T_T
+    # Budget above the context: the draft reads only what exists.
+    short = predict_times(LLAMA3_8B, H100, 4, 256, 3, budget=512)
+    assert short.draft == short.target
+
+
+def test_predict_times_standalone_draft():
+    draft = ModelArgs.from_preset("llama-3.2-1b")
+    full = predict_times(LLAMA3_8B, H100, 8, 16384, 3, 512, draft_args=draft, draft_budget=-1)
+    assert full.draft == decode_step_cost(draft, 8, 16384, 1)
+    sparse = predict_times(LLAMA3_8B, H100, 8, 16384, 3, 512, draft_args=draft, draft_budget=1024)
+    assert sparse.draft == decode_step_cost(draft, 8, 16384, 1, kv_tokens=1024)
+    inherits = predict_times(LLAMA3_8B, H100, 8, 16384, 3, 512, draft_args=draft)
+    assert inherits.draft == decode_step_cost(draft, 8, 16384, 1, kv_tokens=512)
+    assert sparse.T_D < full.T_D < full.T_T
+
+
+# ---- MagicDec's claims ----------------------------------------------------------------------------
+def _speedup(batch, context, gamma=3, alpha=0.8, budget=512):
+    times = predict_times(LLAMA3_8B, H100, batch, context, gamma, budget)
+    return predicted_speedup(times, gamma, alpha)
+
+
+def test_long_context_speedup_rises_with_batch():
+    s = [_speedup(b, 32768) for b in (1, 8, 32, 128)]
+    assert s == sorted(s) and len(set(s)) == 4, s
+    assert s[-1] > 2.0
+
+
+def test_short_context_speedup_falls_with_batch():
+    assert _speedup(256, 512) < _speedup(1, 512) < 1.0
+
+
+# ---- Omega and gamma choice ---------------------------------------------------------------------
+def test_expected_tokens():
+    assert expected_tokens(0, 0.7) == 1.0
+    assert expected_tokens(5, 0.0) == 1.0
+    assert expected_tokens(3, 1.0) == 4.0
+    assert expected_tokens(2, 0.5) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(3, 1 - 1e-9) == pytest.approx(4.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            expected_tokens(3, bad)
+    with pytest.raises(ValueError):
+        expected_tokens(-1, 0.5)
+
+
+def test_best_gamma_from_predictions():
+    assert best_gamma(LLAMA3_8B, H100, 32, 32768, alpha=0.01, budget=512) == (0, 1.0)
+    assert best_gamma(LLAMA3_8B, H100, 64, 512, alpha=0.8, budget=512) == (0, 1.0)  # short context
+    g, s = best_gamma(LLAMA3_8B, H100, 32, 32768, alpha=0.9, budget=512)
+    assert 1 <= g <= 8 and s > 1.0
+    assert s == pytest.approx(_speedup(32, 32768, gamma=g, alpha=0.9))
+    assert all(_speedup(32, 32768, gamma=k, alpha=0.9) <= s for k in range(1, 9))
+    assert best_gamma(LLAMA3_8B, H100, 32, 32768, alpha=0.9, budget=512, margin=100.0) == (0, 1.0)
+
+
+def test_best_gamma_from_measured_times():
+    t_v = {g: 1.0 + 0.05 * g for g in range(1, 9)}
+    expect = max(range(1, 9), key=lambda g: expected_tokens(g, 0.8) / (g * 0.1 + t_v[g]))
+    g, s = best_gamma_from_times(1.0, t_v, 0.1, alpha=0.8)
+    assert g == expect and s == pytest.approx(expected_tokens(g, 0.8) / (g * 0.1 + t_v[g]))
+    assert best_gamma_from_times(1.0, lambda k: 1.0 + 0.05 * k, 0.1, 0.8) == (g, s)
+    assert best_gamma_from_times(1.0, {2: 1.1}, 0.1, 0.8)[0] == 2  # gammas default to dict keys
+    assert best_gamma_from_times(1.0, t_v, 0.9, alpha=0.3) == (0, 1.0)  # draft nearly as slow
+    # Exactly 1.0 does not pay with the default margin (strictly greater required).
+    assert best_gamma_from_times(1.0, {1: 1.0}, 0.0, 0.0) == (0, 1.0)
+
+
+# ---- hardware -------------------------------------------------------------------------------------
+def test_profiles():
+    assert set(PROFILES) == {"A100-80G", "H100-SXM", "H200", "L40S"}
+    assert get_profile("h100") is PROFILES["H100-SXM"] and get_profile("l40s") is PROFILES["L40S"]
+    assert PROFILES["H200"].mem_bandwidth == 4.8e12 and PROFILES["A100-80G"].matmul_flops == 312e12
+    with pytest.raises(UserError, match="measure"):
+        get_profile("tpu-v9")
+
+
+def test_measure_hardware_cpu_is_quick_and_sane():
+    t0 = time.perf_counter()
+    hw = measure_hardware("cpu")
+    assert time.perf_counter() - t0 < 2.0
+    for v in (hw.mem_bandwidth, hw.matmul_flops):
+        assert math.isfinite(v) and v > 0
+    assert get_profile("measure", "cpu").name == "measured-cpu"

@@ -1,0 +1,232 @@
+"""Triton decode attention vs the plain-torch reference.
+
+Without a GPU the kernels run in Triton's interpreter. triton 3.x reads TRITON_INTERPRET when a
+function is decorated with `@triton.jit` -- at `import triton` for its own helpers (tl.cdiv, tl.max,
+...) and at import of kernels.decode_attention for ours -- and again while a kernel runs. So the
+variable is set around the first import of triton below and, per test, by the autouse fixture; it
+is not left set for other test modules (the engine would otherwise pick the slow interpreted path).
+If something imported triton in compiled mode before this module, the file re-runs itself in a
+subprocess with TRITON_INTERPRET=1 instead.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import decode_attention_reference as reference
+from kernels import triton_available
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = DEVICE == "cpu"
+S_MAX = 128
+
+
+def _import_kernel_module():
+    """kernels.decode_attention decorated in the right mode, or None if triton's mode is wrong."""
+    old = os.environ.get("TRITON_INTERPRET")
+    if INTERPRET:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton", reason="triton is not installed")
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+        if isinstance(tl.cdiv, InterpretedFunction) != INTERPRET:
+            return None  # triton was imported earlier in the other mode: cannot be undone here
+        mod = importlib.import_module("kernels.decode_attention")
+        if isinstance(mod._split_kernel, InterpretedFunction) != INTERPRET:
+            mod = importlib.reload(mod)  # imported earlier in the other mode: decorate again
+        return mod
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+KMOD = _import_kernel_module()
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_mode(request, monkeypatch):
+    if KMOD is None and request.node.name != "test_rerun_in_interpreter_subprocess":
+        pytest.skip("triton was imported in compiled mode first; covered by the subprocess re-run")
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(KMOD is not None, reason="kernels already run in this process")
+def test_rerun_in_interpreter_subprocess():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def make_inputs(B, H, H_kv, T, D, lens, dtype=torch.float32, seed=0, strided=False):
+    """q [B, H, T, D], k/v caches [B, H_kv, S_MAX, D], cache_len [B]."""
+    gen = torch.Generator().manual_seed(seed)
+    if strided:  # q as a transposed [B, T, H, D] and the cache as a transposed [B, S, H_kv, D]
+        q = torch.randn(B, T, H, D, generator=gen).transpose(1, 2)
+        k = torch.randn(B, S_MAX, H_kv, D, generator=gen).transpose(1, 2)
+        v = torch.randn(B, S_MAX, H_kv, D, generator=gen).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, T, D, generator=gen)
+        k = torch.randn(B, H_kv, S_MAX, D, generator=gen)
+        v = torch.randn(B, H_kv, S_MAX, D, generator=gen)
+    to = dict(device=DEVICE, dtype=dtype)
+    return q.to(**to), k.to(**to), v.to(**to), torch.tensor(lens, device=DEVICE)
+
+
+def make_sel_pos(lens, H_kv, T, n_sel, n_pad, seed=0):
+    """[B, H_kv, n_sel] distinct live positions per (b, h_kv) (some inside the window), -1 padded."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for n in lens:
+        per_head = []
+        for _ in range(H_kv):
+            pos = torch.randperm(n + T, generator=gen)[:n_sel - n_pad]  # any live key, window included
+            pos = torch.cat([pos, torch.full((n_sel - len(pos),), -1, dtype=torch.long)])
+            per_head.append(pos[torch.randperm(n_sel, generator=gen)])  # padding scattered, not last
+        rows.append(torch.stack(per_head))
+    return torch.stack(rows).to(DEVICE)
+
+
+def check(q, k, v, cache_len, num_splits, **view):
+    scale = q.shape[-1] ** -0.5
+    out = KMOD.decode_attention_triton(q, k, v, cache_len, scale=scale, num_splits=num_splits, **view)
+    ref = reference(q, k, v, cache_len, scale=scale, **view)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
+    return out
+
+
+# (B, H, H_kv, T, D, cache_len per sequence)
+FULL_CASES = [
+    (1, 4, 4, 1, 64, [37]),  # MHA, one token
+    (3, 8, 2, 4, 64, [0, 19, 100]),  # GQA 4, ragged, an empty cache (only the new tokens visible)
+    (3, 8, 1, 1, 128, [5, 0, 64]),  # GQA 8, head_dim 128
+    (1, 16, 2, 16, 64, [90]),  # G*T = 128 rows: the largest decode tile
+]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", FULL_CASES, ids=lambda c: f"B{c[0]}H{c[1]}kv{c[2]}T{c[3]}D{c[4]}")
+def test_full_view(case, num_splits):
+    B, H, H_kv, T, D, lens = case
+    check(*make_inputs(B, H, H_kv, T, D, lens), num_splits)
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_full_view_half(dtype, D):
+    check(*make_inputs(3, 8, 2, 4, D, [0, 50, 111], dtype=dtype), 2)
+
+
+def test_strided_inputs_and_default_splits():
+    q, k, v, cl = make_inputs(2, 8, 2, 3, 64, [7, 70], strided=True)
+    assert not k.is_contiguous() and not q.is_contiguous()
+    check(q, k, v, cl, None)  # num_splits from the heuristic (>= 2 off-GPU)
+    assert KMOD.default_num_splits(q, 2, S_MAX, 64) >= (1 if DEVICE == "cuda" else 2)
+
+
+# (B, H, H_kv, T, D, cache_len, window, n_sel, n_pad)
+SPARSE_CASES = [
+    (3, 8, 2, 4, 64, [0, 40, 100], 16, 8, 2),  # overlap with the window, -1 padding, empty cache
+    (2, 8, 1, 1, 128, [30, 120], 8, 12, 3),  # GQA 8, one draft token
+    (2, 4, 4, 2, 64, [3, 60], 100, 4, 1),  # window larger than the context: selection unused
+    (2, 8, 2, 2, 64, [10, 90], 16, 0, 0),  # window only (empty sel_pos)
+]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: f"B{c[0]}kv{c[2]}T{c[3]}w{c[6]}K{c[7]}")
+def test_sparse_view(case, num_splits):
+    B, H, H_kv, T, D, lens, window, n_sel, n_pad = case
+    q, k, v, cl = make_inputs(B, H, H_kv, T, D, lens)
+    sel_pos = make_sel_pos(lens, H_kv, T, n_sel, n_pad)
+    check(q, k, v, cl, num_splits, sel_pos=sel_pos, window=window)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sparse_compact_buffers(num_splits):
+    lens, H_kv, T, window = [0, 40, 100], 2, 4, 16
+    q, k, v, cl = make_inputs(3, 8, H_kv, T, 64, lens)
+    sel_pos = make_sel_pos(lens, H_kv, T, 8, 2)
+    gen = torch.Generator().manual_seed(5)  # unrelated to the cache, so reading the cache would fail
+    sel_k, sel_v = (torch.randn(3, H_kv, 8, 64, generator=gen).to(DEVICE) for _ in range(2))
+    check(q, k, v, cl, num_splits, sel_pos=sel_pos, window=window, sel_k=sel_k, sel_v=sel_v)
+    # Compact buffers gathered from the cache give the same answer as gathering by position.
+    idx = sel_pos.clamp(min=0)[..., None].expand(-1, -1, -1, 64)
+    out_c = check(q, k, v, cl, num_splits, sel_pos=sel_pos, window=window,
+                  sel_k=k.gather(2, idx), sel_v=v.gather(2, idx))
+    out_g = check(q, k, v, cl, num_splits, sel_pos=sel_pos, window=window)
+    torch.testing.assert_close(out_c, out_g, **TOL[torch.float32])
+
+
+def test_sparse_bf16():
+    lens = [20, 110]
+    q, k, v, cl = make_inputs(2, 8, 2, 3, 128, lens, dtype=torch.bfloat16)
+    check(q, k, v, cl, 2, sel_pos=make_sel_pos(lens, 2, 3, 10, 2), window=32)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_never_reads_past_live_length(sparse):
+    """NaN past cache_len + T (and in compact slots nobody may use) must never reach the output."""
+    lens, H_kv, T, window = [0, 33, 90], 2, 4, 16
+    q, k, v, cl = make_inputs(3, 8, H_kv, T, 64, lens)
+    view = {}
+    if sparse:
+        sel_pos = make_sel_pos(lens, H_kv, T, 8, 2)
+        idx = sel_pos.clamp(min=0)[..., None].expand(-1, -1, -1, 64)
+        sel_k, sel_v = k.gather(2, idx), v.gather(2, idx)
+        # Slots that are padding or inside every token's window are never visible: poison them.
+        unused = (sel_pos < 0) | (sel_pos > cl[:, None, None] - window)
+        view = dict(sel_pos=sel_pos, window=window, sel_k=sel_k, sel_v=sel_v)
+    ref = reference(q, k, v, cl, scale=0.125, **view)
+    dead = torch.arange(S_MAX, device=DEVICE)[None, :] >= (cl + T)[:, None]  # [B, S]
+    k[dead[:, None, :, None].expand_as(k)] = float("nan")
+    v[dead[:, None, :, None].expand_as(v)] = float("nan")
+    if sparse:
+        sel_k[unused[..., None].expand_as(sel_k)] = float("nan")
+        sel_v[unused[..., None].expand_as(sel_v)] = float("nan")
+    for num_splits in (1, 3):
+        out = KMOD.decode_attention_triton(q, k, v, cl, scale=0.125, num_splits=num_splits, **view)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_checks_can_fail():
+    """The comparison is sharp: an off-by-one mask or window is caught."""
+    lens, T = [0, 33, 90], 4
+    q, k, v, cl = make_inputs(3, 8, 2, T, 64, lens)
+    out = KMOD.decode_attention_triton(q, k, v, cl, scale=0.125, num_splits=2)
+    assert not torch.allclose(out, reference(q, k, v, cl + 1, scale=0.125), **TOL[torch.float32])
+    sel_pos = make_sel_pos(lens, 2, T, 8, 2)
+    out = KMOD.decode_attention_triton(q, k, v, cl, scale=0.125, sel_pos=sel_pos, window=16, num_splits=2)
+    wrong = reference(q, k, v, cl, scale=0.125, sel_pos=sel_pos, window=15)
+    assert not torch.allclose(out, wrong, **TOL[torch.float32])
+
+
+def test_rejects_unsupported_shapes():
+    q, k, v, cl = make_inputs(1, 2, 2, 1, 64, [4])
+    with pytest.raises(ValueError):
+        KMOD.decode_attention_triton(q[..., :48], k[..., :48], v[..., :48], cl, scale=1.0)
+    with pytest.raises(ValueError):
+        KMOD.decode_attention_triton(q, k, v, cl, scale=1.0, window=8)  # sparse view without sel_pos
+
+
+def test_triton_available(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_available("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_available("cpu") is False
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # as if triton were not installed
+    assert triton_available("cpu") is False
