@@ -186,10 +186,13 @@ class GenerationStats:
             f"(batch {self.batch_size}, {self.rounds} rounds)",
             "latency per sequence (s): " + " ".join(f"{x:.2f}" for x in self.latency_s),
         ]
-        if self.gamma:
+        if self.gamma and not self.drafted:
+            lines.append("speculation: no draft tokens proposed (gamma auto chose plain decoding throughout)")
+        elif self.gamma:
             tag = f" [SIMULATED acceptance {self.simulated_acceptance}]" if self.simulated_acceptance is not None else ""
             lines.append(f"speculation: gamma {self.gamma}, acceptance rate {self.acceptance_rate:.3f}, "
-                         f"mean tokens per round {self.mean_accepted_per_round:.2f}{tag}")
+                         f"mean tokens per round {self.mean_accepted_per_round:.2f}, "
+                         f"{self.drafted} draft tokens{tag}")
         if self.phase_s:
             lines.append("time split (s): " + ", ".join(f"{k} {v:.3f}" for k, v in self.phase_s.items()))
         lines.append(f"peak memory: {self.peak_memory_bytes / 2**30:.2f} GiB")

@@ -1,0 +1,58 @@
+"""--gamma auto: choose gamma (or plain decoding) from the cost model as generation runs.
+
+Every `every` rounds it re-reads the running acceptance rate and the current context length and
+asks the cost model for the gamma with the best predicted speedup; gamma 0 is plain decoding, so
+speculation switches itself off where it cannot pay (short context, huge batch) and back on as the
+context grows. While decoding plainly no acceptance is observed, so it probes with a short burst of
+speculation every `probe_every` rounds to keep the estimate current.
+"""
+from __future__ import annotations
+
+from .cost_model import HardwareProfile, best_gamma, get_profile
+from .drafting import DraftConfig
+
+
+class AutoGamma:
+    def __init__(self, args, hw: HardwareProfile, draft: DraftConfig, dtype_bytes: int, tp: int = 1,
+                 draft_args=None, prior_alpha: float = 0.7, every: int = 8, probe_every: int = 64,
+                 max_gamma: int = 8):
+        self.args, self.hw, self.draft, self.dtype_bytes, self.tp = args, hw, draft, dtype_bytes, tp
+        self.draft_args = draft_args
+        self.alpha = prior_alpha
+        self.every, self.probe_every = every, probe_every
+        # A draft must see its own drafts: gamma never exceeds the sliding window.
+        self.gammas = range(1, max_gamma + 1 if draft.full else min(max_gamma, draft.window) + 1)
+        self.gamma = draft.gamma
+        self.since_probe = 0
+        self._mark = (0, 0)  # (accepted, sequence-rounds) at the last decision
+        self.history: list[tuple[int, int, float, int]] = []  # (round, context, alpha, gamma)
+
+    @classmethod
+    def for_engine(cls, engine, draft: DraftConfig) -> "AutoGamma":
+        hw = get_profile("measure", engine.device)
+        dtype_bytes = engine.dtype.itemsize if hasattr(engine.dtype, "itemsize") else 2
+        tp = getattr(engine, "tp_size", 1)
+        draft_args = engine.draft_model.args if draft.kind == "model" else None
+        return cls(engine.model.args, hw, draft, dtype_bytes, tp, draft_args)
+
+    def __call__(self, state, round_idx: int) -> int:
+        if round_idx % self.every:
+            return self.gamma
+        accepted, seq_rounds = int(state.accepted.sum()), int(state.rounds.sum())
+        new_rounds = seq_rounds - self._mark[1]
+        if self.gamma > 0 and new_rounds > 0:  # gamma was constant since the last decision
+            observed = (accepted - self._mark[0]) / (self.gamma * new_rounds)
+            self.alpha = 0.5 * self.alpha + 0.5 * observed  # smooth: windows are short
+        self._mark = (accepted, seq_rounds)
+        running = int((~state.done).sum())
+        context = int(state.cache_len.float().mean())
+        budget = -1 if self.draft.full else self.draft.budget
+        gamma, _ = best_gamma(self.args, self.hw, max(running, 1), context, min(self.alpha, 0.999), budget,
+                              gammas=self.gammas, dtype_bytes=self.dtype_bytes, tp=self.tp,
+                              draft_args=self.draft_args, draft_budget=budget if self.draft_args else None)
+        self.since_probe = self.since_probe + self.every if gamma == 0 else 0
+        if gamma == 0 and self.since_probe >= self.probe_every:
+            gamma, self.since_probe = 1, 0  # a short probe to re-measure acceptance
+        self.gamma = gamma
+        self.history.append((round_idx, context, self.alpha, gamma))
+        return gamma
