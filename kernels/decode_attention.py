@@ -8,7 +8,11 @@ sparse views). Layout of the work:
   byte is loaded once per (b, h_kv);
 * the keys a sequence needs form one "virtual" list: first the n_sel selected slots (sparse view
   only), then the contiguous window win_lo .. cache_len + T - 1. The full view is the same list
-  with n_sel = 0 and an infinite window (win_lo = 0). Nothing past cache_len + T is ever loaded;
+  with n_sel = 0 and an infinite window (win_lo = 0). Nothing past cache_len + T is ever loaded,
+  nor a selected slot no token may use (-1 padding, inside the window);
+* precondition: sel_pos holds distinct positions per (b, h_kv) apart from -1 (top-k output does).
+  The kernel counts every slot, like the reference's compact form; the reference's cache form
+  collapses repeated positions, so the two would differ only for duplicates;
 * flash-decoding split-K: the virtual list is cut into num_splits chunks, each program writes an
   fp32 partial (row max, row sum of exp, un-normalised output) and `_combine_kernel` merges them
   with the log-sum-exp rule. With num_splits == 1 the first kernel writes the final output.
@@ -17,7 +21,7 @@ All softmax arithmetic is in fp32 and in base 2 (scores pre-multiplied by log2(e
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Optional
 
 import torch
@@ -35,7 +39,8 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
                   sob, soh, sot, sod,
                   qk_scale, window, n_sel, T, G, num_splits,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                  COMPACT: tl.constexpr, SPLIT_OUT: tl.constexpr, PRECISION: tl.constexpr):
+                  COMPACT: tl.constexpr, SPLIT_OUT: tl.constexpr, PRECISION: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # int64 so b * stride cannot overflow on big caches
     h_kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -58,6 +63,8 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
 
     q_ptrs = Q + b * sqb + head[:, None] * sqh + t[:, None] * sqt + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 bit patterns (triton#11584)
+        q = q.to(tl.float32)
     k_base = K + b * skb + h_kv * skh  # this (b, h_kv) slice of the cache
     v_base = V + b * svb + h_kv * svh
 
@@ -87,6 +94,9 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
             v_ptrs = tl.where(is_sel[:, None], sv_ptrs, v_ptrs)
         k = tl.load(k_ptrs, mask=load_n[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_ptrs, mask=load_n[:, None], other=0.0)  # [BLOCK_N, D]
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         s = tl.where(visible, s, float("-inf"))
@@ -133,12 +143,16 @@ def _combine_kernel(PartO, PartM, PartL, Out, sob, soh, sot, sod, T, G, num_spli
     tl.store(Out + b * sob + h * soh + t * sot + offs_d * sod, out.to(Out.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_num_splits(q: torch.Tensor, n_kv_heads: int, max_keys: int, block_n: int) -> int:
     """Split-K count: enough programs to cover the SMs about twice, >= 2 blocks of keys per split."""
     if q.device.type != "cuda":
         return 2  # interpreter / CPU: small but > 1, so the combine path is always exercised
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    want = triton.cdiv(2 * sms, q.shape[0] * n_kv_heads)
+    want = triton.cdiv(2 * _sm_count(q.device.index), q.shape[0] * n_kv_heads)
     return max(1, min(want, triton.cdiv(max_keys, 2 * block_n), 64))
 
 
@@ -168,7 +182,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     sp_strides = sel_pos.stride() + (0,) * (3 - sel_pos.dim())
     sk, sv = (sel_k, sel_v) if compact else (k_cache, v_cache)  # unused stand-ins when not compact
     block_n = 64 if D <= 128 else 32
-    max_keys = min(n_sel + win + T, S_max) if kv_limit is None else min(n_sel + win + T, kv_limit)
+    max_keys = min(n_sel + win + T, S_max if kv_limit is None else kv_limit)  # upper bound, no sync
     splits = num_splits or default_num_splits(q, H_kv, max_keys, block_n)
     block_m = max(16, triton.next_power_of_2(G * T))
 
@@ -176,13 +190,14 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     part_o = q.new_empty((B, H_kv, splits, G * T, D) if splits > 1 else (1,), dtype=torch.float32)
     part_m = q.new_empty((B, H_kv, splits, G * T) if splits > 1 else (1,), dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 models stay exact (no TF32)
+    dot_fp32 = q.dtype == torch.bfloat16 and q.device.type != "cuda"  # interpreter bf16 workaround
+    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"  # fp32 stays exact (no TF32)
     _split_kernel[(B, H_kv, splits)](
         q, k_cache, v_cache, sk, sv, cache_len, sel_pos, out, part_o, part_m, part_l,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *sk.stride(), *sv.stride(), *sp_strides,
         *out.stride(), scale * _LOG2E, win, n_sel, T, G, splits,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, COMPACT=compact, SPLIT_OUT=splits > 1,
-        PRECISION=precision)
+        PRECISION=precision, DOT_FP32=dot_fp32)
     if splits > 1:
         _combine_kernel[(B, H, T)](part_o, part_m, part_l, out, *out.stride(), T, G, splits,
                                    SPLITS_P2=triton.next_power_of_2(splits), HEAD_D=D)

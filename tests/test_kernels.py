@@ -22,8 +22,10 @@ import torch
 from kernels import decode_attention_reference as reference
 from kernels import triton_available
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRET = DEVICE == "cpu"
+# Interpreter without a GPU, or when asked for; the interpreter is then fed CPU tensors.
+INTERPRET = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+_CHILD = "DECODE_KERNEL_TESTS_CHILD"  # set in the re-run subprocess: never re-run again from there
 S_MAX = 128
 
 
@@ -64,8 +66,9 @@ def _interpreter_mode(request, monkeypatch):
 
 @pytest.mark.skipif(KMOD is not None, reason="kernels already run in this process")
 def test_rerun_in_interpreter_subprocess():
+    assert _CHILD not in os.environ, "interpreter mode could not be set even in a fresh process"
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
@@ -187,8 +190,9 @@ def test_never_reads_past_live_length(sparse):
         sel_pos = make_sel_pos(lens, H_kv, T, 8, 2)
         idx = sel_pos.clamp(min=0)[..., None].expand(-1, -1, -1, 64)
         sel_k, sel_v = k.gather(2, idx), v.gather(2, idx)
-        # Slots that are padding or inside every token's window are never visible: poison them.
-        unused = (sel_pos < 0) | (sel_pos > cl[:, None, None] - window)
+        # Padding, and slots inside the window of every token (even the last one), are never used.
+        unused = (sel_pos < 0) | (sel_pos > cl[:, None, None] + T - 1 - window)
+        assert unused.any() and not unused.all()
         view = dict(sel_pos=sel_pos, window=window, sel_k=sel_k, sel_v=sel_v)
     ref = reference(q, k, v, cl, scale=0.125, **view)
     dead = torch.arange(S_MAX, device=DEVICE)[None, :] >= (cl + T)[:, None]  # [B, S]

@@ -1,0 +1,102 @@
+"""generate.py end to end on a converted HF checkpoint, and its one-line errors for bad input."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import generate
+from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from hf_fixtures import make_hf_checkpoint
+from tokenizer_fixtures import make_sentencepiece_dir
+
+VOCAB = 400
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    hf = make_hf_checkpoint(root / "hf", "llama3", fmt="safetensors", seed=2, vocab_size=VOCAB)
+    make_sentencepiece_dir(hf, vocab_size=VOCAB)
+    return convert_hf_checkpoint(hf, root / "engine")
+
+
+def run(*args):
+    result = CliRunner().invoke(generate.main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_generate_writes_jsonl_and_summary(checkpoint, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = run("--checkpoint", checkpoint, "--prompt", "The old house", "--prompt", "A letter came today, and",
+                 "--max-new-tokens", 12, "--draft", "self", "--draft-budget", 8, "--sink", 2, "--gamma", 2,
+                 "--compare", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "greedy outputs identical: yes" in result.output
+    assert "acceptance rate" in result.output and "tokens/s" in result.output and "peak memory" in result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The old house", "A letter came today, and"]
+    for r in rows:
+        assert r["new_tokens"] == len(r["completion_ids"]) and 1 <= r["new_tokens"] <= 12
+        assert r["finish_reason"] in ("eos", "length")
+
+
+def test_prompt_file_jsonl_and_batches(checkpoint, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two two", "three three three"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = run("--checkpoint", checkpoint, "--prompt-file", prompts, "--bsz", 2, "--max-new-tokens", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_budget_covering_context_warns(checkpoint):
+    result = run("--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", 4, "--draft", "self",
+                 "--draft-budget", 512, "--gamma", 2)
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "covers the whole context" in result.output
+
+
+@pytest.fixture(scope="module")
+def other_vocab_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    hf = make_hf_checkpoint(root / "hf", "llama3", fmt="safetensors", seed=4, vocab_size=512)
+    make_sentencepiece_dir(hf, vocab_size=VOCAB)
+    return convert_hf_checkpoint(hf, root / "engine")
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (["--checkpoint", "{missing}"], "does not exist"),
+    "gamma < 1": (["--draft", "self", "--gamma", "0"], "--gamma must be >= 1"),
+    "gamma not a number": (["--draft", "self", "--gamma", "three"], "--gamma must be an integer"),
+    "sink larger than budget": (["--draft", "self", "--draft-budget", "8", "--sink", "9"], "--sink 9"),
+    "budget below sink + gamma": (["--draft", "self", "--draft-budget", "10", "--sink", "9", "--gamma", "3"],
+                                  "sink + gamma"),
+    "prompt does not fit": (["--max-seq-len", "8", "--prompt", "a long prompt that is longer than eight tokens"],
+                            "does not fit max_seq_len"),
+    "draft ranks without TP": (["--draft-ranks", "0,1"], "--draft-ranks"),
+    "simulated acceptance refused": (["--simulate-acceptance", "0.8"], "benchmark-only"),
+    "draft vocabulary differs": (["--draft-checkpoint", "{other}"], "vocabulary"),
+    "full budget self draft": (["--draft", "self", "--draft-budget", "-1"], "standalone draft"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_error(case, checkpoint, other_vocab_checkpoint, tmp_path):
+    args, needle = BAD_INPUTS[case]
+    args = [a.format(missing=tmp_path / "nope", other=other_vocab_checkpoint) for a in args]
+    result = run("--checkpoint", checkpoint, "--max-new-tokens", 4, *args)
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_partial_checkpoint_is_one_line_error(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").unlink()
+    result = run("--checkpoint", broken, "--prompt", "hi")
+    assert result.exit_code == 1 and result.output.count("error:") == 1, result.output
