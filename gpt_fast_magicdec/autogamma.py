@@ -8,7 +8,7 @@ speculation every `probe_every` rounds to keep the estimate current.
 """
 from __future__ import annotations
 
-from .cost_model import HardwareProfile, best_gamma, get_profile
+from .cost_model import HardwareProfile, alpha_from_tokens_per_round, best_gamma, get_profile
 from .drafting import DraftConfig
 
 
@@ -41,7 +41,8 @@ class AutoGamma:
         accepted, seq_rounds = int(state.accepted.sum()), int(state.rounds.sum())
         new_rounds = seq_rounds - self._mark[1]
         if self.gamma > 0 and new_rounds > 0:  # gamma was constant since the last decision
-            observed = (accepted - self._mark[0]) / (self.gamma * new_rounds)
+            tokens_per_round = 1 + (accepted - self._mark[0]) / new_rounds
+            observed = alpha_from_tokens_per_round(self.gamma, tokens_per_round)
             self.alpha = 0.5 * self.alpha + 0.5 * observed  # smooth: windows are short
         self._mark = (accepted, seq_rounds)
         running = int((~state.done).sum())

@@ -260,3 +260,17 @@ def best_gamma(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, a
     any_t = next(iter(times.values()))  # T_T and T_D do not depend on gamma
     return best_gamma_from_times(any_t.T_T, {g: t.T_V for g, t in times.items()}, any_t.T_D, alpha,
                                  gammas, margin)
+
+
+def alpha_from_tokens_per_round(gamma: int, tokens_per_round: float) -> float:
+    """The per-token acceptance alpha with Omega(gamma, alpha) = measured tokens per round.
+
+    This, not accepted / drafted, is the alpha of the cost model: accepted / drafted counts the
+    drafts after the first rejection as rejected too (0.72 for alpha 0.8 at gamma 2)."""
+    if tokens_per_round >= gamma + 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # Omega is increasing in alpha: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(gamma, mid) < tokens_per_round else (lo, mid)
+    return (lo + hi) / 2

@@ -76,7 +76,7 @@ class DraftConfig:
     @property
     def n_selected(self) -> int:
         """Selected (non-window) keys per layer and KV head."""
-        return 0 if self.full else self.budget - self.window
+        return 0 if self.full or not self.enabled else self.budget - self.window
 
     def describe(self) -> str:
         if not self.enabled:
