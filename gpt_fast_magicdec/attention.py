@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kernels import decode_attention_reference, full_view_mask
 
@@ -33,6 +34,8 @@ class AttentionView:
     # write; SnapKV uses it to score prompt positions. None on every hot path.
     observer: Optional[Callable] = None
     write_cache: bool = True  # False: read-only pass over tokens whose K/V are already cached
+    # Chunked prefill: every sequence's new tokens start at this position (cache_len == it).
+    prefill_start: Optional[int] = None
 
     @property
     def input_pos(self) -> torch.Tensor:
@@ -85,7 +88,14 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        view: AttentionView, scale: float) -> torch.Tensor:
     """Full view for a long chunk of new tokens: SDPA picks a fused kernel (flash / memory-
     efficient on GPU), so scores [T, S] are never materialised in fp32 at 100K-token prompts."""
+    T = q.shape[2]
+    if view.prefill_start is not None:
+        # Keys 0..start+T-1, causal aligned to the bottom right: one mask for the whole batch,
+        # which lets SDPA use flash / memory-efficient kernels instead of a [B, T, S] bool mask.
+        S = view.prefill_start + T
+        return F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S],
+                                              attn_mask=causal_lower_right(T, S), scale=scale, enable_gqa=True)
     S = k_cache.shape[2] if view.kv_limit is None else min(view.kv_limit, k_cache.shape[2])
-    mask = full_view_mask(view.cache_len, q.shape[2], S)[:, None]  # [B, 1, T, S]
+    mask = full_view_mask(view.cache_len, T, S)[:, None]  # [B, 1, T, S]
     return F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
                                           scale=scale, enable_gqa=True)
