@@ -1,0 +1,51 @@
+"""--gamma auto: the cost model picks gamma (or plain decoding) as the context grows."""
+import types
+
+import torch
+
+from gpt_fast_magicdec.autogamma import AutoGamma
+from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.cost_model import PROFILES
+from gpt_fast_magicdec.drafting import DraftConfig
+from gpt_fast_magicdec.engine import Engine, random_model
+
+
+def fake_state(batch, context, accepted=0, rounds=0):
+    return types.SimpleNamespace(accepted=torch.tensor([accepted]), rounds=torch.tensor([rounds]),
+                                 done=torch.zeros(batch, dtype=torch.bool),
+                                 cache_len=torch.full((batch,), context))
+
+
+def controller(alpha=0.8):
+    draft = DraftConfig(kind="self", budget=512, sink=16, gamma=3)
+    return AutoGamma(ModelArgs.from_preset("llama-3.1-8b"), PROFILES["H100-SXM"], draft, dtype_bytes=2,
+                     prior_alpha=alpha)
+
+
+def test_plain_decoding_at_short_context_speculation_at_long_context():
+    assert controller()(fake_state(256, 512), 0) == 0  # short context, huge batch: no gain predicted
+    assert controller()(fake_state(32, 32768), 0) >= 2  # long context: the bounded draft pays
+
+
+def test_redecides_as_context_grows_and_uses_measured_acceptance():
+    ctl = controller(alpha=0.8)
+    choices = [ctl(fake_state(64, ctx), i * ctl.every) for i, ctx in enumerate([256, 1024, 8192, 65536])]
+    assert choices[0] == 0 and choices[-1] > 0, choices
+    # Every draft rejected for a while: the estimate drops and speculation switches off again.
+    ctl2 = controller(alpha=0.8)
+    ctl2(fake_state(32, 32768), 0)
+    for r in range(1, 6):
+        ctl2(fake_state(32, 32768, accepted=0, rounds=100 * r), r * ctl2.every)
+    assert ctl2.alpha < 0.15 and ctl2.gamma == 0  # once off, alpha waits for the next probe
+
+
+def test_auto_gamma_generation_is_lossless():
+    """Greedy output is unchanged whatever gamma each round uses (including 0)."""
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    prompts = [[1, 2, 3, 4, 5], list(range(7, 40))]
+    engine = Engine(model, attention="torch")
+    baseline = engine.generate(prompts, 40).tokens
+    draft = DraftConfig(kind="self", budget=16, sink=4, gamma=3)
+    gammas = iter([3, 0, 1, 4, 2] * 20)
+    result = engine.generate(prompts, 40, draft=draft, gamma_controller=lambda state, r: next(gammas))
+    assert result.tokens == baseline
