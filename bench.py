@@ -375,6 +375,10 @@ def _draft_list(ctx, param, value):
 @click.option("--merge", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Run nothing: combine the results.json of earlier --out-dir runs (e.g. one per prompt length, "
                    "to keep each command short) into one table and plot in --out-dir. Repeatable.")
+@click.option("--kernels", is_flag=True, default=False,
+              help="Run the attention kernel micro-benchmark instead of the end-to-end sweep, using --batch-sizes "
+                   "and --prompt-lengths as the contexts (T = 1 and gamma + 1 per --gammas; sparse view from the "
+                   "first --budgets and --sink): writes kernels.json, kernels.md and kernels.png into --out-dir.")
 def main(**opts):
     """Benchmark plain decoding against MagicDec speculative decoding over a sweep of batch sizes,
     prompt lengths, drafts, budgets and gammas. Reports tokens/s, speedup, acceptance, measured
@@ -406,8 +410,13 @@ def command_line(opts: dict) -> str:
 
 def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batch_sizes, prompt_lengths, gammas,
         budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
-        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge):
-    opts = dict(locals())
+        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, kernels=False):
+    opts = {key: value for key, value in locals().items() if key != "kernels" or value}
+    if kernels:  # no model: kernels/benchmark.py times the attention kernels alone
+        from kernels.benchmark import kernel_bench_cli
+        kernel_bench_cli(out_dir, command_line(opts), device, dtype and DTYPES[dtype], batch_sizes, prompt_lengths,
+                         gammas, budgets[0], sink, hardware)
+        return
     if merge:
         write_outputs(merge_results(merge, command_line(dict(merge=merge, out_dir=out_dir))), out_dir)
         return
