@@ -3,7 +3,9 @@
   python generate.py --draft self --compare                       # bundled tiny model
   python generate.py --checkpoint ckpt/llama-3.1-8b --prompt-file docs.jsonl --bsz 32 \\
       --draft self --draft-kv streaming --draft-budget 512 --gamma 3 --out out.jsonl
-  torchrun --nproc_per_node 8 generate.py --checkpoint ... --bsz 64 --gamma 3
+  torchrun --nproc_per_node 8 generate.py --checkpoint ... --bsz 64 --gamma 3    # tensor parallel
+
+Under torchrun only rank 0 prints and writes --out.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compi
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.sampling import SamplingParams
 from gpt_fast_magicdec.tokenizer import load_tokenizer
+from gpt_fast_magicdec.tp import TensorParallel, env_world_size, fail_together, is_main_process
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -134,12 +137,18 @@ def main(**opts):
     try:
         run(**opts)
     except UserError as err:
-        click.echo(f"error: {err}", err=True)
+        echo(f"error: {err}", err=True)  # under torchrun every rank raises the same error; rank 0 says it
         sys.exit(1)
 
 
+def echo(*args, **kwargs) -> None:
+    """click.echo on rank 0 only (everywhere outside torchrun)."""
+    if is_main_process():
+        click.echo(*args, **kwargs)
+
+
 def _one_line_warning(message, *args, **kwargs):
-    click.echo(f"warning: {message}", err=True)
+    echo(f"warning: {message}", err=True)
 
 
 def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max_new_tokens, temperature, top_p,
@@ -148,8 +157,6 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
         progress):
     if simulate_acceptance is not None:
         raise UserError("--simulate-acceptance is a benchmark-only mode (bench.py): generate.py never fakes acceptance")
-    if draft_ranks is not None:
-        raise UserError("--draft-ranks needs tensor parallelism: launch with torchrun --nproc_per_node N")
     if bsz < 1 or prefill_chunk < 1:
         raise UserError("--bsz and --prefill-chunk must be >= 1")
     if checkpoint is not None and random_weights is not None:
@@ -158,28 +165,46 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.manual_seed(seed)
+    if draft_ranks is not None and env_world_size() == 1:
+        raise UserError("--draft-ranks needs tensor parallelism: launch with torchrun --nproc_per_node N")
+    if draft_ranks is not None and draft_cfg.kind != "model":
+        raise UserError("--draft-ranks places a standalone draft (--draft-checkpoint); it does not apply to "
+                        f"--draft {draft_cfg.kind}")
+    # Tensor parallel under torchrun (None otherwise). Every check above runs on every rank before
+    # the first collective, so a bad flag fails everywhere instead of hanging.
+    tp = TensorParallel.start(device, draft_ranks)
+    if tp is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
+    progress = progress and is_main_process()
+    torch.manual_seed(seed)  # the same seed on every rank: sampling stays in lock-step (see tp.py)
     if device.type == "cuda":
         set_compiler_flags()
 
-    tokenizer = None
-    if random_weights:
-        click.echo(f"random weights ({random_weights}): the generated text is noise; use this for speed only")
-        model = random_model(ModelArgs.from_preset(random_weights), device, dtype, seed)
-    else:
-        if checkpoint is None:
-            from gpt_fast_magicdec.tiny import bundled_checkpoint
+    with fail_together(tp):  # one rank failing to load makes every rank fail with its message
+        tokenizer = None
+        if random_weights:
+            echo(f"random weights ({random_weights}): the generated text is noise; use this for speed only")
+            target_args = ModelArgs.from_preset(random_weights)
+            model = (tp.random_model(target_args, device, dtype, seed) if tp
+                     else random_model(target_args, device, dtype, seed))
+        else:
+            if checkpoint is None:
+                from gpt_fast_magicdec.tiny import bundled_checkpoint
 
-            checkpoint = bundled_checkpoint()
-        model = load_model(checkpoint, device, dtype)
-        tokenizer = load_tokenizer(checkpoint)
-    draft_model = None
-    if draft_cfg.kind == "model":
-        draft_model = load_model(draft_checkpoint, device, dtype)
-        if tokenizer is not None and load_tokenizer(draft_checkpoint).fingerprint() != tokenizer.fingerprint():
-            raise UserError(f"the draft's tokenizer ({draft_checkpoint}) differs from the target's: speculative "
-                            "decoding needs both models to share one vocabulary")
-    engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile)
+                checkpoint = bundled_checkpoint()
+            model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
+            target_args = ModelArgs.load(checkpoint)  # the full shape (model.args is this rank's shard)
+            tokenizer = load_tokenizer(checkpoint)
+        draft_model = None
+        if draft_cfg.kind == "model":
+            if tp is None:
+                draft_model = load_model(draft_checkpoint, device, dtype)
+            elif tp.holds_draft:
+                draft_model = tp.load_model(draft_checkpoint, device, dtype, draft=True)
+            if tokenizer is not None and load_tokenizer(draft_checkpoint).fingerprint() != tokenizer.fingerprint():
+                raise UserError(f"the draft's tokenizer ({draft_checkpoint}) differs from the target's: "
+                                "speculative decoding needs both models to share one vocabulary")
+        engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp)
 
     texts = read_prompts(prompt, prompt_file)
     if tokenizer is None:
@@ -196,7 +221,16 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if gamma == "auto" and draft_cfg.enabled:
         from gpt_fast_magicdec.autogamma import AutoGamma
 
-        gamma_controller = AutoGamma.for_engine(engine, draft_cfg)
+        if tp is None:
+            gamma_controller = AutoGamma.for_engine(engine, draft_cfg)
+        else:
+            # Ranks must pick the same gamma every round: they share the decode state, so it is
+            # enough that they share rank 0's measured hardware, and the full (unsharded) shapes.
+            from gpt_fast_magicdec.cost_model import get_profile
+
+            hw = tp.broadcast_object(get_profile("measure", device))
+            draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
+            gamma_controller = AutoGamma(target_args, hw, draft_cfg, dtype.itemsize, tp.world_size, draft_args)
 
     def generate_all(cfg: DraftConfig, controller):
         results = []
@@ -217,19 +251,19 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     for batch, res in final:
         for i, toks in zip(batch, res.tokens):
             shown = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks[:32])) + " ..."
-            click.echo(f"--- [{i}] {shown}")
+            echo(f"--- [{i}] {shown}")
     for name, results in runs:
-        click.echo(f"== {name}")
+        echo(f"== {name}")
         for _, res in results:
             for line in res.stats.summary_lines():
-                click.echo("   " + line)
+                echo("   " + line)
     if compare:
         tps = [sum(r.stats.tokens_per_s for _, r in results) / len(results) for _, results in runs]
-        click.echo(f"== speedup over plain decoding: {tps[1] / tps[0]:.2f}x")
+        echo(f"== speedup over plain decoding: {tps[1] / tps[0]:.2f}x")
         if sampling.greedy:
             same = all(a.tokens == b.tokens for (_, a), (_, b) in zip(runs[0][1], final))
-            click.echo(f"   greedy outputs identical: {'yes' if same else 'NO'}")
-    if out is not None:
+            echo(f"   greedy outputs identical: {'yes' if same else 'NO'}")
+    if out is not None and is_main_process():
         write_jsonl(out, texts, prompt_ids, final, tokenizer, eos_ids, max_new_tokens)
 
 
@@ -245,4 +279,8 @@ def write_jsonl(path: Path, texts, prompt_ids, results, tokenizer, eos_ids, max_
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():  # torchrun: leave the process group cleanly
+            torch.distributed.destroy_process_group()

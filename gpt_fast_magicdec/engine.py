@@ -107,7 +107,9 @@ class CapturedStep:
                 step(self.tokens, self.cache_len)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local (as inductor's own graphs): under tensor parallelism the NCCL watchdog thread
+        # may query events of earlier collectives while this thread captures.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = step(self.tokens, self.cache_len)
 
     def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
@@ -216,9 +218,12 @@ class Engine:
     """Target model (+ optional standalone draft model), caches, captured steps, generate()."""
 
     def __init__(self, model: Transformer, *, draft_model: Optional[Transformer] = None,
-                 attention: str = "auto", compile: Optional[bool] = None, use_graphs: Optional[bool] = None):
+                 attention: str = "auto", compile: Optional[bool] = None, use_graphs: Optional[bool] = None,
+                 tp=None):
         self.model = model
-        self.draft_model = draft_model
+        self.draft_model = draft_model  # None on ranks outside --draft-ranks under tensor parallelism
+        self.tp = tp  # tp.TensorParallel under torchrun, else None; the models come sharded already
+        self.tp_size = tp.world_size if tp is not None else 1
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
         self.backend = resolve_backend(attention, self.device)
@@ -239,17 +244,19 @@ class Engine:
     def _setup(self, batch: int, seq_len: int, draft: DraftConfig) -> None:
         """(Re)allocate caches and selection buffers when the shape changes; drop stale graphs."""
         seq_len = -(-seq_len // 256) * 256 + CAPTURE_SCRATCH  # round up so repeated runs reuse graphs
-        shape = (batch, seq_len, draft.n_selected if draft.enabled else 0)
+        # Captured draft steps bake in the view (window, selection buffers) and which model drafts.
+        shape = (batch, seq_len, draft.kind, draft.kv, draft.n_selected, draft.window)
         if shape == self._shape:
             return
-        self._shape, self._captured, self._selected = shape, {}, {}
+        self._shape, self._captured, self._selected = None, {}, {}
         for model in self._models():
             model.setup_caches(batch, seq_len, self.dtype, self.device)
-        if draft.enabled and not draft.full:
-            drafter = self.draft_model or self.model
+        drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
+        if draft.enabled and not draft.full and drafter is not None:
             n_kv = drafter.args.n_kv_heads
             self._selected["draft"] = [torch.full((batch, n_kv, draft.n_selected), -1, dtype=torch.long,
                                                   device=self.device) for _ in range(drafter.args.n_layers)]
+        self._shape = shape  # only once allocation succeeded (an OOM leaves nothing stale)
 
     def _models(self):
         return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
@@ -286,7 +293,7 @@ class Engine:
         for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 4):
             T = min(chunk, L - start)
             view = AttentionView(cache_len=torch.full((B,), start, device=self.device), n_tokens=T,
-                                 backend=self.backend, kv_limit=start + T)
+                                 backend=self.backend, kv_limit=start + T, prefill_start=start)
             idx = (prompt_len - 1 - start).clamp(0, T - 1)[:, None]  # [B, 1] row of each last token
             logits = model(tokens[:, start:start + T], view, output_index=idx)[:, 0]  # [B, V]
             here = (prompt_len - 1 >= start) & (prompt_len - 1 < start + T)
@@ -300,7 +307,7 @@ class Engine:
                  max_seq_len: Optional[int] = None, progress: bool = False,
                  accept_override: Optional[Callable] = None, gamma_controller=None) -> GenerationResult:
         """prompts: token-id lists (ragged). max_new_tokens: int or one per prompt."""
-        if draft.kind == "model" and self.draft_model is None:
+        if draft.kind == "model" and self.draft_model is None and (self.tp is None or self.tp.holds_draft):
             raise UserError("a standalone draft needs --draft-checkpoint")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt must have at least one token")
@@ -333,9 +340,9 @@ class Engine:
 
         last_logits = self.prefill(self.model, tokens, prompt_len, prefill_chunk, progress)
         first, _ = select_tokens(last_logits, sampling)
-        drafter = self.draft_model if draft.kind == "model" else self.model
+        drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
         draft_selected = None
-        if draft.enabled:
+        if draft.enabled and drafter is not None:
             if draft.kind == "model":
                 self.prefill(self.draft_model, tokens, prompt_len, prefill_chunk, progress)
             picked = select_positions(drafter, draft, tokens, prompt_len, self.backend)
@@ -355,7 +362,12 @@ class Engine:
 
         def draft_step(toks, cache_len):
             window = None if draft.full else draft.window
-            return self._run(("draft", toks.shape[1]), drafter, toks, cache_len, window, draft_selected, True)
+            logits = None
+            if drafter is not None:
+                logits = self._run(("draft", toks.shape[1]), drafter, toks, cache_len, window, draft_selected, True)
+            if self.tp is not None and draft.kind == "model":  # ranks outside --draft-ranks get its proposals
+                logits = self.tp.share_draft_logits(logits, sampling.greedy, B, self.model.args.vocab_size, dev)
+            return logits
 
         latency = [None] * B
         done = state.done.cpu()

@@ -1,0 +1,312 @@
+"""Tensor parallelism under `torchrun` (DESIGN decision 9), gpt-fast style.
+
+Weights are sliced once at load time; the forward pass is unchanged except for one all-reduce
+after each row-parallel projection (a forward hook on `wo` and `w2`, written with functional
+collectives so torch.compile traces it and CUDA graphs capture it). Each rank builds its model from
+a *local* ModelArgs (its query heads, its KV heads, its MLP columns; head_dim explicit), so its KV
+cache holds only its own KV heads.
+
+Which rank holds what, for W ranks, H query heads, H_kv KV heads, I MLP columns:
+  query heads  split: rank r holds heads [r*H/W, (r+1)*H/W). H % W != 0 (W > H included) is an error.
+  KV heads     split when H_kv % W == 0: rank r holds [r*H_kv/W, (r+1)*H_kv/W).
+               replicated when W % H_kv == 0 (W > H_kv, e.g. 8 ranks and 2 KV heads): each KV head on
+               W/H_kv consecutive ranks; rank r holds KV head r // (W/H_kv), and all of its H/W query
+               heads belong to that KV head's group. Otherwise an error.
+  MLP          w1/w3 split by output columns, w2 by input rows; I % W != 0 is an error.
+  q/k/v bias   sliced with their weights. wo, w2: no bias (Llama/Mistral/Qwen2), so all-reducing the
+               partial products gives exactly the full projection.
+  replicated   embeddings, norms, the output head (so every rank computes the same full logits and
+               samples the same tokens).
+
+A standalone draft is sharded over `--draft-ranks` (default: every rank) with its own process
+group; see TensorParallel.share_draft_logits for how its proposals reach the other ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from .checkpoint import first_line
+from .config import ModelArgs
+from .errors import UserError
+
+
+# ---- process groups ----------------------------------------------------------------------------------
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not launched by torchrun. Safe to call before the process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_from_env(device) -> tuple[int, int]:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) -> (rank, world_size).
+
+    (0, 1) without torchrun (or with one process): nothing is initialised."""
+    world = env_world_size()
+    if world == 1:
+        return 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if not dist.is_initialized():
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world,
+                                    device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+    return rank, world
+
+
+def parse_draft_ranks(text: Optional[str], world_size: int) -> tuple[int, ...]:
+    """--draft-ranks "0,1" -> (0, 1); None -> every rank. Raises the same UserError on every rank."""
+    if text is None:
+        return tuple(range(world_size))
+    try:
+        ranks = [int(r) for r in text.split(",")]
+    except ValueError:
+        raise UserError(f"--draft-ranks must be comma-separated rank numbers like 0,1; got {text!r}") from None
+    if len(set(ranks)) != len(ranks):
+        raise UserError(f"--draft-ranks {text} names a rank twice")
+    outside = [r for r in ranks if not 0 <= r < world_size]
+    if outside:
+        raise UserError(f"--draft-ranks {text}: rank {outside[0]} is outside the world of {world_size} "
+                        f"ranks (0..{world_size - 1})")
+    return tuple(sorted(ranks))
+
+
+# ---- the sharding plan --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What one rank of `world_size` holds of a model: ranges over the *global* heads / columns."""
+
+    rank: int
+    world_size: int
+    local_args: ModelArgs  # the shape this rank's Transformer is built with
+    q_heads: range
+    kv_heads: range
+    ffn: range  # MLP hidden columns
+    kv_replicas: int  # ranks holding each KV head: 1 when split, world_size / H_kv when replicated
+
+
+def valid_world_sizes(args: ModelArgs) -> list[int]:
+    return [w for w in range(1, args.n_heads + 1)
+            if args.n_heads % w == 0 and (args.n_kv_heads % w == 0 or w % args.n_kv_heads == 0)
+            and args.intermediate_size % w == 0]
+
+
+def plan_shards(args: ModelArgs, world_size: int, rank: int = 0, what: str = "the model") -> ShardPlan:
+    """Which heads and columns `rank` of `world_size` holds; a clear UserError when the model cannot
+    be split that way. Pure arithmetic on the config: every rank reaches the same verdict."""
+    H, H_kv, I = args.n_heads, args.n_kv_heads, args.intermediate_size
+    hint = f"valid sizes for {what}: {', '.join(map(str, valid_world_sizes(args)))}"
+    if H % world_size:
+        raise UserError(f"{what} has {H} query heads, which {world_size} ranks cannot split evenly "
+                        f"(each rank needs a whole, equal number of heads); {hint}")
+    if H_kv % world_size == 0:  # split the KV heads
+        kv_local, replicas = H_kv // world_size, 1
+        kv_first = rank * kv_local
+    elif world_size % H_kv == 0:  # replicate each KV head on world_size / H_kv ranks
+        kv_local, replicas = 1, world_size // H_kv
+        kv_first = rank // replicas
+    else:
+        raise UserError(f"{what} has {H_kv} KV heads: {world_size} ranks can neither split them evenly nor "
+                        f"replicate each on the same number of ranks; {hint}")
+    if I % world_size:
+        raise UserError(f"{what} has an MLP of {I} columns, which {world_size} ranks cannot split evenly; {hint}")
+    q_local, f_local = H // world_size, I // world_size
+    q_heads = range(rank * q_local, (rank + 1) * q_local)
+    kv_heads = range(kv_first, kv_first + kv_local)
+    # GQA: query head h reads KV head h // (H / H_kv). Both rules keep that KV head on this rank, at
+    # the local index the local model's own grouping (local head j -> j // (H_l / H_kv_l)) picks.
+    assert all(kv_heads[(h - q_heads.start) // (q_local // kv_local)] == h // (H // H_kv) for h in q_heads)
+    local = dataclasses.replace(args, n_heads=q_local, n_kv_heads=kv_local, head_dim=args.head_dim,
+                                intermediate_size=f_local)
+    return ShardPlan(rank, world_size, local, q_heads, kv_heads, range(rank * f_local, (rank + 1) * f_local),
+                     replicas)
+
+
+# Per-layer tensors that are sliced: suffix -> (which plan range, the dimension it indexes).
+# Column-parallel layers (q/k/v, w1/w3) keep their output rows; row-parallel (wo, w2) their input columns.
+_SLICED = {
+    "attention.wq.weight": ("q", 0), "attention.wq.bias": ("q", 0),
+    "attention.wk.weight": ("kv", 0), "attention.wk.bias": ("kv", 0),
+    "attention.wv.weight": ("kv", 0), "attention.wv.bias": ("kv", 0),
+    "attention.wo.weight": ("q", 1),
+    "feed_forward.w1.weight": ("ffn", 0), "feed_forward.w3.weight": ("ffn", 0),
+    "feed_forward.w2.weight": ("ffn", 1),
+}
+
+
+def shard_state_dict(plan: ShardPlan, state_dict: dict) -> dict:
+    """The full engine state dict -> this rank's slices (copies, so the full tensors can be freed)."""
+    D = plan.local_args.head_dim
+    rows = {"q": slice(plan.q_heads.start * D, plan.q_heads.stop * D),
+            "kv": slice(plan.kv_heads.start * D, plan.kv_heads.stop * D),
+            "ffn": slice(plan.ffn.start, plan.ffn.stop)}
+    out = {}
+    for name, t in state_dict.items():
+        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else None
+        if suffix in _SLICED:
+            which, dim = _SLICED[suffix]
+            t = t.narrow(dim, rows[which].start, rows[which].stop - rows[which].start).clone(
+                memory_format=torch.contiguous_format)
+        out[name] = t
+    return out
+
+
+def install_all_reduce(model, group) -> None:
+    """Sum the row-parallel partial outputs of wo and w2 over `group` (gpt-fast's hook). Functional
+    collectives return a tensor (no in-place side effect), which is what compile and graphs need."""
+    def all_reduce(_module, _inputs, output):
+        return funcol.all_reduce(output, "sum", group)
+
+    for layer in model.layers:
+        layer.attention.wo.register_forward_hook(all_reduce)
+        layer.feed_forward.w2.register_forward_hook(all_reduce)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardGroup:
+    """The ranks one model is sharded over, seen from one of them."""
+
+    rank: int  # index within the group
+    size: int
+    group: object  # the ProcessGroup
+    what: str  # "the target model" / "the draft model", for error messages
+
+    def plan(self, args: ModelArgs) -> ShardPlan:
+        return plan_shards(args, self.size, self.rank, self.what)
+
+    def shard(self, args: ModelArgs, state_dict: dict) -> tuple[ModelArgs, dict]:
+        """The `shard` hook of engine.load_model."""
+        plan = self.plan(args)
+        return plan.local_args, shard_state_dict(plan, state_dict)
+
+    def parallelize(self, model):
+        if self.size > 1:
+            install_all_reduce(model, self.group)
+        return model
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TensorParallel:
+    """This process's place in a torchrun world, and which ranks hold the standalone draft."""
+
+    rank: int
+    world_size: int
+    draft_ranks: tuple  # sorted global ranks holding the standalone draft (all ranks by default)
+    draft_group: object  # their ProcessGroup (the world group when they are every rank)
+
+    @classmethod
+    def start(cls, device, draft_ranks: Optional[str] = None) -> Optional["TensorParallel"]:
+        """setup_from_env plus the draft's subgroup; None outside torchrun. --draft-ranks is checked
+        before the first collective, so a bad value fails on every rank instead of hanging."""
+        ranks = parse_draft_ranks(draft_ranks, env_world_size())
+        rank, world = setup_from_env(device)
+        if world == 1:
+            return None
+        # new_group is collective: every rank calls it, members or not.
+        group = dist.group.WORLD if len(ranks) == world else dist.new_group(list(ranks))
+        return cls(rank, world, ranks, group)
+
+    @property
+    def target(self) -> ShardGroup:
+        return ShardGroup(self.rank, self.world_size, dist.group.WORLD, "the target model")
+
+    @property
+    def holds_draft(self) -> bool:
+        return self.rank in self.draft_ranks
+
+    @property
+    def draft(self) -> Optional[ShardGroup]:
+        if not self.holds_draft:
+            return None
+        return ShardGroup(self.draft_ranks.index(self.rank), len(self.draft_ranks), self.draft_group,
+                          "the draft model")
+
+    def load_model(self, checkpoint: Path, device, dtype, draft: bool = False):
+        from .engine import load_model
+
+        shards = self.draft if draft else self.target
+        return shards.parallelize(load_model(checkpoint, device, dtype, shard=shards.shard))
+
+    def random_model(self, args: ModelArgs, device, dtype, seed: int):
+        """Random weights of this rank's shard shape. The same seed on every rank keeps the replicated
+        weights identical; the model as a whole differs from the single-process random model."""
+        from .engine import random_model
+
+        return self.target.parallelize(random_model(self.target.plan(args).local_args, device, dtype, seed))
+
+    # -- keeping ranks in lock-step -----------------------------------------------------------------------
+    def share_draft_logits(self, logits: Optional[torch.Tensor], greedy: bool, batch: int, vocab: int,
+                           device) -> torch.Tensor:
+        """One draft step's logits [B, 1, V], made available on every rank.
+
+        Only a draft on a subset of ranks needs this. Ranks outside --draft-ranks run no draft
+        model; after each draft step they receive, from the first draft rank, the argmax tokens
+        (greedy: B ints, returned as one-hot logits whose argmax is that token) or the logits
+        (sampling). Every rank then runs the same sampling code on the same numbers, so the
+        sampling RNG, seeded identically everywhere, stays in lock-step: draft draws, acceptance
+        draws and corrections agree on all ranks with no per-round broadcast of the results.
+        (This assumes identical devices, as the RNG's kernel launch shape depends on the device.)"""
+        if len(self.draft_ranks) == self.world_size:
+            return logits  # every rank ran the draft itself
+        src = self.draft_ranks[0]
+        if greedy:
+            tokens = (logits[:, -1].argmax(dim=-1) if logits is not None
+                      else torch.empty(batch, dtype=torch.long, device=device))  # [B]
+            dist.broadcast(tokens, src)
+            if logits is not None:
+                return logits
+            one_hot = torch.zeros(batch, 1, vocab, device=device)
+            return one_hot.scatter_(-1, tokens[:, None, None], 1.0)  # [B, 1, V]
+        shared = logits[:, -1:].contiguous() if logits is not None else torch.empty(batch, 1, vocab, device=device)
+        dist.broadcast(shared, src)
+        return shared if logits is None else logits
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (e.g. a measured hardware profile every rank must agree on)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@contextlib.contextmanager
+def fail_together(tp: Optional[TensorParallel]):
+    """Run a rank-local block (loading, no collectives inside); if it fails on any rank, fail on all.
+
+    After the block every rank gathers every rank's error. If any failed, all raise one UserError
+    with the first failing rank's message (generate.py prints it on rank 0 only) and exit non-zero,
+    instead of the healthy ranks waiting forever at their next collective. A failing rank whose
+    error is not a UserError (a bug) re-raises it with its traceback."""
+    if tp is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below on this rank, reported on the others
+        error = e
+    message = None if error is None else (str(error) if isinstance(error, UserError)
+                                           else f"{type(error).__name__}: {first_line(error)}")
+    messages = [None] * tp.world_size
+    dist.all_gather_object(messages, message)
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if error is not None and not isinstance(error, UserError):
+        raise error
+    rank, message = failed[0]
+    if len(failed) < tp.world_size or len(set(m for _, m in failed)) > 1:
+        message = f"rank {rank}: {message}"
+    raise UserError(message) from error
