@@ -10,7 +10,6 @@ Under torchrun only rank 0 prints and writes --out.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +19,8 @@ import click
 import torch
 
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
+from gpt_fast_magicdec.cost_model import decode_step_cost, measure_hardware
+from gpt_fast_magicdec.data import read_jsonl_prompts, write_jsonl
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
 from gpt_fast_magicdec.errors import UserError
@@ -27,25 +28,13 @@ from gpt_fast_magicdec.sampling import SamplingParams
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 from gpt_fast_magicdec.tp import TensorParallel, env_world_size, fail_together, is_main_process
 
+PLAIN = "plain decoding"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def read_prompts(prompt: tuple, prompt_file: Optional[Path]) -> list[str]:
     """--prompt (repeatable) and/or --prompt-file: JSONL with a `text` field, or plain text."""
-    texts = list(prompt)
-    if prompt_file is not None:
-        raw = prompt_file.read_text(encoding="utf-8")
-        if prompt_file.suffix == ".jsonl":
-            for n, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{prompt_file} line {n}: expected a JSON object with a 'text' field")
-        else:
-            texts.append(raw)
-    return texts
+    return list(prompt) + (read_jsonl_prompts(prompt_file) if prompt_file is not None else [])
 
 
 def batches(items: list, size: int):
@@ -244,8 +233,9 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if compare:
         if not draft_cfg.enabled:
             raise UserError("--compare needs a draft (--draft self or --draft-checkpoint)")
-        runs.append(("plain decoding", generate_all(DraftConfig(kind="none"), None)))
-    runs.append((f"draft: {draft_cfg.describe()}", generate_all(draft_cfg, gamma_controller)))
+        runs.append((PLAIN, generate_all(DraftConfig(kind="none"), None)))
+    name = f"draft: {draft_cfg.describe()}" if draft_cfg.enabled else PLAIN
+    runs.append((name, generate_all(draft_cfg, gamma_controller)))
 
     final = runs[-1][1]
     for batch, res in final:
@@ -263,19 +253,36 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
         if sampling.greedy:
             same = all(a.tokens == b.tokens for (_, a), (_, b) in zip(runs[0][1], final))
             echo(f"   greedy outputs identical: {'yes' if same else 'NO'}")
+    plain = [results for name, results in runs if name == PLAIN]
+    if plain and is_main_process():
+        echo(bandwidth_line(target_args, plain[0], dtype, tp.world_size if tp else 1, device))
     if out is not None and is_main_process():
-        write_jsonl(out, texts, prompt_ids, final, tokenizer, eos_ids, max_new_tokens)
+        write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, eos_ids))
+        echo(f"wrote {out}")
 
 
-def write_jsonl(path: Path, texts, prompt_ids, results, tokenizer, eos_ids, max_new_tokens) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for batch, res in results:
-            for i, toks in zip(batch, res.tokens):
-                row = {"prompt": texts[i] if texts else None, "completion": tokenizer.decode(toks) if tokenizer else None,
-                       "completion_ids": toks, "prompt_tokens": len(prompt_ids[i]), "new_tokens": len(toks),
-                       "finish_reason": "eos" if toks and toks[-1] in eos_ids else "length"}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    click.echo(f"wrote {path}")
+def completion_rows(texts, prompt_ids, results, tokenizer, eos_ids):
+    for batch, res in results:
+        for i, toks in zip(batch, res.tokens):
+            yield {"prompt": texts[i] if texts else None,
+                   "completion": tokenizer.decode(toks) if tokenizer else None,
+                   "completion_ids": toks, "prompt_tokens": len(prompt_ids[i]), "new_tokens": len(toks),
+                   "finish_reason": "eos" if toks and toks[-1] in eos_ids else "length"}
+
+
+def bandwidth_line(args: ModelArgs, results, dtype: torch.dtype, tp_size: int, device: torch.device) -> str:
+    """Plain decoding against the memory-bandwidth roofline: bytes one step must read (weights + live
+    KV, cost model) over the measured time per step, as a fraction of measured copy bandwidth."""
+    achieved = []
+    for _, res in results:
+        st = res.stats
+        context = sum(st.prompt_tokens) / st.batch_size + sum(st.new_tokens) / st.batch_size / 2
+        step = decode_step_cost(args, st.batch_size, int(context), 1, dtype.itemsize, tp_size)
+        achieved.append(step.bytes / (st.decode_s / max(st.rounds, 1)))
+    copy_bw = measure_hardware(device).mem_bandwidth
+    mean = sum(achieved) / len(achieved)
+    return (f"   memory bandwidth (plain decoding): {mean / 1e9:.1f} GB/s achieved per rank = "
+            f"{100 * mean / copy_bw:.0f}% of measured copy bandwidth ({copy_bw / 1e9:.0f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,7 @@ class GenerationStats:
     new_tokens: list
     prefill_s: float
     decode_s: float
+    capture_s: float  # CUDA-graph compile + capture before decoding (0 where nothing is captured)
     latency_s: list  # per sequence, from the start of prefill to its last token
     rounds: int
     gamma: int
@@ -183,7 +184,8 @@ class GenerationStats:
 
     def summary_lines(self) -> list[str]:
         lines = [
-            f"prefill: {sum(self.prompt_tokens)} tokens in {self.prefill_s:.3f} s",
+            f"prefill: {sum(self.prompt_tokens)} tokens in {self.prefill_s:.3f} s"
+            + (f" (+ {self.capture_s:.1f} s compiling and capturing CUDA graphs)" if self.capture_s > 0.01 else ""),
             f"decode:  {sum(self.new_tokens)} tokens in {self.decode_s:.3f} s = {self.tokens_per_s:.1f} tokens/s "
             f"(batch {self.batch_size}, {self.rounds} rounds)",
             "latency per sequence (s): " + " ".join(f"{x:.2f}" for x in self.latency_s),
@@ -267,14 +269,19 @@ class Engine:
         if not self.use_graphs:
             kv_limit = int(cache_len.max()) + tokens.shape[1]  # free on CPU; trims the key axis
             return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, kv_limit)
+        graph = self._graph(key, model, tokens.shape[0], tokens.shape[1], window, selected, last_only)
+        return graph(tokens, cache_len)
+
+    def _graph(self, key: tuple, model: Transformer, batch: int, n_tokens: int, window: Optional[int],
+               selected: Optional[list], last_only: bool) -> "CapturedStep":
+        """The CUDA graph of one step shape, compiled and captured on first use."""
         if key not in self._captured:
             def step(t, c):
                 return self._step(model, t, c, window, selected, self.backend, last_only)
 
             scratch = model.max_seq_len - CAPTURE_SCRATCH
-            self._captured[key] = CapturedStep(step, tokens.shape[0], tokens.shape[1], scratch, self.device,
-                                               self._pool())
-        return self._captured[key](tokens, cache_len)
+            self._captured[key] = CapturedStep(step, batch, n_tokens, scratch, self.device, self._pool())
+        return self._captured[key]
 
     def _pool(self):
         if not hasattr(self, "_graph_pool"):
@@ -354,14 +361,22 @@ class Engine:
                                   torch.tensor(max_new, device=dev), eos, max(max_new) + gamma + 2)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+        prefill_s = time.perf_counter() - t_start
+        window = None if draft.full else draft.window
+        if self.use_graphs:  # compile + capture every step shape now, outside the decode timing
+            gammas = getattr(gamma_controller, "gammas", None) or [gamma]
+            for g in set(gammas) | ({0} if gamma_controller else set()):
+                self._graph(("target", g + 1), self.model, B, g + 1, None, None, False)
+            if draft.enabled and drafter is not None:
+                for T in (1, 2) if draft.kind == "model" else (1,):
+                    self._graph(("draft", T), drafter, B, T, window, draft_selected, True)
         t_decode = time.perf_counter()
-        prefill_s = t_decode - t_start
+        capture_s = t_decode - t_start - prefill_s
 
         def target_step(toks, cache_len):
             return self._run(("target", toks.shape[1]), self.model, toks, cache_len, None, None, False)
 
         def draft_step(toks, cache_len):
-            window = None if draft.full else draft.window
             logits = None
             if drafter is not None:
                 logits = self._run(("draft", toks.shape[1]), drafter, toks, cache_len, window, draft_selected, True)
@@ -392,7 +407,7 @@ class Engine:
         out = state.out.tolist()
         stats = GenerationStats(
             batch_size=B, prompt_tokens=lens, new_tokens=n_out, prefill_s=prefill_s, decode_s=decode_s,
-            latency_s=latency, rounds=rounds, gamma=gamma, accepted=int(state.accepted.sum()), drafted=drafted,
+            capture_s=capture_s, latency_s=latency, rounds=rounds, gamma=gamma, accepted=int(state.accepted.sum()), drafted=drafted,
             seq_rounds=int(state.rounds.sum()),
             phase_s=timer.totals() if gamma else {}, peak_memory_bytes=peak_memory_bytes(dev))
         return GenerationResult(tokens=[out[b][:n_out[b]] for b in range(B)], stats=stats)
