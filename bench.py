@@ -38,6 +38,7 @@ from gpt_fast_magicdec.cost_model import (
 )
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts
 from gpt_fast_magicdec.drafting import DraftConfig
+from gpt_fast_magicdec.profiling import profile_rounds as profile_round_counts
 from gpt_fast_magicdec.engine import (
     CAPTURE_SCRATCH, Engine, GenerationStats, load_model, random_model, set_compiler_flags,
 )
@@ -226,6 +227,13 @@ def markdown(meta: dict, rows: list, skipped: list) -> str:
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join("–" if row.get(key) is None else str(row[key]) for key, _ in COLUMNS) + " |")
+    profiled = [r for r in rows if "host_syncs_per_round" in r]
+    if profiled:
+        lines += ["", "Per round (torch.profiler, two runs of different length subtracted): expected with CUDA "
+                  "graphs: γ + 1 graph launches and 1 host sync (the all-done check).", "",
+                  "| batch | prompt | draft | γ | graph launches | host syncs | DtoH copies |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['prompt_len']} | {r['draft']} | {r['gamma']} | {r['graph_launches_per_round']:.2f} "
+                  f"| {r['host_syncs_per_round']:.2f} | {r['dtoh_copies_per_round']:.2f} |" for r in profiled]
     if skipped:
         lines += ["", "Skipped:"] + [f"- batch {s['batch']}, prompt {s['prompt_len']}: {s['reason']}" for s in skipped]
     return "\n".join(lines) + "\n"
@@ -375,6 +383,9 @@ def _draft_list(ctx, param, value):
 @click.option("--merge", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Run nothing: combine the results.json of earlier --out-dir runs (e.g. one per prompt length, "
                    "to keep each command short) into one table and plot in --out-dir. Repeatable.")
+@click.option("--profile-rounds", is_flag=True, default=False,
+              help="Also profile each speculative configuration (torch.profiler, two runs differenced) and "
+                   "report CUDA-graph launches, host syncs and device-to-host copies per round.")
 @click.option("--kernels", is_flag=True, default=False,
               help="Run the attention kernel micro-benchmark instead of the end-to-end sweep, using --batch-sizes "
                    "and --prompt-lengths as the contexts (T = 1 and gamma + 1 per --gammas; sparse view from the "
@@ -410,8 +421,8 @@ def command_line(opts: dict) -> str:
 
 def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batch_sizes, prompt_lengths, gammas,
         budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
-        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, kernels=False):
-    opts = {key: value for key, value in locals().items() if key != "kernels" or value}
+        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False):
+    opts = {key: value for key, value in locals().items() if key not in ("kernels", "profile_rounds") or value}
     if kernels:  # no model: kernels/benchmark.py times the attention kernels alone
         from kernels.benchmark import kernel_bench_cli
         kernel_bench_cli(out_dir, command_line(opts), device, dtype and DTYPES[dtype], batch_sizes, prompt_lengths,
@@ -495,6 +506,9 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
                     point.append(make_row(cfg, batch, length, max_new_tokens, stats, base, args,
                                           draft_args if cfg.draft.kind == "model" else None, hw,
                                           dtype.itemsize, alpha))
+                    if profile_rounds and cfg is not baseline:
+                        counts = profile_round_counts(engine, pool[:batch], cfg.draft)
+                        point[-1].update({f"{k}_per_round": v for k, v in counts.items() if k != "rounds_compared"})
                     bar.update()
                 rows += point
             except (MemoryError, torch.cuda.OutOfMemoryError) as err:

@@ -56,3 +56,16 @@ def test_prompt_too_long_is_user_error():
         Engine(model, attention="torch").generate([[1] * 15], 10, max_seq_len=20)
     with pytest.raises(UserError, match="at least one token"):
         Engine(model, attention="torch").generate([[]], 10)
+
+
+def test_profile_rounds_compares_exact_round_counts():
+    """Forced rejection makes every round emit one token, so the two runs differ by `extra` rounds."""
+    from gpt_fast_magicdec.drafting import DraftConfig
+    from gpt_fast_magicdec.profiling import profile_rounds
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    draft = DraftConfig(kind="self", budget=8, sink=2, gamma=2)
+    counts = profile_rounds(Engine(model, attention="torch"), [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], draft,
+                            short=4, extra=6)
+    assert counts["rounds_compared"] == 6 and counts["gamma"] == 2
+    assert counts["host_syncs"] == 0.0  # CPU: nothing to synchronise with
