@@ -1,0 +1,279 @@
+"""Measure MagicDec draft acceptance of the bundled tiny model on a held-out book.
+
+    python -m gpt_fast_magicdec.tiny.measure_acceptance --corpus ../shared/corpus/gutenberg-train.jsonl
+
+Prompts are cut from a held-out book (never seen in training). For every prompt length the
+prompts *end* at the same fixed positions of the book, so every length continues the same text
+and only the amount of context differs. Greedy decoding; for each length it runs plain decoding
+once, then self-speculation with the StreamingLLM view (sink + window) and the SnapKV view at
+each budget, and a full-KV standalone draft (the model as its own draft, budget -1: acceptance 1
+is the yardstick), for each gamma. It records the acceptance rate and the mean tokens emitted per
+round, and checks that every speculative output equals the plain greedy output token for token.
+
+Writes a JSON file with every run, a Markdown table (command, git commit, date, hardware) and a
+plot of acceptance against budget per prompt length."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+import torch
+
+from ..drafting import DraftConfig
+from ..engine import Engine, load_model
+from ..errors import UserError
+from ..tokenizer import load_tokenizer
+from .corpus import DEFAULT_CORPUS, VALIDATION_BOOK_IDS, read_books, repo_root
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cut_prompts(book_tokens: list[int], bos: int, lengths: list[int], batch: int, new_tokens: int) -> dict:
+    """{length: [batch prompts]}: prompt b of every length is `<s>` + the (length - 1) tokens that
+    end at the same position end_b; the end positions are spread evenly through the book."""
+    longest = max(lengths)
+    room = len(book_tokens) - longest - new_tokens
+    if room < batch:
+        raise UserError(f"the book has {len(book_tokens)} tokens, too few for {batch} prompts of {longest}")
+    ends = [longest + (b * room) // batch for b in range(batch)]
+    return {L: [[bos] + book_tokens[e - (L - 1):e] for e in ends] for L in lengths}
+
+
+def git_commit() -> str:
+    try:
+        root = repo_root()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def draft_label(r: dict) -> str:
+    if r["draft"] == "full":
+        return "standalone full-KV (yardstick)"
+    return f"self {r['draft']} {r['budget']}"
+
+
+def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
+    gammas = meta["gammas"]
+    lines = [
+        "# Tiny model: MagicDec draft acceptance on held-out text",
+        "",
+        f"Model: the bundled tiny Llama (`gpt_fast_magicdec/tiny/model`, {meta['params'] / 1e6:.1f}M parameters, "
+        f"trained at context {meta['train_context']}). Text: held-out book {meta['book']['id']} "
+        f"*{meta['book']['title']}* ({meta['book']['tokens']} tokens), never seen in training.",
+        f"Batch of {meta['batch']} prompts per length, ending at the same {meta['batch']} positions of the book "
+        f"for every length; greedy; {meta['new_tokens']} new tokens per prompt; streaming sink "
+        f"{meta['sink']} (window = budget - sink); SnapKV window = budget / 4, observation window 32.",
+        "",
+        "Each cell: **acceptance rate** / mean tokens emitted per round (accepted drafts + the bonus "
+        "token; the ceiling is gamma + 1). `*`: the budget covers the whole context, so the draft sees "
+        "everything.",
+        "",
+        "| prompt | draft | " + " | ".join(f"gamma {g}" for g in gammas) + " |",
+        "| ---: | --- | " + " | ".join("---:" for _ in gammas) + " |",
+    ]
+    rows: dict = {}
+    for r in results:
+        rows.setdefault((r["prompt_len"], draft_label(r)), {})[r["gamma"]] = r
+    for (L, label), by_gamma in rows.items():
+        cells = []
+        for g in gammas:
+            r = by_gamma.get(g)
+            cells.append("" if r is None else f"**{r['acceptance_rate']:.3f}** / {r['mean_accepted_per_round']:.2f}"
+                         + (" *" if r.get("budget_covers_context") else ""))
+        lines.append(f"| {L} | {label} | " + " | ".join(cells) + " |")
+    n_bad = sum(not r["matches_greedy"] for r in results)
+    beyond = [L for L in meta["prompt_lens"] if meta["train_context"] and L + meta["new_tokens"] > meta["train_context"]]
+    if beyond:
+        lines += ["", f"Prompts of {', '.join(map(str, beyond))} tokens plus {meta['new_tokens']} new tokens run past the "
+                      f"{meta['train_context']}-token training context (positions never trained on)."]
+    lines += [
+        "",
+        f"Lossless check: {len(results) - n_bad} of {len(results)} speculative runs reproduced plain greedy "
+        "output token for token" + ("." if not n_bad else f"; {n_bad} differed (see the JSON)."),
+        "",
+        f"![acceptance vs budget]({Path(meta['plot']).name})",
+        "",
+        "## How this was measured",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- git commit: `{meta['git_commit']}`",
+        f"- date: {meta['date']}",
+        f"- hardware: CPU ({meta['cpu']}), {meta['threads']} thread(s), torch {meta['torch']}, float32; "
+        f"{meta['wall_time_s'] / 60:.1f} minutes for all runs",
+        f"- {meta['new_tokens']} new tokens and {meta['batch']} prompts per length keep the whole sweep short "
+        "on one CPU thread; acceptance is a per-token average over the batch.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def plot(path: Path, meta: dict, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, gammas = meta["prompt_lens"], meta["gammas"]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths) + 1.6, 3.8), sharey=True, squeeze=False)
+    colors = plt.cm.viridis([i / max(1, len(gammas) - 1) * 0.85 for i in range(len(gammas))])
+    for ax, L in zip(axes[0], lengths):
+        for kv, style in (("streaming", "-o"), ("snapkv", "--s")):
+            for g, c in zip(gammas, colors):
+                pts = sorted((r["budget"], r["acceptance_rate"]) for r in results
+                             if r["prompt_len"] == L and r["draft"] == kv and r["gamma"] == g)
+                if pts:
+                    ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
+        full = [r["acceptance_rate"] for r in results if r["prompt_len"] == L and r["draft"] == "full"]
+        if full:
+            ax.axhline(min(full), color="gray", ls=":", lw=1, label="full-KV draft")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(meta["budgets"], [str(b) for b in meta["budgets"]])
+        ax.set_title(f"prompt {L} tokens")
+        ax.set_xlabel("draft KV budget (tokens)")
+        ax.grid(alpha=0.3)
+    lowest = min([r["acceptance_rate"] for r in results] + [1.0])
+    axes[0][0].set_ylim(max(0.0, min(0.9, lowest) - 0.05), 1.01)
+    axes[0][0].set_ylabel("acceptance rate")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"tiny model, held-out book {meta['book']['id']}, greedy, batch {meta['batch']}, "
+                 f"{meta['new_tokens']} new tokens (CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Engine checkpoint directory; default: the bundled tiny model (converted on first use).")
+@click.option("--corpus", type=click.Path(path_type=Path), default=None,
+              help=f"Gutenberg JSONL corpus holding the held-out book. Default: {DEFAULT_CORPUS} relative to "
+                   "the repository root.")
+@click.option("--book", type=int, default=VALIDATION_BOOK_IDS[0],
+              help=f"Held-out book id to cut prompts from (one of {VALIDATION_BOOK_IDS}).")
+@click.option("--prompt-lens", default="512,1024,2048", help="Prompt lengths in tokens (<s> included).")
+@click.option("--budgets", default="128,256,512", help="Draft KV budgets (keys the draft reads per query).")
+@click.option("--kv", "kv_kinds", default="streaming,snapkv", help="Self-speculation views to measure.")
+@click.option("--gammas", default="2,3,4,5", help="Draft lengths.")
+@click.option("--sink", type=int, default=16, help="StreamingLLM attention-sink tokens.")
+@click.option("--batch", type=int, default=8, help="Prompts per length (one batch).")
+@click.option("--new-tokens", type=int, default=64, help="Tokens generated per prompt.")
+@click.option("--full-draft/--no-full-draft", default=True,
+              help="Also run the full-KV standalone draft (the same weights as their own draft, budget -1).")
+@click.option("--threads", type=int, default=1, help="torch.set_num_threads.")
+@click.option("--out", "out_prefix", type=click.Path(path_type=Path),
+              default=Path("benchmarks/tiny_model_acceptance"),
+              help="Output prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
+def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
+         threads, out_prefix):
+    """Acceptance rate of MagicDec drafts (streaming / SnapKV self-speculation, full-KV standalone
+    draft) for the bundled tiny model on held-out text, at several prompt lengths, budgets and gammas."""
+    try:
+        run(checkpoint, corpus, book, _ints(prompt_lens), _ints(budgets),
+            [k.strip() for k in kv_kinds.split(",") if k.strip()], _ints(gammas), sink, batch, new_tokens,
+            full_draft, threads, out_prefix)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
+        threads, out_prefix) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    train_context = None
+    if checkpoint is None:
+        from . import bundled_checkpoint, bundled_hf_dir
+
+        checkpoint = bundled_checkpoint()
+        train_log = bundled_hf_dir() / "train_log.json"
+        if train_log.is_file():
+            train_context = json.loads(train_log.read_text())["config"]["context"]
+    if book_id not in VALIDATION_BOOK_IDS:
+        raise UserError(f"--book {book_id} was seen in training; use a held-out book {VALIDATION_BOOK_IDS}")
+    corpus = Path(corpus) if corpus is not None else repo_root() / DEFAULT_CORPUS
+    book = next(b for b in read_books(corpus) if b["id"] == book_id)
+    tok = load_tokenizer(checkpoint)
+    book_tokens = tok.encode(book["text"], bos=False)
+    prompts = cut_prompts(book_tokens, tok.bos_id, lengths, batch, new_tokens)
+
+    # Separate model objects: each engine attaches its own KV caches to the layers it runs.
+    target = load_model(checkpoint, "cpu", torch.float32)
+    self_engine = Engine(target)
+    full_engine = None
+    if full_draft:
+        full_engine = Engine(load_model(checkpoint, "cpu", torch.float32),
+                             draft_model=load_model(checkpoint, "cpu", torch.float32))
+    results = []
+
+    def record(L, draft_name, budget, cfg, engine, reference):
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # budget covering the context: expected for the small prompts
+            out = engine.generate(prompts[L], new_tokens, draft=cfg)
+        s = out.stats
+        r = {"prompt_len": L, "draft": draft_name, "budget": budget, "gamma": cfg.gamma,
+             "acceptance_rate": round(s.acceptance_rate, 4),
+             "mean_accepted_per_round": round(s.mean_accepted_per_round, 4),
+             "accepted": s.accepted, "drafted": s.drafted, "rounds": s.rounds,
+             "budget_covers_context": budget >= L + new_tokens,
+             "matches_greedy": out.tokens == reference, "seconds": round(time.perf_counter() - t, 2)}
+        results.append(r)
+        click.echo(f"prompt {L:5d}  {draft_name:9s} budget {budget:5d} gamma {cfg.gamma}: acceptance "
+                   f"{r['acceptance_rate']:.3f}, {r['mean_accepted_per_round']:.2f} tokens/round"
+                   f"{'' if r['matches_greedy'] else '  (OUTPUT DIFFERS FROM GREEDY)'} [{r['seconds']:.1f}s]",
+                   err=True)
+
+    for L in lengths:
+        reference = self_engine.generate(prompts[L], new_tokens).tokens  # plain greedy
+        for kv in kv_kinds:
+            for budget in budgets:
+                for g in gammas:
+                    cfg = DraftConfig(kind="self", kv=kv, budget=budget, sink=sink, gamma=g)
+                    record(L, kv, budget, cfg, self_engine, reference)
+        if full_engine is not None:
+            for g in gammas:
+                record(L, "full", -1, DraftConfig(kind="model", budget=-1, gamma=g), full_engine, reference)
+
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python -m gpt_fast_magicdec.tiny.measure_acceptance "
+                   + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": "CPU", "cpu": platform.processor() or platform.machine(), "threads": threads,
+        "torch": torch.__version__, "dtype": "float32",
+        "params": sum(p.numel() for p in target.parameters()), "train_context": train_context,
+        "book": {"id": book["id"], "title": book["title"], "tokens": len(book_tokens)},
+        "prompt_lens": lengths, "budgets": budgets, "kv": kv_kinds, "gammas": gammas, "sink": sink,
+        "batch": batch, "new_tokens": new_tokens, "plot": str(out_prefix.with_suffix(".png")),
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+    }
+    report = {"meta": meta, "results": results}
+    out_prefix.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(out_prefix.with_suffix(".png"), meta, results)
+    write_markdown(out_prefix.with_suffix(".md"), meta, results)
+    click.echo(f"wrote {out_prefix}.json/.md/.png in {meta['wall_time_s'] / 60:.1f} minutes", err=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
