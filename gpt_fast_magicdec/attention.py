@@ -55,13 +55,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
         return "torch"
     from kernels import triton_available  # lazily: importing triton is slow
 
-    usable = triton_available(device)
-    if name == "triton" and not usable:
+    usable = triton_available(device)  # CUDA, or the (slow) interpreter when TRITON_INTERPRET=1
+    if name == "auto":
+        return "triton" if usable and device.type == "cuda" else "torch"
+    if not usable:
         from .errors import UserError
 
         raise UserError("--attention triton needs a CUDA device and the triton package "
                         "(or TRITON_INTERPRET=1 for a slow CPU check); use --attention torch")
-    return "triton" if usable else "torch"
+    return "triton"
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: AttentionView,

@@ -1,17 +1,12 @@
 """kernels/benchmark.py (issue 5's measurement) on tiny shapes, and bench.py --kernels wiring.
 
-Without a GPU the Triton rows run in the interpreter: TRITON_INTERPRET must be set when triton and
-kernels.decode_attention are first imported (see tests/test_kernels.py, whose way this follows), and
-while the kernels run. If triton was already imported in compiled mode, the file re-runs itself in a
-subprocess with TRITON_INTERPRET=1.
+Without a GPU the Triton rows run in the interpreter (tests/conftest.py sets TRITON_INTERPRET).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,55 +16,10 @@ from click.testing import CliRunner
 
 from kernels import benchmark as kb
 
-INTERPRET = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter (tests/conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
-_CHILD = "KERNEL_BENCH_TESTS_CHILD"
 SHAPE = dict(head_dim=16, n_heads=4, n_kv_heads=2, budget=16, sink=4)  # G = 2, window = 12
-
-
-def _import_kernel_module():
-    """kernels.decode_attention in the right mode; None if triton was imported in the other one."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-        if isinstance(tl.cdiv, InterpretedFunction) != INTERPRET:
-            return None
-        mod = importlib.import_module("kernels.decode_attention")
-        if isinstance(mod._split_kernel, InterpretedFunction) != INTERPRET:
-            mod = importlib.reload(mod)
-        return mod
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-KMOD = _import_kernel_module()
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_mode(request, monkeypatch):
-    if KMOD is None and request.node.name not in ("test_rerun_in_interpreter_subprocess",
-                                                  "test_bytes_by_hand", "test_report_marks_target_rows",
-                                                  "test_bench_kernels_flag"):
-        pytest.skip("triton was imported in compiled mode first; covered by the subprocess re-run")
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(KMOD is not None, reason="kernels already run in this process")
-def test_rerun_in_interpreter_subprocess():
-    assert _CHILD not in os.environ, "interpreter mode could not be set even in a fresh process"
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def test_bytes_by_hand():
@@ -93,6 +43,7 @@ def _table(md: str, header: str) -> list[list[str]]:
     return body
 
 
+@needs_triton
 def test_kernel_benchmark_smoke(tmp_path):
     copy_bw = 1e10  # given: the fractions are then checkable by hand
     rows = kb.run_kernel_benchmark(DEVICE, torch.float32, [1, 2], [32, 64], n_queries=(1, 4), reps=1, warmup=0,

@@ -1,20 +1,9 @@
 """Triton decode attention vs the plain-torch reference.
 
-Without a GPU the kernels run in Triton's interpreter. triton 3.x reads TRITON_INTERPRET when a
-function is decorated with `@triton.jit` -- at `import triton` for its own helpers (tl.cdiv, tl.max,
-...) and at import of kernels.decode_attention for ours -- and again while a kernel runs. So the
-variable is set around the first import of triton below and, per test, by the autouse fixture; it
-is not left set for other test modules (the engine would otherwise pick the slow interpreted path).
-If something imported triton in compiled mode before this module, the file re-runs itself in a
-subprocess with TRITON_INTERPRET=1 instead.
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET before triton is imported).
 """
 from __future__ import annotations
-
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,56 +11,13 @@ import torch
 from kernels import decode_attention_reference as reference
 from kernels import triton_available
 
-# Interpreter without a GPU, or when asked for; the interpreter is then fed CPU tensors.
-INTERPRET = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
-_CHILD = "DECODE_KERNEL_TESTS_CHILD"  # set in the re-run subprocess: never re-run again from there
+pytest.importorskip("triton", reason="triton is not installed")
+from kernels import decode_attention as KMOD  # noqa: E402  (after the skip: it imports triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S_MAX = 128
-
-
-def _import_kernel_module():
-    """kernels.decode_attention decorated in the right mode, or None if triton's mode is wrong."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton", reason="triton is not installed")
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-        if isinstance(tl.cdiv, InterpretedFunction) != INTERPRET:
-            return None  # triton was imported earlier in the other mode: cannot be undone here
-        mod = importlib.import_module("kernels.decode_attention")
-        if isinstance(mod._split_kernel, InterpretedFunction) != INTERPRET:
-            mod = importlib.reload(mod)  # imported earlier in the other mode: decorate again
-        return mod
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-KMOD = _import_kernel_module()
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=4e-3, rtol=4e-3)}
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_mode(request, monkeypatch):
-    if KMOD is None and request.node.name != "test_rerun_in_interpreter_subprocess":
-        pytest.skip("triton was imported in compiled mode first; covered by the subprocess re-run")
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(KMOD is not None, reason="kernels already run in this process")
-def test_rerun_in_interpreter_subprocess():
-    assert _CHILD not in os.environ, "interpreter mode could not be set even in a fresh process"
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=root, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 def make_inputs(B, H, H_kv, T, D, lens, dtype=torch.float32, seed=0, strided=False):

@@ -137,3 +137,15 @@ def test_generation_longer_than_budget_keeps_window_sliding(target):
     draft = DraftConfig(kind="self", kv="snapkv", budget=16, window=8, gamma=3)
     plain = Engine(target, attention="torch").generate(p, 200).tokens
     assert engine_for(target, draft).generate(p, 200, draft=draft).tokens == plain
+
+
+@pytest.mark.parametrize("kv", ["streaming", "snapkv"])
+def test_triton_kernels_inside_the_engine(target, kv):
+    """--attention triton (interpreted on CPU): verify and draft steps run the kernels, same output."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    p = prompts(lens=(20, 7))
+    draft = DraftConfig(kind="self", kv=kv, budget=8, sink=2, window=None if kv == "streaming" else 4, gamma=2)
+    engine = Engine(target, attention="triton")
+    assert engine.backend == "triton"
+    result = engine.generate(p, 6, draft=draft)
+    assert result.tokens == Engine(target, attention="torch").generate(p, 6).tokens
