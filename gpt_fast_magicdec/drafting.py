@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import AttentionView
+from .attention import MAX_KERNEL_QUERIES, AttentionView
 from .cache import SnapKVObserver, streaming_selection
 from .errors import UserError
 
@@ -42,6 +42,9 @@ class DraftConfig:
         if self.gamma < 1:
             raise UserError(f"--gamma must be >= 1 for speculative decoding, got {self.gamma} "
                             "(use --draft none for plain decoding)")
+        if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
+            raise UserError(f"--gamma must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
+                            "(acceptance decays geometrically: useful values are 1-8)")
         if self.full:
             if self.kind == "self":
                 raise UserError("--draft-budget -1 (full cache) needs a standalone draft: a full-view "

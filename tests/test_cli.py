@@ -70,6 +70,7 @@ def other_vocab_checkpoint(tmp_path_factory):
 BAD_INPUTS = {
     "missing checkpoint": (["--checkpoint", "{missing}"], "does not exist"),
     "gamma < 1": (["--draft", "self", "--gamma", "0"], "--gamma must be >= 1"),
+    "gamma too large": (["--draft", "self", "--gamma", "16"], "--gamma must be <= 15"),
     "gamma not a number": (["--draft", "self", "--gamma", "three"], "--gamma must be an integer"),
     "sink larger than budget": (["--draft", "self", "--draft-budget", "8", "--sink", "9"], "--sink 9"),
     "budget below sink + gamma": (["--draft", "self", "--draft-budget", "10", "--sink", "9", "--gamma", "3"],
