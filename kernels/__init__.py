@@ -10,10 +10,10 @@ import os
 
 import torch
 
-from .reference import decode_attention_reference, full_view_mask, sparse_view_mask
+from .reference import decode_attention_reference, full_view_mask, sparse_view_keys
 
 __all__ = ["decode_attention_reference", "decode_attention_triton", "full_view_mask",
-           "sparse_view_mask", "triton_available"]
+           "sparse_view_keys", "triton_available"]
 
 
 def triton_available(device) -> bool:

@@ -10,9 +10,8 @@ sparse views). Layout of the work:
   only), then the contiguous window win_lo .. cache_len + T - 1. The full view is the same list
   with n_sel = 0 and an infinite window (win_lo = 0). Nothing past cache_len + T is ever loaded,
   nor a selected slot no token may use (-1 padding, inside the window);
-* precondition: sel_pos holds distinct positions per (b, h_kv) apart from -1 (top-k output does).
-  The kernel counts every slot, like the reference's compact form; the reference's cache form
-  collapses repeated positions, so the two would differ only for duplicates;
+* precondition: sel_pos holds distinct positions per (b, h_kv) apart from -1 (top-k output does);
+  like the reference, the kernel counts every slot;
 * flash-decoding split-K: the virtual list is cut into num_splits chunks, each program writes an
   fp32 partial (row max, row sum of exp, un-normalised output) and `_combine_kernel` merges them
   with the log-sum-exp rule. With num_splits == 1 the first kernel writes the final output.

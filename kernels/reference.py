@@ -17,6 +17,9 @@ Sparse view: query (b, t) reads the sliding window  p - window < s <= p  plus th
              s <= p - window, so a selected key inside the window is counted once. A selected
              position may lie past the live cache (a slot reserved for a future token): the
              same rule keeps it invisible until it is committed and has left the window.
+             Selected positions are distinct per (b, h_kv) apart from -1 (top-k output is); both the
+             reference and the kernel count every slot. Only selected + window keys are read, so
+             the sparse view costs O(budget) whatever the context length.
              With sel_k / sel_v [B, H_kv, K, D] the selected keys and values are read from that
              compact buffer (gathered once after prefill) instead of the cache.
 """
@@ -34,19 +37,28 @@ def full_view_mask(cache_len: torch.Tensor, n_queries: int, n_keys: int) -> torc
     return keys[None, None, :] <= pos[:, :, None]
 
 
-def sparse_view_mask(cache_len: torch.Tensor, n_queries: int, n_keys: int,
-                     sel_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, H_kv, T, S] bool: the sparse draft view over the cache positions (see module doc)."""
-    B, H_kv, _ = sel_pos.shape
+def sparse_view_keys(cache_len: torch.Tensor, n_queries: int, sel_pos: torch.Tensor, window: int,
+                     n_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse view as key lists: (sel_visible [B, H_kv, T, K], window positions [B, W+T-1],
+    win_visible [B, T, W+T-1]). Only selected + window keys ever appear, so a draft step costs
+    O(budget), not O(context). Positions are distinct per (b, h_kv) apart from -1 (as top-k gives)."""
     pos = cache_len.long()[:, None] + torch.arange(n_queries, device=cache_len.device)  # [B, T]
-    keys = torch.arange(n_keys, device=cache_len.device)
-    in_window = (keys[None, None, :] <= pos[:, :, None]) & (keys[None, None, :] > pos[:, :, None] - window)
-    selected = torch.zeros(B, H_kv, n_keys + 1, dtype=torch.bool, device=sel_pos.device)
-    # Slot n_keys soaks up -1 padding and positions past the keys looked at (never visible yet).
-    selected.scatter_(2, torch.where((sel_pos < 0) | (sel_pos >= n_keys), n_keys, sel_pos).long(), True)
-    selected = selected[:, :, :n_keys]  # [B, H_kv, S]
-    before_window = keys[None, None, :] <= pos[:, :, None] - window  # [B, T, S]
-    return in_window[:, None] | (selected[:, :, None, :] & before_window[:, None])
+    # A selected key counts only before the query's window (so an overlap is counted once); a slot
+    # reserved for a future position stays invisible until it is committed and out of the window.
+    sel_visible = (sel_pos[:, :, None, :] >= 0) & (sel_pos[:, :, None, :] <= pos[:, None, :, None] - window)
+    # Token 0's window starts at cache_len - window + 1; token T-1's ends at cache_len + T - 1.
+    # A window longer than the cache (n_keys) only adds negative positions: list at most n_keys.
+    span = min(window, n_keys)
+    win_pos = cache_len.long()[:, None] - span + 1 + torch.arange(span + n_queries - 1, device=cache_len.device)
+    win_visible = ((win_pos[:, None, :] >= 0) & (win_pos[:, None, :] <= pos[:, :, None])
+                   & (win_pos[:, None, :] > pos[:, :, None] - window))
+    return sel_visible, win_pos, win_visible
+
+
+def _gather_positions(cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """cache [B, H_kv, S, D] at positions [B, H_kv, N] (clamped into range; callers mask) -> [B, H_kv, N, D]."""
+    idx = positions.clamp(0, cache.shape[2] - 1)
+    return torch.gather(cache, 2, idx[..., None].expand(-1, -1, -1, cache.shape[-1]))
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -76,18 +88,18 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     kv_limit (eager only) trims the key axis to the first kv_limit positions when the caller
     knows no query reaches further; it changes cost, never the result."""
     T = q.shape[2]
-    S = k_cache.shape[2] if kv_limit is None else min(kv_limit, k_cache.shape[2])
-    k, v = k_cache[:, :, :S], v_cache[:, :, :S]
     if window is None:
-        return _grouped_attention(q, k, v, full_view_mask(cache_len, T, S)[:, None], scale)
+        S = k_cache.shape[2] if kv_limit is None else min(kv_limit, k_cache.shape[2])
+        return _grouped_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], full_view_mask(cache_len, T, S)[:, None],
+                                  scale)
     if sel_pos is None:
         raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
-    if sel_k is None:
-        return _grouped_attention(q, k, v, sparse_view_mask(cache_len, T, S, sel_pos, window), scale)
-    # Compact buffer: keys are [selected ; cache], the window rule applied to the cache part only.
-    pos = cache_len.long()[:, None] + torch.arange(T, device=q.device)  # [B, T]
-    sel_visible = (sel_pos[:, :, None, :] >= 0) & (sel_pos[:, :, None, :] <= pos[:, None, :, None] - window)
-    no_selected = sel_pos.new_empty(sel_pos.shape[:2] + (0,))
-    win_visible = sparse_view_mask(cache_len, T, S, no_selected, window)
-    mask = torch.cat([sel_visible, win_visible], dim=-1)  # [B, H_kv, T, K + S]
-    return _grouped_attention(q, torch.cat([sel_k, k], dim=2), torch.cat([sel_v, v], dim=2), mask, scale)
+    B, H_kv = k_cache.shape[:2]
+    sel_visible, win_pos, win_visible = sparse_view_keys(cache_len, T, sel_pos, window, k_cache.shape[2])
+    if sel_k is None:  # selected keys read from the cache by position
+        sel_k, sel_v = _gather_positions(k_cache, sel_pos), _gather_positions(v_cache, sel_pos)
+    win_pos = win_pos[:, None].expand(B, H_kv, -1)  # [B, H_kv, W+T-1]
+    keys = torch.cat([sel_k, _gather_positions(k_cache, win_pos)], dim=2)  # [B, H_kv, K+W+T-1, D]
+    values = torch.cat([sel_v, _gather_positions(v_cache, win_pos)], dim=2)
+    mask = torch.cat([sel_visible, win_visible[:, None].expand(B, H_kv, -1, -1)], dim=-1)  # [B, H_kv, T, K+W+T-1]
+    return _grouped_attention(q, keys, values, mask, scale)
