@@ -31,11 +31,15 @@ CAPTURE_SCRATCH = MAX_KERNEL_QUERIES  # cache slots past the last real position,
 
 def set_compiler_flags() -> None:
     """Inductor settings, set once at start-up (never inside a method), as gpt-fast does."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.coordinate_descent_tuning = True
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
+    # One compiled forward_step serves every (model, T, view) shape of a run; a bench sweep visits
+    # many. Past dynamo's default limit (8) it would silently fall back to eager.
+    dynamo_config.recompile_limit = 64
 
 
 # ---- building models ----------------------------------------------------------------------------
