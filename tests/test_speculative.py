@@ -149,3 +149,11 @@ def test_triton_kernels_inside_the_engine(target, kv):
     assert engine.backend == "triton"
     result = engine.generate(p, 6, draft=draft)
     assert result.tokens == Engine(target, attention="torch").generate(p, 6).tokens
+
+
+def test_compiled_steps_match_eager(target):
+    """torch.compile'd forward_step (what CUDA graphs capture on GPU) gives the same output."""
+    p = prompts(lens=(20, 7))
+    draft = STRATEGIES["self-snapkv"](3)
+    compiled = Engine(target, attention="torch", compile=True).generate(p, 12, draft=draft)
+    assert compiled.tokens == Engine(target, attention="torch").generate(p, 12).tokens
