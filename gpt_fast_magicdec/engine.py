@@ -242,27 +242,35 @@ class Engine:
             raise UserError(f"draft vocabulary ({draft_model.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size}): the draft must share the target's tokenizer")
         self._step = torch.compile(forward_step, fullgraph=False) if self.compile else forward_step
-        self._shape = None
+        self._cache_shape = self._draft_view = None
         self._captured: dict = {}
         self._selected: dict = {}  # model role -> static per-layer selection buffers
 
     # -- setup --------------------------------------------------------------------------------------
     def _setup(self, batch: int, seq_len: int, draft: DraftConfig) -> None:
-        """(Re)allocate caches and selection buffers when the shape changes; drop stale graphs."""
+        """Caches depend on (batch, seq_len) only; the draft's selection buffers and captured draft
+        steps on its view. Each is rebuilt only when its own key changes, so plain and speculative
+        runs (--compare, bench sweeps) share one cache and the target's graphs."""
         seq_len = -(-seq_len // 256) * 256 + CAPTURE_SCRATCH  # round up so repeated runs reuse graphs
-        # Captured draft steps bake in the view (window, selection buffers) and which model drafts.
-        shape = (batch, seq_len, draft.kind, draft.kv, draft.n_selected, draft.window)
-        if shape == self._shape:
+        if (batch, seq_len) != self._cache_shape:
+            # Release the old caches and every graph that points at them before allocating: at long
+            # context the KV cache is most of the memory, and two of them at once would not fit.
+            self._cache_shape, self._draft_view, self._captured, self._selected = None, None, {}, {}
+            for model in self._models():
+                model.setup_caches(batch, seq_len, self.dtype, self.device)
+            self._cache_shape = (batch, seq_len)  # only once allocation succeeded
+        view = (draft.kind, draft.kv, draft.n_selected, draft.window)
+        if view == self._draft_view:
             return
-        self._shape, self._captured, self._selected = None, {}, {}
-        for model in self._models():
-            model.setup_caches(batch, seq_len, self.dtype, self.device)
+        # Captured draft steps bake in the view (window, selection buffers) and which model drafts.
+        self._captured = {key: g for key, g in self._captured.items() if key[0] != "draft"}
+        self._selected = {}
         drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
         if draft.enabled and not draft.full and drafter is not None:
             n_kv = drafter.args.n_kv_heads
             self._selected["draft"] = [torch.full((batch, n_kv, draft.n_selected), -1, dtype=torch.long,
                                                   device=self.device) for _ in range(drafter.args.n_layers)]
-        self._shape = shape  # only once allocation succeeded (an OOM leaves nothing stale)
+        self._draft_view = view
 
     def _models(self):
         return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
@@ -271,7 +279,9 @@ class Engine:
              window: Optional[int], selected: Optional[list], last_only: bool) -> torch.Tensor:
         """One fixed-shape step: captured graph on CUDA, eager (with a key-range hint) elsewhere."""
         if not self.use_graphs:
-            kv_limit = int(cache_len.max()) + tokens.shape[1]  # free on CPU; trims the key axis
+            # On CPU the sync is free and trimming the key axis saves real work; on a GPU it would
+            # be a host sync per step.
+            kv_limit = int(cache_len.max()) + tokens.shape[1] if self.device.type == "cpu" else None
             return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, kv_limit)
         graph = self._graph(key, model, tokens.shape[0], tokens.shape[1], window, selected, last_only)
         return graph(tokens, cache_len)

@@ -128,6 +128,8 @@ class Transformer(nn.Module):
         dtype = dtype or self.output.weight.dtype
         device = device or self.output.weight.device
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:  # free the old cache first: old and new would not fit together
+            layer.attention.kv_cache = None
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, dtype, device)

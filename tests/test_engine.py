@@ -69,3 +69,21 @@ def test_profile_rounds_compares_exact_round_counts():
                             short=4, extra=6)
     assert counts["rounds_compared"] == 6 and counts["gamma"] == 2
     assert counts["host_syncs"] == 0.0  # CPU: nothing to synchronise with
+
+
+def test_plain_and_speculative_runs_share_one_cache():
+    """--compare and bench switch draft configs on one engine: the KV cache (most of the memory at
+    long context) is reused, not reallocated, and outputs stay exact."""
+    from gpt_fast_magicdec.drafting import DraftConfig
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    engine = Engine(model, attention="torch")
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    plain = engine.generate(prompts, 12).tokens
+    cache = model.layers[0].attention.kv_cache.k_cache.data_ptr()
+    for draft in (DraftConfig(kind="self", budget=8, sink=2, gamma=2),
+                  DraftConfig(kind="self", kv="snapkv", budget=8, window=4, gamma=3)):
+        assert engine.generate(prompts, 12, draft=draft).tokens == plain
+        assert model.layers[0].attention.kv_cache.k_cache.data_ptr() == cache
+    engine.generate(prompts, 600)  # a longer run needs a bigger cache: reallocated
+    assert model.layers[0].attention.kv_cache.k_cache.data_ptr() != cache
