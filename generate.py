@@ -19,7 +19,7 @@ import click
 import torch
 
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
-from gpt_fast_magicdec.cost_model import decode_step_cost, measure_hardware
+from gpt_fast_magicdec.cost_model import decode_step_cost, get_profile, measure_hardware
 from gpt_fast_magicdec.data import read_jsonl_prompts, write_jsonl
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
@@ -210,16 +210,13 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if gamma == "auto" and draft_cfg.enabled:
         from gpt_fast_magicdec.autogamma import AutoGamma
 
-        if tp is None:
-            gamma_controller = AutoGamma.for_engine(engine, draft_cfg)
-        else:
-            # Ranks must pick the same gamma every round: they share the decode state, so it is
-            # enough that they share rank 0's measured hardware, and the full (unsharded) shapes.
-            from gpt_fast_magicdec.cost_model import get_profile
-
-            hw = tp.broadcast_object(get_profile("measure", device))
-            draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
-            gamma_controller = AutoGamma(target_args, hw, draft_cfg, dtype.itemsize, tp.world_size, draft_args)
+        # Full (unsharded) shapes; under TP every rank uses rank 0's measured hardware, so all ranks
+        # pick the same gamma every round.
+        hw = get_profile("measure", device)
+        hw = tp.broadcast_object(hw) if tp else hw
+        draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
+        gamma_controller = AutoGamma(target_args, hw, draft_cfg, dtype.itemsize, tp.world_size if tp else 1,
+                                     draft_args)
 
     def generate_all(cfg: DraftConfig, controller):
         results = []

@@ -8,7 +8,7 @@ speculation every `probe_every` rounds to keep the estimate current.
 """
 from __future__ import annotations
 
-from .cost_model import HardwareProfile, alpha_from_tokens_per_round, best_gamma, get_profile
+from .cost_model import HardwareProfile, alpha_from_tokens_per_round, best_gamma
 from .drafting import DraftConfig
 
 
@@ -27,15 +27,9 @@ class AutoGamma:
         self._mark = (0, 0)  # (accepted, sequence-rounds) at the last decision
         self.history: list[tuple[int, int, float, int]] = []  # (round, context, alpha, gamma)
 
-    @classmethod
-    def for_engine(cls, engine, draft: DraftConfig) -> "AutoGamma":
-        hw = get_profile("measure", engine.device)
-        dtype_bytes = engine.dtype.itemsize if hasattr(engine.dtype, "itemsize") else 2
-        tp = getattr(engine, "tp_size", 1)
-        draft_args = engine.draft_model.args if draft.kind == "model" else None
-        return cls(engine.model.args, hw, draft, dtype_bytes, tp, draft_args)
-
     def __call__(self, state, round_idx: int) -> int:
+        if round_idx == 0:  # a new generate() call: its counters start from zero again
+            self._mark, self.gamma, self.since_probe = (0, 0), self.draft.gamma, 0
         if round_idx % self.every:
             return self.gamma
         accepted, seq_rounds = int(state.accepted.sum()), int(state.rounds.sum())

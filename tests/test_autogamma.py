@@ -49,3 +49,14 @@ def test_auto_gamma_generation_is_lossless():
     gammas = iter([3, 0, 1, 4, 2] * 20)
     result = engine.generate(prompts, 40, draft=draft, gamma_controller=lambda state, r: next(gammas))
     assert result.tokens == baseline
+
+
+def test_controller_reused_across_generate_calls_restarts_its_counters():
+    """generate.py reuses one controller for every --bsz batch; each call's counters start at zero."""
+    ctl = controller(alpha=0.8)
+    ctl(fake_state(32, 32768), 0)
+    ctl(fake_state(32, 32768, accepted=270, rounds=100), ctl.every)  # 3.7 tokens per round at gamma 3+
+    first = ctl.alpha
+    ctl(fake_state(32, 32768), 0)  # the next batch
+    ctl(fake_state(32, 32768, accepted=270, rounds=100), ctl.every)
+    assert first > 0.7 and abs(ctl.alpha - first) < 0.1, (first, ctl.alpha)
