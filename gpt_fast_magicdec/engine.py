@@ -372,7 +372,8 @@ class Engine:
                     buf.copy_(sel)
                 draft_selected = self._selected["draft"]
         state = DecodeState.start(first, tokens[torch.arange(B), prompt_len - 1], prompt_len,
-                                  torch.tensor(max_new, device=dev), eos, max(max_new) + gamma + 2)
+                                  torch.tensor(max_new, device=dev), eos,
+                                  max(max_new) + MAX_KERNEL_QUERIES + 1)  # room for any round's writes
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t_start
