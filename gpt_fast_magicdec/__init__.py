@@ -1,0 +1,1 @@
+"""gpt-fast-magicdec: Llama-family inference with MagicDec sparse-KV speculative decoding."""
