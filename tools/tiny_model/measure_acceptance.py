@@ -1,6 +1,6 @@
 """Measure MagicDec draft acceptance of the bundled tiny model on a held-out book.
 
-    python -m gpt_fast_magicdec.tiny.measure_acceptance --corpus ../shared/corpus/gutenberg-train.jsonl
+    python -m tools.tiny_model.measure_acceptance --corpus ../shared/corpus/gutenberg-train.jsonl
 
 Prompts are cut from a held-out book (never seen in training). For every prompt length the
 prompts *end* at the same fixed positions of the book, so every length continues the same text
@@ -27,10 +27,10 @@ from pathlib import Path
 import click
 import torch
 
-from ..drafting import DraftConfig
-from ..engine import Engine, load_model
-from ..errors import UserError
-from ..tokenizer import load_tokenizer
+from gpt_fast_magicdec.drafting import DraftConfig
+from gpt_fast_magicdec.engine import Engine, load_model
+from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.tokenizer import load_tokenizer
 from .corpus import DEFAULT_CORPUS, VALIDATION_BOOK_IDS, read_books, repo_root
 
 
@@ -200,7 +200,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
     torch.set_num_threads(threads)
     train_context = None
     if checkpoint is None:
-        from . import bundled_checkpoint, bundled_hf_dir
+        from gpt_fast_magicdec.tiny import bundled_checkpoint, bundled_hf_dir
 
         checkpoint = bundled_checkpoint()
         train_log = bundled_hf_dir() / "train_log.json"
@@ -255,7 +255,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": "python -m gpt_fast_magicdec.tiny.measure_acceptance "
+        "command": "python -m tools.tiny_model.measure_acceptance "
                    + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

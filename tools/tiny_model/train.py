@@ -1,6 +1,6 @@
 """Train the bundled tiny Llama on the Gutenberg corpus, on CPU, in a fixed number of minutes.
 
-    python -m gpt_fast_magicdec.tiny.train --corpus ../shared/corpus/gutenberg-train.jsonl \\
+    python -m tools.tiny_model.train --corpus ../shared/corpus/gutenberg-train.jsonl \\
         --out gpt_fast_magicdec/tiny/model --minutes 45 --seed 0
 
 Steps, in order: train a SentencePiece BPE tokenizer on a sample of the training books; tokenize
@@ -28,9 +28,9 @@ import click
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelArgs
-from ..errors import UserError
-from ..model import Transformer
+from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.model import Transformer
 from .corpus import (BOS_ID, DEFAULT_CORPUS, EOS_ID, read_books, repo_root,
                      split_books, tokenizer_sample, train_tokenizer)
 from .export import export_hf
@@ -402,7 +402,7 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         "hardware": f"trained on CPU, {threads} thread{'s' if threads > 1 else ''}, {wall_s / 60:.0f} minutes",
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "command": "python -m gpt_fast_magicdec.tiny.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m tools.tiny_model.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "reproduce_with": f"--seed {seed} --steps {steps}",
         "val_history": val_hist,
         "train_history": tr_hist,

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import UserError
+from gpt_fast_magicdec.errors import UserError
 
 # Two whole books never seen in training (neither by the tokenizer nor the model): the validation
 # loss and every acceptance measurement use them. Fixed here so results stay comparable.

@@ -14,8 +14,8 @@ from typing import Iterable, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..config import ModelArgs
-from ..model import Transformer
+from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.model import Transformer
 from .corpus import BOS_ID, EOS_ID
 
 MAX_FILE_BYTES = 16 * 2**20  # every bundled file stays under this (single safetensors file here)

@@ -1,0 +1,1 @@
+"""Developer tools that run from the repository root; not installed with the engine."""
