@@ -155,8 +155,8 @@ class CapturedStep:
 
 def copy_into_shared(out: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
     """A step's output; logits out [B, T, V] go into the shared buffer [B, T_max, V] (its first T rows)."""
-    if not out.is_floating_point():
-        return out  # greedy token ids [B, T]: small, kept where the graph put them
+    if not out.is_floating_point() or logits is None or logits.shape[1] < out.shape[1]:
+        return out  # greedy ids [B, T] (small), or a step captured without a reserved buffer
     view = logits[:, :out.shape[1]]
     view.copy_(out)
     return view
