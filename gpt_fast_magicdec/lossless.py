@@ -52,7 +52,8 @@ class LosslessReport:
     @property
     def lines(self) -> list[str]:
         if not self.divergences:
-            return [f"greedy outputs identical: yes ({self.n_sequences} sequences)"]
+            plural = "s" if self.n_sequences != 1 else ""
+            return [f"greedy outputs identical: yes ({self.n_sequences} sequence{plural})"]
         dtype = str(self.dtype).removeprefix("torch.")
         lines = [f"greedy outputs identical: no, {len(self.divergences)} of {self.n_sequences} sequences "
                  f"diverge ({'all at near-ties' if self.ok else 'NOT a near-tie: a bug'})"]
