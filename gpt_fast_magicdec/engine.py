@@ -426,7 +426,8 @@ class Engine:
                             f"plus {max(max_new)} new tokens does not fit max_seq_len {limit}: shorten the "
                             "prompt, lower --max-new-tokens, or raise --max-seq-len")
         draft.warn_if_budget_covers(max(lens) + max(max_new))
-        self._setup(B, longest + gamma + 1, draft)
+        gammas = self._gammas(gamma, gamma_controller)
+        self._setup(B, longest + max(gammas) + 1, draft)  # room for the largest round's writes
 
         dev = self.device
         tokens = torch.zeros(B, max(lens), dtype=torch.long, device=dev)
@@ -461,20 +462,18 @@ class Engine:
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t_start
         window = None if draft.full else draft.window
+        greedy = sampling.greedy  # greedy steps output argmax ids, sampling steps logits (step_output)
         if self.use_graphs:  # compile + capture every step shape now, outside the decode timing
-            target_sizes = [g + 1 for g in sorted(self._gammas(gamma, gamma_controller))]
-            if not sampling.greedy:
+            target_sizes = [g + 1 for g in sorted(gammas)]
+            if not greedy:
                 self.graphs.reserve_logits(B, max(target_sizes), self.model.args.vocab_size, dev)
             for T in target_sizes:
-                self._graph(("target", T, sampling.greedy), self.model, B, T, None, None, False, sampling.greedy)
+                self._graph(("target", T, greedy), self.model, B, T, None, None, False, greedy)
             if draft.enabled and drafter is not None:
                 for T in (1, 2) if draft.kind == "model" else (1,):
-                    self._graph(("draft", T, sampling.greedy), drafter, B, T, window, draft_selected, True,
-                                sampling.greedy)
+                    self._graph(("draft", T, greedy), drafter, B, T, window, draft_selected, True, greedy)
         t_decode = time.perf_counter()
         capture_s = t_decode - t_start - prefill_s
-
-        greedy = sampling.greedy
 
         def target_step(toks, cache_len):  # -> ids [B, T] (greedy) or logits [B, T, V]
             return self._run(("target", toks.shape[1], greedy), self.model, toks, cache_len, None, None, False,
