@@ -58,3 +58,22 @@ def test_lm_head_fallback_is_fp32_without_changing_fp32_results():
     assert low.dtype == torch.float32 and low.shape == (2, 3, 40)
     exact = x.bfloat16().double() @ w.bfloat16().double().T
     torch.testing.assert_close(low.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_compare_exits_non_zero_on_a_real_divergence(monkeypatch):
+    """generate.py --compare prints the report and fails on a divergence that is not a near-tie."""
+    from click.testing import CliRunner
+
+    import generate
+    from gpt_fast_magicdec import lossless
+
+    def diverging(model, prompts, plain, speculative):
+        found = lossless.Divergence(0, 2, plain[0][2], -1, gap=1.5, threshold=1e-4)
+        return lossless.LosslessReport(len(prompts), torch.float32, (found,))
+
+    monkeypatch.setattr(lossless, "compare_greedy", diverging)
+    result = CliRunner().invoke(generate.main, ["--draft", "self", "--draft-budget", "8", "--sink", "2",
+                                                "--compare", "--max-new-tokens", "6", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "first divergence at new token 2" in result.output and "a real divergence" in result.output
+    assert "not lossless" in result.output
