@@ -82,14 +82,18 @@ def test_graphed_generation_equals_eager_generation():
 # ---- re-setup after a shape change ------------------------------------------------------------------
 def test_recapture_after_batch_and_length_changes():
     """Issue 11: a second shape used to capture into a freed private pool and assert. Batch 2, then
-    3, then 2 again across a 256-token boundary, each equal to eager decoding."""
+    3, then 2 again across a 256-token boundary, each equal to the same steps run eagerly."""
     model = tiny()
     graphed = Engine(model, compile=False, use_graphs=True)
     eager = Engine(model, compile=False, use_graphs=False)
+    pools = []
     for lens, new in [((5, 41), 16), ((5, 41, 23), 16), ((5, 41), 300)]:
         p = prompts(lens)
-        assert graphed.generate(p, new, draft=DRAFT).tokens == eager.generate(p, new).tokens, (lens, new)
-        assert graphed.graphs.steps and graphed.graphs.pool is not None
+        got, expected = graphed.generate(p, new, draft=DRAFT).tokens, eager.generate(p, new, draft=DRAFT).tokens
+        assert got == expected, f"prompts of {lens} tokens, {new} new: graphs differ from eager"
+        assert set(graphed.graphs.steps) == {("target", DRAFT.gamma + 1, True), ("draft", 1, True)}
+        pools.append(graphed.graphs.pool)
+    assert len(set(pools)) == 3, f"each new shape should capture into a fresh pool, got {pools}"
 
 
 def test_one_host_sync_per_round():
