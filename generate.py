@@ -247,9 +247,17 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if compare:
         tps = [sum(r.stats.tokens_per_s for _, r in results) / len(results) for _, results in runs]
         echo(f"== speedup over plain decoding: {tps[1] / tps[0]:.2f}x")
-        if sampling.greedy:
-            same = all(a.tokens == b.tokens for (_, a), (_, b) in zip(runs[0][1], final))
-            echo(f"   greedy outputs identical: {'yes' if same else 'NO'}")
+        if sampling.greedy:  # identical, or the first divergence and whether it is a near-tie
+            from gpt_fast_magicdec.lossless import compare_greedy
+
+            report = compare_greedy(engine.model, [prompt_ids[i] for batch, _ in final for i in batch],
+                                    [t for _, res in runs[0][1] for t in res.tokens],
+                                    [t for _, res in final for t in res.tokens])
+            for line in report.lines:
+                echo(f"   {line}")
+            if not report.ok:
+                raise UserError("greedy speculative output diverged from plain decoding where the target "
+                                "has no near-tie: speculative decoding is not lossless here (a bug)")
     plain = [results for name, results in runs if name == PLAIN]
     if plain and is_main_process():
         echo(bandwidth_line(target_args, plain[0], dtype, tp.world_size if tp else 1, device))

@@ -8,6 +8,8 @@ speculation every `probe_every` rounds to keep the estimate current.
 """
 from __future__ import annotations
 
+import torch
+
 from .cost_model import HardwareProfile, alpha_from_tokens_per_round, best_gamma
 from .drafting import DraftConfig
 
@@ -22,6 +24,9 @@ class AutoGamma:
         self.every, self.probe_every = every, probe_every
         # A draft must see its own drafts: gamma never exceeds the sliding window.
         self.gammas = range(1, max_gamma + 1 if draft.full else min(max_gamma, draft.window) + 1)
+        # Every gamma __call__ can return (0: plain decoding; the probe is gamma 1): the engine
+        # captures a verification graph for each of these and no others.
+        self.choices = frozenset({0, 1, *self.gammas})
         self.gamma = draft.gamma
         self.since_probe = 0
         self._mark = (0, 0)  # (accepted, sequence-rounds) at the last decision
@@ -32,15 +37,16 @@ class AutoGamma:
             self._mark, self.gamma, self.since_probe = (0, 0), self.draft.gamma, 0
         if round_idx % self.every:
             return self.gamma
-        accepted, seq_rounds = int(state.accepted.sum()), int(state.rounds.sum())
+        # Every statistic in one device-to-host transfer.
+        accepted, seq_rounds, running, context_sum = torch.stack(
+            [state.accepted.sum(), state.rounds.sum(), (~state.done).sum(), state.cache_len.sum()]).tolist()
         new_rounds = seq_rounds - self._mark[1]
         if self.gamma > 0 and new_rounds > 0:  # gamma was constant since the last decision
             tokens_per_round = 1 + (accepted - self._mark[0]) / new_rounds
             observed = alpha_from_tokens_per_round(self.gamma, tokens_per_round)
             self.alpha = 0.5 * self.alpha + 0.5 * observed  # smooth: windows are short
         self._mark = (accepted, seq_rounds)
-        running = int((~state.done).sum())
-        context = int(state.cache_len.float().mean())
+        context = context_sum // state.cache_len.shape[0]  # mean committed length
         budget = -1 if self.draft.full else self.draft.budget
         gamma, _ = best_gamma(self.args, self.hw, max(running, 1), context, min(self.alpha, 0.999), budget,
                               gammas=self.gammas, dtype_bytes=self.dtype_bytes, tp=self.tp,

@@ -14,8 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import full_view_mask
-
 
 class KVCache(nn.Module):
     def __init__(self, max_batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
@@ -41,6 +39,46 @@ def streaming_selection(batch: int, n_kv_heads: int, sink: int, n_layers: int,
     return [sel] * n_layers
 
 
+SNAPKV_CHUNK = 2048  # keys scored at a time: bounds the scoring temporaries at 100K-token prompts
+
+
+def _chunk_scores(qg: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, first_key: int) -> torch.Tensor:
+    """Scaled, masked scores of grouped queries qg [B, H_kv, G*T, D] against keys k [B, H_kv, C, D]
+    at positions first_key.. -> fp32 [B, H_kv, G*T, C]. The matmul runs in the cache dtype (fp32
+    accumulation on GPUs); only this chunk of scores is fp32."""
+    C, D = k.shape[2], k.shape[3]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5
+    key_pos = torch.arange(first_key, first_key + C, device=k.device)  # [C]
+    visible = key_pos[None, None, None, :] <= query_pos[:, None, :, None]  # [B, 1, G*T, C]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def attention_votes(q: torch.Tensor, k_cache: torch.Tensor, cache_len: torch.Tensor, S: int,
+                    chunk: int) -> torch.Tensor:
+    """Attention each of the first S cache positions receives from the queries q [B, H, T, D] (new
+    tokens at cache_len[b] + t, full causal view), summed over the queries of each KV head
+    -> fp32 [B, H_kv, S].
+
+    Two passes over S in chunks, so nothing of size S beyond the votes is ever materialised (at a
+    100K-token prompt an fp32 copy of the keys, or the full score matrix, would not fit): the first
+    accumulates each query row's log-sum-exp, the second adds up exp(score - lse) per key."""
+    B, H, T, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv
+    qg = q.to(k_cache.dtype).reshape(B, H_kv, G * T, D)  # query heads of one KV head together (g-major)
+    query_pos = (cache_len[:, None] + torch.arange(T, device=q.device)).repeat(1, G)  # [B, G*T]
+    starts = range(0, S, chunk)
+    lse = torch.full((B, H_kv, G * T, 1), float("-inf"), device=q.device)  # [B, H_kv, G*T, 1]
+    for s in starts:
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        lse = torch.logaddexp(lse, scores.logsumexp(dim=-1, keepdim=True))
+    votes = []
+    for s in starts:
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        votes.append((scores - lse).exp().sum(dim=2))  # [B, H_kv, C]
+    return torch.cat(votes, dim=-1)
+
+
 class SnapKVObserver:
     """Records, per layer, the top-k prompt positions by pooled observation-window attention.
 
@@ -48,22 +86,17 @@ class SnapKVObserver:
     tokens after prefill (it rewrites their K/V with identical values), so prefill itself stays
     one plain code path and ragged prompts need no special casing."""
 
-    def __init__(self, n_select: int, prompt_len: torch.Tensor, pool_kernel: int = 7):
+    def __init__(self, n_select: int, prompt_len: torch.Tensor, pool_kernel: int = 7,
+                 chunk: int = SNAPKV_CHUNK):
         self.n_select = n_select
         self.prompt_len = prompt_len  # [B]
         self.pool_kernel = pool_kernel
+        self.chunk = chunk
         self.selected: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, view) -> None:
-        B, H, T, D = q.shape
-        H_kv = k_cache.shape[1]
         S = int(self.prompt_len.max())
-        k = k_cache[:, :, :S].float()  # [B, H_kv, S, D]
-        qg = q.float().reshape(B, H_kv, (H // H_kv) * T, D)  # query heads of one KV head together
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * D ** -0.5  # [B, H_kv, G*T, S]
-        mask = full_view_mask(view.cache_len, T, S).repeat(1, H // H_kv, 1)[:, None]  # [B, 1, G*T, S]
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        votes = probs.sum(dim=2)  # [B, H_kv, S]: attention each position received
+        votes = attention_votes(q, k_cache, view.cache_len, S, self.chunk)  # [B, H_kv, S]
         votes = F.avg_pool1d(votes, self.pool_kernel, stride=1, padding=self.pool_kernel // 2,
                              count_include_pad=False)  # keep neighbours of a hit (SnapKV clustering)
         in_prompt = torch.arange(S, device=q.device)[None, None, :] < self.prompt_len[:, None, None]

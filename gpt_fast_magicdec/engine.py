@@ -85,22 +85,51 @@ def load_model(checkpoint: Path, device, dtype, shard: Optional[Callable] = None
 
 
 # ---- one forward step, the unit that gets compiled and captured ---------------------------------
+KV_BUCKET = 256  # eager steps trim the key axis to a multiple of this (stable shapes, issue 14)
+
+
+def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """The model's logits [..., V] (a vocabulary slice under tensor parallelism) -> greedy: the
+    argmax token ids [...]; sampling: the full fp32 logits [..., V].
+
+    Greedy steps return tokens, not logits: the argmax runs inside the captured step, a graph's
+    output is [B, T] ids instead of [B, T, V] floats, and under TP no rank gathers the vocabulary."""
+    shard = model.vocab_shard
+    if greedy:
+        return logits.argmax(dim=-1) if shard is None else shard.argmax(logits)
+    return logits if shard is None else shard.gather(logits)
+
+
 def forward_step(model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor, window: Optional[int],
-                 selected: Optional[list], backend: str, last_only: bool,
+                 selected: Optional[list], backend: str, last_only: bool, greedy: bool,
                  kv_limit: Optional[int] = None) -> torch.Tensor:
-    """tokens [B, T] at cache_len.. -> logits [B, T, V] (or [B, 1, V] when last_only)."""
+    """tokens [B, T] at cache_len.. -> step_output of the logits at every token (or the last only):
+    greedy ids [B, T] / [B, 1], sampling logits [B, T, V] / [B, 1, V]."""
     view = AttentionView(cache_len=cache_len, n_tokens=tokens.shape[1], window=window, selected=selected,
                          backend=backend, kv_limit=kv_limit)
     output_index = None
     if last_only:
         output_index = torch.full((tokens.shape[0], 1), tokens.shape[1] - 1, device=tokens.device)
-    return model(tokens, view, output_index)
+    return step_output(model, model(tokens, view, output_index), greedy)
+
+
+def bucketed_kv_limit(cache_len: torch.Tensor, n_tokens: int, max_seq_len: int, bucket: int) -> int:
+    """Keys an eager step must look at, rounded up to `bucket` (capped at the cache): every step of a
+    bucket has the same attention shape, so timings do not depend on which lengths came before."""
+    needed = int(cache_len.max()) + n_tokens
+    return min(-(-needed // bucket) * bucket, max_seq_len)
 
 
 class CapturedStep:
-    """forward_step for one fixed shape as a CUDA graph over static token / cache_len buffers."""
+    """forward_step for one fixed shape as a CUDA graph over static token / cache_len buffers.
 
-    def __init__(self, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device, pool):
+    A floating-point output (sampling logits) is copied, inside the graph, into `logits`, a view of
+    the one buffer all graphs share; the step's own output is then a temporary of the capture, so
+    its pool memory is reused by the next graph instead of each graph pinning its own [B, T, V].
+    The returned tensor is valid until the next captured step runs."""
+
+    def __init__(self, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device, pool,
+                 logits: Optional[torch.Tensor]):
         self.tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
         # Warm-up and capture write their K/V into scratch slots no real token ever uses.
         self.cache_len = torch.full((batch,), scratch_pos, dtype=torch.long, device=device)
@@ -114,13 +143,62 @@ class CapturedStep:
         # thread_local (as inductor's own graphs): under tensor parallelism the NCCL watchdog thread
         # may query events of earlier collectives while this thread captures.
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.logits = step(self.tokens, self.cache_len)
+            out = step(self.tokens, self.cache_len)
+            self.output = copy_into_shared(out, logits)
 
     def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.cache_len.copy_(cache_len)
         self.graph.replay()
-        return self.logits
+        return self.output
+
+
+def copy_into_shared(out: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """A step's output; logits out [B, T, V] go into the shared buffer [B, T_max, V] (its first T rows)."""
+    if not out.is_floating_point() or logits is None or logits.shape[1] < out.shape[1]:
+        return out  # greedy ids [B, T] (small), or a step captured without a reserved buffer
+    view = logits[:, :out.shape[1]]
+    view.copy_(out)
+    return view
+
+
+class StepGraphs:
+    """The captured steps of one cache shape, the private memory pool they share, and the one
+    logits buffer their sampling outputs share.
+
+    The pool lives exactly as long as its graphs: PyTorch frees a private pool when the last graph
+    captured into it is destroyed, and capturing into a handle whose pool is gone trips its
+    private-pool assertion (issue 11). So the handle is dropped together with the last graph, and
+    the next capture gets a fresh one. `capture` and `new_pool` are injectable so CPU tests can
+    drive the re-setup sequence with a fake capture."""
+
+    def __init__(self, capture: Callable = CapturedStep, new_pool: Optional[Callable] = None):
+        self._capture = capture
+        self._new_pool = new_pool or torch.cuda.graph_pool_handle
+        self.steps: dict = {}  # key (role, n_tokens, greedy) -> captured step
+        self.pool = None
+        self.logits: Optional[torch.Tensor] = None  # [B, T_max, V] fp32
+
+    def get(self, key: tuple, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device):
+        if key not in self.steps:
+            if self.pool is None:
+                self.pool = self._new_pool()
+            self.steps[key] = self._capture(step, batch, n_tokens, scratch_pos, device, self.pool, self.logits)
+        return self.steps[key]
+
+    def drop(self, role: Optional[str] = None) -> None:
+        """Forget the steps of one role ("draft": its view changed), or all of them (None)."""
+        self.steps = {k: g for k, g in self.steps.items() if role is not None and k[0] != role}
+        if not self.steps:
+            self.pool = self.logits = None
+
+    def reserve_logits(self, batch: int, n_tokens: int, vocab: int, device) -> None:
+        """Make the shared logits buffer hold [batch, n_tokens, vocab]; growing it re-captures
+        everything, as the captured graphs write into the old one."""
+        if self.logits is not None and self.logits.shape[0] == batch and self.logits.shape[1] >= n_tokens:
+            return
+        self.drop()
+        self.logits = torch.empty(batch, n_tokens, vocab, dtype=torch.float32, device=device)
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -225,7 +303,7 @@ class Engine:
 
     def __init__(self, model: Transformer, *, draft_model: Optional[Transformer] = None,
                  attention: str = "auto", compile: Optional[bool] = None, use_graphs: Optional[bool] = None,
-                 tp=None):
+                 tp=None, kv_bucket: int = KV_BUCKET):
         self.model = model
         self.draft_model = draft_model  # None on ranks outside --draft-ranks under tensor parallelism
         self.tp = tp  # tp.TensorParallel under torchrun, else None; the models come sharded already
@@ -242,8 +320,9 @@ class Engine:
             raise UserError(f"draft vocabulary ({draft_model.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size}): the draft must share the target's tokenizer")
         self._step = torch.compile(forward_step, fullgraph=False) if self.compile else forward_step
+        self.kv_bucket = kv_bucket
         self._cache_shape = self._draft_view = None
-        self._captured: dict = {}
+        self.graphs = StepGraphs()  # the captured steps of the current cache shape (CUDA graphs only)
         self._selected: dict = {}  # model role -> static per-layer selection buffers
 
     # -- setup --------------------------------------------------------------------------------------
@@ -255,7 +334,8 @@ class Engine:
         if (batch, seq_len) != self._cache_shape:
             # Release the old caches and every graph that points at them before allocating: at long
             # context the KV cache is most of the memory, and two of them at once would not fit.
-            self._cache_shape, self._draft_view, self._captured, self._selected = None, None, {}, {}
+            self._cache_shape, self._draft_view, self._selected = None, None, {}
+            self.graphs.drop()  # and with them their memory pool: the next capture starts a new one
             for model in self._models():
                 model.setup_caches(batch, seq_len, self.dtype, self.device)
             self._cache_shape = (batch, seq_len)  # only once allocation succeeded
@@ -263,7 +343,7 @@ class Engine:
         if view == self._draft_view:
             return
         # Captured draft steps bake in the view (window, selection buffers) and which model drafts.
-        self._captured = {key: g for key, g in self._captured.items() if key[0] != "draft"}
+        self.graphs.drop("draft")
         self._selected = {}
         drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
         if draft.enabled and not draft.full and drafter is not None:
@@ -272,44 +352,45 @@ class Engine:
                                                   device=self.device) for _ in range(drafter.args.n_layers)]
         self._draft_view = view
 
+    @staticmethod
+    def _gammas(gamma: int, controller) -> set:
+        """Every gamma this run can use: the controller's choices (--gamma auto) or the fixed one."""
+        return set(getattr(controller, "choices", None) or {gamma})
+
     def _models(self):
         return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
 
     def _run(self, key: tuple, model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor,
-             window: Optional[int], selected: Optional[list], last_only: bool) -> torch.Tensor:
+             window: Optional[int], selected: Optional[list], last_only: bool, greedy: bool) -> torch.Tensor:
         """One fixed-shape step: captured graph on CUDA, eager (with a key-range hint) elsewhere."""
         if not self.use_graphs:
             # On CPU the sync is free and trimming the key axis saves real work; on a GPU it would
             # be a host sync per step.
-            kv_limit = int(cache_len.max()) + tokens.shape[1] if self.device.type == "cpu" else None
-            return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, kv_limit)
-        graph = self._graph(key, model, tokens.shape[0], tokens.shape[1], window, selected, last_only)
+            kv_limit = None
+            if self.device.type == "cpu":
+                kv_limit = bucketed_kv_limit(cache_len, tokens.shape[1], model.max_seq_len, self.kv_bucket)
+            return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, greedy, kv_limit)
+        graph = self._graph(key, model, tokens.shape[0], tokens.shape[1], window, selected, last_only, greedy)
         return graph(tokens, cache_len)
 
     def _graph(self, key: tuple, model: Transformer, batch: int, n_tokens: int, window: Optional[int],
-               selected: Optional[list], last_only: bool) -> "CapturedStep":
+               selected: Optional[list], last_only: bool, greedy: bool):
         """The CUDA graph of one step shape, compiled and captured on first use."""
-        if key not in self._captured:
-            def step(t, c):
-                return self._step(model, t, c, window, selected, self.backend, last_only)
+        def step(t, c):
+            return self._step(model, t, c, window, selected, self.backend, last_only, greedy)
 
-            scratch = model.max_seq_len - CAPTURE_SCRATCH
-            self._captured[key] = CapturedStep(step, batch, n_tokens, scratch, self.device, self._pool())
-        return self._captured[key]
-
-    def _pool(self):
-        if not hasattr(self, "_graph_pool"):
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        return self._graph_pool
+        scratch = model.max_seq_len - CAPTURE_SCRATCH
+        return self.graphs.get(key, step, batch, n_tokens, scratch, self.device)
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, model: Transformer, tokens: torch.Tensor, prompt_len: torch.Tensor, chunk: int,
                 progress: bool) -> torch.Tensor:
         """Chunked prefill of tokens [B, L_max] (ragged; padding sits after each prompt and is never
-        attended by a real query) -> logits at each prompt's last token [B, V]."""
+        attended by a real query) -> the model's logits at each prompt's last token [B, V] (this
+        rank's vocabulary slice under tensor parallelism; see step_output)."""
         B, L = tokens.shape
-        last = torch.zeros(B, model.args.vocab_size, device=self.device)
+        last = None
         starts = range(0, L, chunk)
         for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 4):
             T = min(chunk, L - start)
@@ -318,7 +399,7 @@ class Engine:
             idx = (prompt_len - 1 - start).clamp(0, T - 1)[:, None]  # [B, 1] row of each last token
             logits = model(tokens[:, start:start + T], view, output_index=idx)[:, 0]  # [B, V]
             here = (prompt_len - 1 >= start) & (prompt_len - 1 < start + T)
-            last = torch.where(here[:, None], logits, last)
+            last = logits if last is None else torch.where(here[:, None], logits, last)
         return last
 
     # -- generation ---------------------------------------------------------------------------------
@@ -345,7 +426,8 @@ class Engine:
                             f"plus {max(max_new)} new tokens does not fit max_seq_len {limit}: shorten the "
                             "prompt, lower --max-new-tokens, or raise --max-seq-len")
         draft.warn_if_budget_covers(max(lens) + max(max_new))
-        self._setup(B, longest + gamma + 1, draft)
+        gammas = self._gammas(gamma, gamma_controller)
+        self._setup(B, longest + max(gammas) + 1, draft)  # room for the largest round's writes
 
         dev = self.device
         tokens = torch.zeros(B, max(lens), dtype=torch.long, device=dev)
@@ -360,7 +442,9 @@ class Engine:
         t_start = time.perf_counter()
 
         last_logits = self.prefill(self.model, tokens, prompt_len, prefill_chunk, progress)
-        first, _ = select_tokens(last_logits, sampling)
+        first = step_output(self.model, last_logits, sampling.greedy)  # [B] ids or [B, V] logits
+        if not sampling.greedy:
+            first, _ = select_tokens(first, sampling)
         drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
         draft_selected = None
         if draft.enabled and drafter is not None:
@@ -378,44 +462,44 @@ class Engine:
             torch.cuda.synchronize(dev)
         prefill_s = time.perf_counter() - t_start
         window = None if draft.full else draft.window
+        greedy = sampling.greedy  # greedy steps output argmax ids, sampling steps logits (step_output)
         if self.use_graphs:  # compile + capture every step shape now, outside the decode timing
-            gammas = getattr(gamma_controller, "gammas", None) or [gamma]
-            for g in set(gammas) | ({0} if gamma_controller else set()):
-                self._graph(("target", g + 1), self.model, B, g + 1, None, None, False)
+            target_sizes = [g + 1 for g in sorted(gammas)]
+            if not greedy:
+                self.graphs.reserve_logits(B, max(target_sizes), self.model.args.vocab_size, dev)
+            for T in target_sizes:
+                self._graph(("target", T, greedy), self.model, B, T, None, None, False, greedy)
             if draft.enabled and drafter is not None:
                 for T in (1, 2) if draft.kind == "model" else (1,):
-                    self._graph(("draft", T), drafter, B, T, window, draft_selected, True)
+                    self._graph(("draft", T, greedy), drafter, B, T, window, draft_selected, True, greedy)
         t_decode = time.perf_counter()
         capture_s = t_decode - t_start - prefill_s
 
-        def target_step(toks, cache_len):
-            return self._run(("target", toks.shape[1]), self.model, toks, cache_len, None, None, False)
+        def target_step(toks, cache_len):  # -> ids [B, T] (greedy) or logits [B, T, V]
+            return self._run(("target", toks.shape[1], greedy), self.model, toks, cache_len, None, None, False,
+                             greedy)
 
-        def draft_step(toks, cache_len):
-            logits = None
+        def draft_step(toks, cache_len):  # -> ids [B, 1] (greedy) or logits [B, 1, V]
+            out = None
             if drafter is not None:
-                logits = self._run(("draft", toks.shape[1]), drafter, toks, cache_len, window, draft_selected, True)
+                out = self._run(("draft", toks.shape[1], greedy), drafter, toks, cache_len, window, draft_selected,
+                                True, greedy)
             if self.tp is not None and draft.kind == "model":  # ranks outside --draft-ranks get its proposals
-                logits = self.tp.share_draft_logits(logits, sampling.greedy, B, self.model.args.vocab_size, dev)
-            return logits
+                out = self.tp.share_draft_output(out, greedy, B, self.model.args.vocab_size, dev)
+            return out
 
-        latency = [None] * B
-        done = state.done.cpu()
-        for b in range(B):
-            if done[b]:
-                latency[b] = prefill_s
+        done = state.done.tolist()  # [B] bools on the host
+        latency = [prefill_s if d else None for d in done]
         rounds, drafted = 0, 0
-        while not bool(done.all()):
-            running = int((~done).sum())
+        while not all(done):
+            running = done.count(False)
             g = gamma if gamma_controller is None else gamma_controller(state, rounds)
             speculative_round(state, target_step, draft_step if g else None, g, sampling, eos,
                               reread_prev=draft.kind == "model", accept_override=accept_override, timer=timer)
             rounds, drafted = rounds + 1, drafted + running * g
-            done = state.done.cpu()  # the one host synchronisation per round
+            done = state.done.tolist()  # the one host synchronisation (one transfer) per round
             now = time.perf_counter() - t_start
-            for b in range(B):
-                if done[b] and latency[b] is None:
-                    latency[b] = now
+            latency = [now if d and t is None else t for d, t in zip(done, latency)]
         decode_s = time.perf_counter() - t_decode
 
         n_out = state.n_out.tolist()

@@ -44,6 +44,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+# device type -> whether torch.mm(bf16, bf16, out_dtype=fp32) runs there; filled eagerly by
+# probe_fp32_matmul (a probe inside a compiled function would break its graph).
+_FP32_OUT_MATMUL: dict = {}
+
+
+def probe_fp32_matmul(device) -> bool:
+    """Whether this device has a low-precision matmul with an fp32 output (CUDA, torch >= 2.8)."""
+    device = torch.device(device)
+    if device.type not in _FP32_OUT_MATMUL:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            _FP32_OUT_MATMUL[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, NotImplementedError, RuntimeError):  # older torch, or not on this backend (CPU)
+            _FP32_OUT_MATMUL[device.type] = False
+    return _FP32_OUT_MATMUL[device.type]
+
+
+def logits_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LM head in fp32: x [..., dim] @ weight [V, dim]^T -> fp32 logits [..., V].
+
+    bf16 logits would round near-ties differently in verification (B*(gamma+1) rows) and plain
+    decoding (B rows), flipping greedy tokens (issue 11). Where the device has a bf16 x bf16 -> fp32
+    matmul (CUDA) the weight stays in bf16: upcasting it every step would double the head's memory
+    traffic. Elsewhere (CPU, where models run in fp32 anyway) the operands are upcast."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    if x.dtype == weight.dtype and _FP32_OUT_MATMUL.get(x.device.type, False):
+        flat = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)  # [N, V]
+        return flat.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.float(), weight.float())
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -121,6 +153,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.max_batch_size = self.max_seq_len = 0
+        # Set by tp.shard_output_head: this rank holds only a slice of the head's vocabulary rows
+        # and forward() returns logits for that slice. None: the whole vocabulary.
+        self.vocab_shard = None
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
                      device: Optional[torch.device] = None) -> None:
@@ -133,12 +168,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_heads, max_seq_len,
                                                self.args.head_dim, dtype, device)
+        probe_fp32_matmul(device)  # before any compiled step reads the answer
         cos, sin = rope_tables(self.args, max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, tokens: torch.Tensor, view: Optional[AttentionView] = None,
                 output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] -> fp32 logits [B, T, V], or [B, K, V] at positions output_index [B, K].
+        With a vocab-sharded head (tensor parallelism) V is this rank's slice, vocab_shard.size.
 
         view None: a cache-free causal pass over positions 0..T-1 (training, scoring)."""
         if view is None:
@@ -153,7 +190,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, view)
         if output_index is not None:  # only the rows we sample from pay for the vocab projection
             x = torch.gather(x, 1, output_index[..., None].expand(-1, -1, x.shape[-1]))
-        return self.output(self.norm(x)).float()
+        return logits_fp32(self.norm(x), self.output.weight)
 
     def kv_caches(self) -> list[KVCache]:
         return [layer.attention.kv_cache for layer in self.layers]

@@ -18,7 +18,9 @@ import torch
 
 from .sampling import SamplingParams, logits_to_probs, sample_from_probs, select_tokens
 
-# step(tokens [B, T], cache_len [B]) -> logits [B, T, V]; tokens sit at cache_len .. cache_len+T-1
+# step(tokens [B, T], cache_len [B]) -> greedy: argmax ids [B, T]; sampling: logits [B, T, V].
+# Tokens sit at cache_len .. cache_len+T-1. (Greedy steps return ids so the argmax runs inside the
+# captured step, and under tensor parallelism without gathering the vocabulary; engine.step_output.)
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -62,8 +64,8 @@ def propose(draft_step: StepFn, state: DecodeState, gamma: int, params: Sampling
         tokens, start = torch.stack([state.prev, state.x0], dim=1), state.cache_len - 1
     drafts, probs = [], []
     for _ in range(gamma):
-        logits = draft_step(tokens, start)[:, -1]  # [B, V]
-        token, p = select_tokens(logits, params)
+        out = draft_step(tokens, start)[:, -1]  # greedy: ids [B]; sampling: logits [B, V]
+        token, p = (out, None) if params.greedy else select_tokens(out, params)
         drafts.append(token)
         probs.append(p)
         start = start + tokens.shape[1]
@@ -71,12 +73,11 @@ def propose(draft_step: StepFn, state: DecodeState, gamma: int, params: Sampling
     return torch.stack(drafts, dim=1), (None if params.greedy else torch.stack(probs, dim=1))
 
 
-def accept_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """drafts [B, g], target logits [B, g+1, V] -> (n accepted [B], emitted [B, g+1]).
+def accept_greedy(drafts: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [B, g], target argmax ids [B, g+1] -> (n accepted [B], emitted [B, g+1]).
 
     Accept the longest prefix where the draft equals the target's argmax. The emitted tokens are
     then exactly the target's argmaxes t_1..t_{n+1}: equal to d_1..d_n, plus the bonus t_{n+1}."""
-    target = target_logits.argmax(dim=-1)  # [B, g+1]
     matches = drafts == target[:, :-1]  # [B, g]
     n = matches.long().cumprod(dim=1).sum(dim=1)  # [B] length of the all-match prefix
     return n, target
@@ -159,12 +160,12 @@ def speculative_round(state: DecodeState, target_step: StepFn, draft_step: Optio
             drafts, draft_probs = state.x0.new_zeros(state.x0.shape[0], 0), None
     with timer("verify"):
         verified = torch.cat([state.x0[:, None], drafts], dim=1)  # [B, g+1]
-        target_logits = target_step(verified, state.cache_len)  # [B, g+1, V]
+        target_out = target_step(verified, state.cache_len)  # greedy: ids [B, g+1]; else logits [B, g+1, V]
     with timer("accept"):
         if params.greedy:
-            n, emitted = accept_greedy(drafts, target_logits)
+            n, emitted = accept_greedy(drafts, target_out)
         else:
-            n, emitted = accept_sampling(drafts, draft_probs, target_logits, params)
+            n, emitted = accept_sampling(drafts, draft_probs, target_out, params)
         if accept_override is not None:
             n = accept_override(n)
             rows = torch.arange(n.shape[0], device=n.device)

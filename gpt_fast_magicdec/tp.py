@@ -15,11 +15,15 @@ Which rank holds what, for W ranks, H query heads, H_kv KV heads, I MLP columns:
   MLP          w1/w3 split by output columns, w2 by input rows; I % W != 0 is an error.
   q/k/v bias   sliced with their weights. wo, w2: no bias (Llama/Mistral/Qwen2), so all-reducing the
                partial products gives exactly the full projection.
-  replicated   embeddings, norms, the output head (so every rank computes the same full logits and
-               samples the same tokens).
+  output head  split by vocabulary rows (VocabShard): rank r holds rows [r*V//W, (r+1)*V//W) (sizes
+               differ by at most one when W does not divide V) and computes only those logits, so
+               no rank reads the whole head. Greedy steps combine each rank's (max, index) pair;
+               sampling gathers the full logits, and every rank samples the same tokens. Tied
+               embeddings stay replicated; the head slice is a view of them.
+  replicated   embeddings, norms.
 
 A standalone draft is sharded over `--draft-ranks` (default: every rank) with its own process
-group; see TensorParallel.share_draft_logits for how its proposals reach the other ranks.
+group; see TensorParallel.share_draft_output for how its proposals reach the other ranks.
 """
 from __future__ import annotations
 
@@ -175,6 +179,64 @@ def install_all_reduce(model, group) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows [start, start + size) of a `vocab`-row output head split over `group`.
+
+    Everything here is functional collectives on static shapes, so compiled steps and CUDA graphs
+    capture it. Rank r holds rows [r*V//W, (r+1)*V//W)."""
+
+    start: int
+    size: int
+    vocab: int
+    world_size: int
+    group: object
+
+    @classmethod
+    def plan(cls, vocab: int, rank: int, world_size: int, group) -> "VocabShard":
+        if vocab < world_size:
+            raise UserError(f"a vocabulary of {vocab} tokens cannot be split over {world_size} ranks")
+        start, stop = rank * vocab // world_size, (rank + 1) * vocab // world_size
+        return cls(start, stop - start, vocab, world_size, group)
+
+    def sizes(self) -> list[int]:
+        W, V = self.world_size, self.vocab
+        return [(r + 1) * V // W - r * V // W for r in range(W)]
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Local logits [..., size] -> the global argmax ids [...], equal to torch.argmax over the
+        full logits: the largest value, ties to the lowest global index. Only [..., 2] per rank
+        crosses the wire (max and index, the index exact in fp32 below 2^24)."""
+        best, idx = logits.max(dim=-1)  # [...] (max returns the first maximal index locally)
+        pair = torch.stack([best, (idx + self.start).float()], dim=-1)  # [..., 2]
+        every = funcol.all_gather_tensor(pair.unsqueeze(0), 0, self.group)  # [W, ..., 2]
+        values, indices = every[..., 0], every[..., 1]
+        top = values.max(dim=0).values  # [...]
+        # Among ranks holding the top value, the lowest global index (ranks are in vocab order).
+        candidates = torch.where(values == top, indices, torch.full_like(indices, float("inf")))
+        return candidates.min(dim=0).values.long()
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """Local logits [..., size] -> the full logits [..., vocab] on every rank (sampling needs the
+        whole distribution). Shards are padded to one size for the all-gather, then trimmed."""
+        width = max(self.sizes())
+        padded = torch.nn.functional.pad(logits, (0, width - self.size))  # [..., width]
+        every = funcol.all_gather_tensor(padded.unsqueeze(0), 0, self.group)  # [W, ..., width]
+        return torch.cat([every[r, ..., :n] for r, n in enumerate(self.sizes())], dim=-1)  # [..., V]
+
+
+def shard_output_head(model, rank: int, world_size: int, group) -> None:
+    """Keep only this rank's vocabulary rows of the output head (a view when tied to the embedding,
+    which stays whole: every rank embeds every token)."""
+    shard = VocabShard.plan(model.args.vocab_size, rank, world_size, group)
+    weight = model.output.weight.detach()  # [V, dim]
+    rows = weight[shard.start:shard.start + shard.size]  # [size, dim]
+    if not model.args.tie_word_embeddings:
+        rows = rows.clone()  # the full untied head can then be freed
+    model.output.weight = torch.nn.Parameter(rows, requires_grad=False)
+    model.vocab_shard = shard
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardGroup:
     """The ranks one model is sharded over, seen from one of them."""
 
@@ -194,6 +256,7 @@ class ShardGroup:
     def parallelize(self, model):
         if self.size > 1:
             install_all_reduce(model, self.group)
+            shard_output_head(model, self.rank, self.size, self.group)
         return model
 
 
@@ -248,31 +311,28 @@ class TensorParallel:
         return self.target.parallelize(random_model(self.target.plan(args).local_args, device, dtype, seed))
 
     # -- keeping ranks in lock-step -----------------------------------------------------------------------
-    def share_draft_logits(self, logits: Optional[torch.Tensor], greedy: bool, batch: int, vocab: int,
+    def share_draft_output(self, out: Optional[torch.Tensor], greedy: bool, batch: int, vocab: int,
                            device) -> torch.Tensor:
-        """One draft step's logits [B, 1, V], made available on every rank.
+        """One draft step's output (greedy: ids [B, 1]; sampling: full logits [B, 1, V]), made
+        available on every rank.
 
         Only a draft on a subset of ranks needs this. Ranks outside --draft-ranks run no draft
-        model; after each draft step they receive, from the first draft rank, the argmax tokens
-        (greedy: B ints, returned as one-hot logits whose argmax is that token) or the logits
-        (sampling). Every rank then runs the same sampling code on the same numbers, so the
-        sampling RNG, seeded identically everywhere, stays in lock-step: draft draws, acceptance
+        model; after each draft step they receive, from the first draft rank, the ids (greedy) or
+        the logits (sampling). Every rank then runs the same sampling code on the same numbers, so
+        the sampling RNG, seeded identically everywhere, stays in lock-step: draft draws, acceptance
         draws and corrections agree on all ranks with no per-round broadcast of the results.
         (This assumes identical devices, as the RNG's kernel launch shape depends on the device.)"""
         if len(self.draft_ranks) == self.world_size:
-            return logits  # every rank ran the draft itself
+            return out  # every rank ran the draft itself
         src = self.draft_ranks[0]
-        if greedy:
-            tokens = (logits[:, -1].argmax(dim=-1) if logits is not None
-                      else torch.empty(batch, dtype=torch.long, device=device))  # [B]
-            dist.broadcast(tokens, src)
-            if logits is not None:
-                return logits
-            one_hot = torch.zeros(batch, 1, vocab, device=device)
-            return one_hot.scatter_(-1, tokens[:, None, None], 1.0)  # [B, 1, V]
-        shared = logits[:, -1:].contiguous() if logits is not None else torch.empty(batch, 1, vocab, device=device)
+        if out is not None:
+            shared = out.contiguous()
+        elif greedy:
+            shared = torch.empty(batch, 1, dtype=torch.long, device=device)
+        else:
+            shared = torch.empty(batch, 1, vocab, device=device)
         dist.broadcast(shared, src)
-        return shared if logits is None else logits
+        return shared if out is None else out
 
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every rank (e.g. a measured hardware profile every rank must agree on)."""

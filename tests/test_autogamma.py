@@ -1,6 +1,8 @@
 """--gamma auto: the cost model picks gamma (or plain decoding) as the context grows."""
 import types
 
+import pytest
+
 import torch
 
 from gpt_fast_magicdec.autogamma import AutoGamma
@@ -60,3 +62,28 @@ def test_controller_reused_across_generate_calls_restarts_its_counters():
     ctl(fake_state(32, 32768), 0)  # the next batch
     ctl(fake_state(32, 32768, accepted=270, rounds=100), ctl.every)
     assert first > 0.7 and abs(ctl.alpha - first) < 0.1, (first, ctl.alpha)
+
+
+def test_choices_cover_every_gamma_the_controller_returns():
+    """The engine captures a verification graph per element of `choices` and no others."""
+    ctl = controller(alpha=0.8)
+    assert ctl.choices == frozenset(range(0, 9))
+    narrow = AutoGamma(ModelArgs.from_preset("llama-3.1-8b"), PROFILES["H100-SXM"],
+                       DraftConfig(kind="self", budget=20, sink=16, gamma=3), dtype_bytes=2)
+    assert narrow.choices == frozenset(range(0, 5))  # the 4-key window bounds gamma
+    seen = set()
+    for i, (batch, ctx) in enumerate([(256, 512), (64, 4096), (32, 32768), (8, 131072)] * 20):
+        seen.add(ctl(fake_state(batch, ctx, accepted=0 if i > 40 else 3 * i, rounds=i), i * ctl.every))
+    assert seen <= ctl.choices and len(seen) > 1, seen
+
+
+def test_statistics_are_read_in_one_transfer(monkeypatch):
+    """A decision reads accepted, rounds, running and context with one device-to-host copy."""
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or original(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a scalar read"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: pytest.fail("a scalar read"), raising=False)
+    ctl = controller()
+    ctl(fake_state(32, 32768), 0)
+    assert reads == [torch.Size([4])]

@@ -87,3 +87,104 @@ def test_plain_and_speculative_runs_share_one_cache():
         assert model.layers[0].attention.kv_cache.k_cache is cache
     engine.generate(prompts, 600)  # a longer run needs a bigger cache: reallocated
     assert model.layers[0].attention.kv_cache.k_cache is not cache
+
+
+class FakeStep:
+    """Stands in for CapturedStep on CPU: runs the step eagerly but keeps its contract (sampling
+    logits land in the shared buffer and are valid until the next step) and records its pool."""
+
+    def __init__(self, step, batch, n_tokens, scratch_pos, device, pool, logits):
+        from gpt_fast_magicdec.engine import copy_into_shared
+
+        self.step, self.pool, self.logits, self.copy = step, pool, logits, copy_into_shared
+
+    def __call__(self, tokens, cache_len):
+        return self.copy(self.step(tokens, cache_len), self.logits)
+
+
+class FakePool:
+    """A graph pool handle that can be garbage collected, so a test can see it released."""
+
+
+def graph_engine(model):
+    from gpt_fast_magicdec.engine import StepGraphs
+
+    engine = Engine(model, attention="torch")
+    engine.use_graphs = True  # the graph path, with the capture replaced by FakeStep
+    engine.graphs = StepGraphs(capture=FakeStep, new_pool=FakePool)
+    return engine
+
+
+def test_graph_pool_is_released_with_the_graphs_on_resetup():
+    """Issue 11: a new (batch, seq_len) drops every captured step *and* their pool, so the next
+    capture never goes into a pool whose graphs are gone; a draft-view change keeps both."""
+    import gc
+    import weakref
+
+    from gpt_fast_magicdec.drafting import DraftConfig
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    engine = graph_engine(model)
+    draft = DraftConfig(kind="self", budget=8, sink=2, gamma=2)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    first = engine.generate(prompts, 10, draft=draft).tokens
+    assert set(engine.graphs.steps) == {("target", 3, True), ("draft", 1, True)}
+    pool = weakref.ref(engine.graphs.pool)
+    steps = dict(engine.graphs.steps)
+    # Another draft view, same cache shape: only the draft step is re-captured, into the same pool.
+    other = DraftConfig(kind="self", budget=10, sink=2, gamma=2)
+    engine.generate(prompts, 10, draft=other)
+    assert engine.graphs.steps[("target", 3, True)] is steps[("target", 3, True)]
+    assert engine.graphs.steps[("draft", 1, True)] is not steps[("draft", 1, True)]
+    assert engine.graphs.pool is pool()
+    del steps
+    # A third prompt (another batch size): everything re-captured into a fresh pool, the old one freed.
+    third = engine.generate(prompts + [[4, 4, 4]], 10, draft=draft).tokens
+    gc.collect()
+    assert pool() is None, "the old graph pool outlived its graphs"
+    assert {step.pool for step in engine.graphs.steps.values()} == {engine.graphs.pool}
+    eager = Engine(model, attention="torch")
+    assert first == eager.generate(prompts, 10).tokens == third[:2]
+
+
+def test_sampling_through_graph_steps_sharing_one_logits_buffer_equals_eager():
+    """Every sampling step's logits go through one shared buffer, reused by the next step; the
+    draws must be exactly those of eager steps with fresh tensors (same seed)."""
+    from gpt_fast_magicdec.drafting import DraftConfig
+    from gpt_fast_magicdec.sampling import SamplingParams
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    draft = DraftConfig(kind="self", budget=8, sink=2, gamma=3)
+    params = SamplingParams(temperature=0.8, top_k=50)
+    graphed = graph_engine(model)
+    outputs = []
+    for engine in (graphed, Engine(model, attention="torch")):
+        torch.manual_seed(11)
+        outputs.append(engine.generate([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 12, params, draft).tokens)
+    assert outputs[0] == outputs[1]
+    assert graphed.graphs.logits.shape == (2, 4, 512)  # [B, gamma + 1, V]: one buffer for all steps
+    assert set(graphed.graphs.steps) == {("target", 4, False), ("draft", 1, False)}  # sampling steps
+
+
+def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
+    """Issue 14: eager steps attend over a key range rounded up to a bucket. Outputs do not depend
+    on the bucket, and with a 256-key bucket a short run sees one key range, not one per step."""
+    from gpt_fast_magicdec.drafting import DraftConfig
+    from gpt_fast_magicdec.engine import bucketed_kv_limit
+
+    assert bucketed_kv_limit(torch.tensor([3, 300]), 4, 1000, 256) == 512
+    assert bucketed_kv_limit(torch.tensor([900]), 4, 1000, 256) == 1000  # capped at the cache
+    assert bucketed_kv_limit(torch.tensor([7]), 2, 1000, 1) == 9
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=1)
+    draft = DraftConfig(kind="self", budget=8, sink=2, gamma=2)
+    prompts = [[1, 2, 3, 4, 5, 6], list(range(10, 40))]
+    results = {}
+    for bucket in (1, 256):
+        engine = Engine(model, attention="torch", kv_bucket=bucket)
+        limits = set()
+        step = engine._step
+        engine._step = lambda *a: limits.add(a[-1]) or step(*a)
+        results[bucket] = (engine.generate(prompts, 20, draft=draft).tokens, engine.generate(prompts, 20).tokens)
+        assert (len(limits) == 1) == (bucket == 256), limits
+    assert results[1] == results[256]
+    assert results[1][0] == results[1][1]

@@ -141,14 +141,18 @@ def test_generation_longer_than_budget_keeps_window_sliding(target):
 
 @pytest.mark.parametrize("kv", ["streaming", "snapkv"])
 def test_triton_kernels_inside_the_engine(target, kv):
-    """--attention triton (interpreted on CPU): verify and draft steps run the kernels, same output."""
+    """--attention triton: verify and draft steps run the kernels, same output. Interpreted on CPU;
+    on a CUDA machine the kernels run compiled and need CUDA tensors, so the model moves there (fp32:
+    the kernel's dots are IEEE fp32, no TF32)."""
     pytest.importorskip("triton", reason="triton is not installed")
+    model = copy.deepcopy(target).to("cuda") if torch.cuda.is_available() else target
     p = prompts(lens=(20, 7))
     draft = DraftConfig(kind="self", kv=kv, budget=8, sink=2, window=None if kv == "streaming" else 4, gamma=2)
-    engine = Engine(target, attention="triton")
+    eager = dict(compile=False, use_graphs=False)  # the same eager steps on either device
+    engine = Engine(model, attention="triton", **eager)
     assert engine.backend == "triton"
     result = engine.generate(p, 6, draft=draft)
-    assert result.tokens == Engine(target, attention="torch").generate(p, 6).tokens
+    assert result.tokens == Engine(model, attention="torch", **eager).generate(p, 6).tokens
 
 
 def test_compiled_steps_match_eager(target):
