@@ -13,7 +13,8 @@ batch x (gamma + 1) the linear layers turn compute bound while the KV read still
 `T_V / T_T` rises above 1 sooner than one global max over the sums says.
 
 One speculation round with `gamma` draft steps then yields, for acceptance rate `alpha`,
-`Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over plain decoding is `Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
+`Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over plain decoding is
+`Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
 
 Everything counts bytes and FLOPs *per tensor-parallel rank*: attention heads, KV heads and MLP
 columns are sharded over `tp` ranks; norms and the output head are replicated (decision 9).
