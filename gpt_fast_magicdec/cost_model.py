@@ -44,6 +44,7 @@ class HardwareProfile:
     step_overhead_s: float = 20e-6  # host launch + sync of one forward step (graph replay or eager)
     kernel_overhead_s: float = 0.0  # per kernel inside a replayed CUDA graph (launch gap)
     eager_op_overhead_s: float = 0.0  # per aten op run eagerly (Python + dispatch + launch)
+    eager_module_overhead_s: float = 0.0  # per nn.Module call run eagerly (hooks, Python frames)
     graphs: bool = True  # the engine replays CUDA graphs on this device (False: eager, e.g. CPU)
     link_bandwidth: float = math.inf  # bytes/s one GPU sends in one direction (collectives)
     allreduce_latency_s: float = 0.0  # fixed cost of one all-reduce, any size
@@ -60,10 +61,11 @@ class HardwareProfile:
 # says it grows with GPUs, without the 8-GPU figure: H100/H200 take 4 us + 1 us per step (6 us at 2
 # GPUs; the per-step figure is an assumption). L40S over PCIe: no published figure found; 10 us +
 # 5 us per step is an assumption. Kernel overheads are not vendor figures: ~1 us per kernel in a
-# graph and ~10 us per eager PyTorch op are the usual orders of magnitude. Measured copy bandwidth
-# is typically ~80-90% of peak, so all these presets are optimistic: `get_profile("measure")` (run
-# under torchrun for the all-reduce terms) replaces every number with what the machine really does.
-_GRAPH_GPU = dict(kernel_overhead_s=1e-6, eager_op_overhead_s=10e-6)
+# graph, ~10 us per eager PyTorch op and ~2 us per nn.Module call are the usual orders of
+# magnitude. Measured copy bandwidth is typically ~80-90% of peak, so all these presets are
+# optimistic: `get_profile("measure")` (run under torchrun for the all-reduce terms) replaces every
+# number with what the machine really does.
+_GRAPH_GPU = dict(kernel_overhead_s=1e-6, eager_op_overhead_s=10e-6, eager_module_overhead_s=2e-6)
 _NVLINK3 = dict(link_bandwidth=300e9, allreduce_latency_s=5.8e-6, allreduce_hop_latency_s=2.0e-6)
 _NVLINK4 = dict(link_bandwidth=450e9, allreduce_latency_s=4e-6, allreduce_hop_latency_s=1e-6)
 _PCIE4 = dict(link_bandwidth=32e9, allreduce_latency_s=10e-6, allreduce_hop_latency_s=5e-6)
@@ -81,13 +83,15 @@ _ALIASES = {"a100": "A100-80G", "h100": "H100-SXM", "l40": "L40S"}
 # write, attention, wo, add + norm, w1/w3, silu * mul, w2, add), per step ~4 (embedding, final norm,
 # head, cast); the all-reduces are counted by the collective term. Eager path: aten ops, counted
 # with a TorchDispatchMode over this engine's `Transformer.forward` (views included): 102 per layer
-# at T = 1 (105 at T = 4), 18 per step.
+# at T = 1 (105 at T = 4), 18 per step; and nn.Module calls: 10 per layer, 4 per step.
 GRAPH_KERNELS = (10, 4)  # (per layer, per step)
 EAGER_OPS = (102, 18)
+EAGER_MODULES = (10, 4)
 
 
 def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Seconds per call of `fn`, after one warm-up call (CUDA events on GPU, perf_counter on CPU)."""
+    """Seconds per call of `fn`, after one warm-up call: CUDA events around `reps` calls on GPU; on
+    CPU the fastest of `reps` calls, so that a shared machine's preemptions do not count."""
     fn()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,10 +102,12 @@ def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / reps
-    t0 = time.perf_counter()
+    best = math.inf
     for _ in range(reps):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _eager_op_overhead(device: torch.device, reps: int) -> float:
@@ -114,6 +120,16 @@ def _eager_op_overhead(device: torch.device, reps: int) -> float:
         b = torch.mm(x, y.t()).transpose(0, 1).expand(2, 8, 8)
         return torch.rsqrt(a.pow(2).mean(-1)), b.sum()
     return _time_op(mix, device, 20 * reps) / 12
+
+
+def _module_call_overhead(device: torch.device, reps: int) -> float:
+    """Seconds per eager nn.Module call beyond its ops (an Identity module: no op at all)."""
+    module, x = torch.nn.Identity(), torch.ones(1, device=device)
+
+    def calls():  # 10 calls
+        for _ in range(10):
+            module(x)
+    return _time_op(calls, device, 20 * reps) / 10
 
 
 def _graph_overheads(device: torch.device, reps: int, n: int = 100) -> tuple[float, float]:
@@ -182,6 +198,7 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
         a, b = (torch.randn(mm, mm, dtype=dtype, device=device) for _ in range(2))
         mm_s = _time_op(lambda: torch.mm(a, b), device, reps)
         extra["eager_op_overhead_s"] = _eager_op_overhead(device, reps)
+        extra["eager_module_overhead_s"] = _module_call_overhead(device, reps)
         if on_gpu:
             extra["kernel_overhead_s"], extra["step_overhead_s"] = _graph_overheads(device, reps)
         if tp_group is not None:
@@ -227,13 +244,18 @@ def allreduce_time(nbytes: float, world: int, hw: HardwareProfile) -> float:
     return hw.allreduce_latency_s + steps * hw.allreduce_hop_latency_s + steps / world * nbytes / hw.link_bandwidth
 
 
+def _count(per_layer_and_step: tuple[int, int], n_layers: int) -> int:
+    return n_layers * per_layer_and_step[0] + per_layer_and_step[1]
+
+
 def overhead_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:
-    """step_overhead_s + kernels * per-kernel cost: GRAPH_KERNELS with `kernel_overhead_s` when the
-    step replays a CUDA graph (default `hw.graphs`), else EAGER_OPS with `eager_op_overhead_s`."""
-    graphs = hw.graphs if graphs is None else graphs
-    (per_layer, per_step), per_kernel = ((GRAPH_KERNELS, hw.kernel_overhead_s) if graphs
-                                         else (EAGER_OPS, hw.eager_op_overhead_s))
-    return hw.step_overhead_s + (cost.n_layers * per_layer + per_step) * per_kernel
+    """step_overhead_s + launches: GRAPH_KERNELS * `kernel_overhead_s` when the step replays a CUDA
+    graph (default `hw.graphs`), else EAGER_OPS * `eager_op_overhead_s` + EAGER_MODULES *
+    `eager_module_overhead_s`."""
+    if hw.graphs if graphs is None else graphs:
+        return hw.step_overhead_s + _count(GRAPH_KERNELS, cost.n_layers) * hw.kernel_overhead_s
+    return (hw.step_overhead_s + _count(EAGER_OPS, cost.n_layers) * hw.eager_op_overhead_s
+            + _count(EAGER_MODULES, cost.n_layers) * hw.eager_module_overhead_s)
 
 
 def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:

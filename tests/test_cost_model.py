@@ -8,9 +8,9 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
-    EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth, allreduce_time, best_gamma,
-    best_gamma_from_times, decode_step_cost, expected_tokens, get_profile, kv_bytes_per_token, measure_hardware,
-    overhead_time, param_count, params_touched, predict_times, predicted_speedup, roofline_time, weight_bytes,
+    EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth,
+    allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, expected_tokens, get_profile,
+    kv_bytes_per_token, measure_hardware, overhead_time, param_count, params_touched, predict_times, predicted_speedup, roofline_time, weight_bytes,
 )
 from gpt_fast_magicdec.errors import UserError
 
@@ -124,7 +124,8 @@ def test_roofline_time_and_achieved_bandwidth():
 
 def test_roofline_sums_linear_attention_comm_and_overhead():
     hw = HardwareProfile("toy", mem_bandwidth=1e12, matmul_flops=1e14, step_overhead_s=1e-5,
-                         kernel_overhead_s=1e-6, eager_op_overhead_s=4e-6, link_bandwidth=1e11,
+                         kernel_overhead_s=1e-6, eager_op_overhead_s=4e-6, eager_module_overhead_s=3e-6,
+                         link_bandwidth=1e11,
                          allreduce_latency_s=2e-6)
     cost = StepCost(bytes=3e12, flops=3e14, attn_bytes=1e12, attn_flops=2e14, allreduce_bytes=1e8,
                     n_allreduce=4, tp=2, n_layers=2)
@@ -132,7 +133,7 @@ def test_roofline_sums_linear_attention_comm_and_overhead():
     attention = max(1e12 / 1e12, 2e14 / 1e14)  # compute bound: 2 s
     comm = 4 * (2e-6 + 2 * 1 / 2 * 1e8 / 1e11)  # 4 all-reduces over 2 ranks
     graph = 1e-5 + (2 * GRAPH_KERNELS[0] + GRAPH_KERNELS[1]) * 1e-6
-    eager = 1e-5 + (2 * EAGER_OPS[0] + EAGER_OPS[1]) * 4e-6
+    eager = 1e-5 + (2 * EAGER_OPS[0] + EAGER_OPS[1]) * 4e-6 + (2 * EAGER_MODULES[0] + EAGER_MODULES[1]) * 3e-6
     assert overhead_time(cost, hw) == pytest.approx(graph) and overhead_time(cost, hw, False) == pytest.approx(eager)
     assert roofline_time(cost, hw) == pytest.approx(linear + attention + comm + graph)
     assert roofline_time(cost, hw, graphs=False) == pytest.approx(linear + attention + comm + eager)
@@ -255,7 +256,7 @@ def test_measure_hardware_cpu_is_quick_and_sane():
     t0 = time.perf_counter()
     hw = measure_hardware("cpu")
     assert time.perf_counter() - t0 < 2.0
-    for v in (hw.mem_bandwidth, hw.matmul_flops, hw.eager_op_overhead_s):
+    for v in (hw.mem_bandwidth, hw.matmul_flops, hw.eager_op_overhead_s, hw.eager_module_overhead_s):
         assert math.isfinite(v) and v > 0
     assert not hw.graphs and hw.link_bandwidth == math.inf  # eager on CPU; no group, no all-reduce
     assert get_profile("measure", "cpu").name == "measured-cpu"
