@@ -10,7 +10,8 @@ from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
     EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth,
     allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, expected_tokens, get_profile,
-    kv_bytes_per_token, measure_hardware, overhead_time, param_count, params_touched, predict_times, predicted_speedup, roofline_time, weight_bytes,
+    kv_bytes_per_token, measure_hardware, overhead_time, param_count, params_touched, predict_times,
+    predicted_speedup, roofline_time, weight_bytes,
 )
 from gpt_fast_magicdec.errors import UserError
 
