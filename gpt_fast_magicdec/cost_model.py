@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -91,7 +92,7 @@ EAGER_MODULES = (10, 4)
 
 def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
     """Seconds per call of `fn`, after one warm-up call: CUDA events around `reps` calls on GPU; on
-    CPU the fastest of `reps` calls, so that a shared machine's preemptions do not count."""
+    CPU the median of `reps` calls, so that a shared machine's occasional preemption does not count."""
     fn()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -102,12 +103,12 @@ def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / reps
-    best = math.inf
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _eager_op_overhead(device: torch.device, reps: int) -> float:
