@@ -17,8 +17,9 @@ from .drafting import DraftConfig
 class AutoGamma:
     def __init__(self, args, hw: HardwareProfile, draft: DraftConfig, dtype_bytes: int, tp: int = 1,
                  draft_args=None, prior_alpha: float = 0.7, every: int = 8, probe_every: int = 64,
-                 max_gamma: int = 8):
+                 max_gamma: int = 8, graphs=None):
         self.args, self.hw, self.draft, self.dtype_bytes, self.tp = args, hw, draft, dtype_bytes, tp
+        self.graphs = graphs  # steps replay CUDA graphs (None: hw.graphs): the cost model's overhead term
         self.draft_args = draft_args
         self.alpha = prior_alpha
         self.every, self.probe_every = every, probe_every
@@ -50,7 +51,8 @@ class AutoGamma:
         budget = -1 if self.draft.full else self.draft.budget
         gamma, _ = best_gamma(self.args, self.hw, max(running, 1), context, min(self.alpha, 0.999), budget,
                               gammas=self.gammas, dtype_bytes=self.dtype_bytes, tp=self.tp,
-                              draft_args=self.draft_args, draft_budget=budget if self.draft_args else None)
+                              draft_args=self.draft_args, draft_budget=budget if self.draft_args else None,
+                              graphs=self.graphs)
         self.since_probe = self.since_probe + self.every if gamma == 0 else 0
         if gamma == 0 and self.since_probe >= self.probe_every:
             gamma, self.since_probe = 1, 0  # a short probe to re-measure acceptance

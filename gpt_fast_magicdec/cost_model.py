@@ -2,22 +2,31 @@
 
 A forward step over `n_tokens` new tokens for each of `batch` sequences costs
 
-    time = max(bytes / mem_bandwidth, flops / matmul_flops) + step_overhead_s
+    time = max(linear bytes / mem_bandwidth, linear flops / matmul_flops)      [weights: wq..w2, head]
+         + max(KV bytes / mem_bandwidth, attention flops / matmul_flops)       [attention over the cache]
+         + n_collectives * allreduce_time(B * n * dim * dtype_bytes)          [tensor parallel, W > 1]
+         + n_kernels * per-kernel overhead + step_overhead_s                  [launches, host sync]
 
 where `bytes` is what the step must read or write in device memory (weights, KV cache) and `flops`
-its matmul work. One speculation round with `gamma` draft steps then yields, for acceptance rate
-`alpha`, `Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over
-plain decoding is `Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
+its matmul work. The two rooflines are separate because they are separate kernels: at large
+batch x (gamma + 1) the linear layers turn compute bound while the KV read still is not, so
+`T_V / T_T` rises above 1 sooner than one global max over the sums says.
+
+One speculation round with `gamma` draft steps then yields, for acceptance rate `alpha`,
+`Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over plain decoding is
+`Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
 
 Everything counts bytes and FLOPs *per tensor-parallel rank*: attention heads, KV heads and MLP
 columns are sharded over `tp` ranks; norms and the output head are replicated (decision 9).
-Not counted: activations and logits (small next to weights and KV at the shapes that matter).
+Not counted: activations and logits (small next to weights and KV at the shapes that matter), and
+no logits gather under TP (the output head is replicated, decision 9).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+import statistics
 import time
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -31,26 +40,59 @@ from .errors import UserError
 @dataclasses.dataclass(frozen=True)
 class HardwareProfile:
     name: str
-    mem_bandwidth: float  # bytes/s
+    mem_bandwidth: float  # bytes/s, device memory
     matmul_flops: float  # FLOP/s, bf16 dense
-    step_overhead_s: float = 20e-6  # launch + sync cost of one graphed forward step
+    step_overhead_s: float = 20e-6  # host launch + sync of one forward step (graph replay or eager)
+    kernel_overhead_s: float = 0.0  # per kernel inside a replayed CUDA graph (launch gap)
+    eager_op_overhead_s: float = 0.0  # per aten op run eagerly (Python + dispatch + launch)
+    eager_module_overhead_s: float = 0.0  # per nn.Module call run eagerly (hooks, Python frames)
+    graphs: bool = True  # the engine replays CUDA graphs on this device (False: eager, e.g. CPU)
+    link_bandwidth: float = math.inf  # bytes/s one GPU sends in one direction (collectives)
+    allreduce_latency_s: float = 0.0  # fixed cost of one all-reduce, any size
+    allreduce_hop_latency_s: float = 0.0  # per step of a ring all-reduce (2 (W - 1) steps)
 
 
-# Vendor peak numbers. Measured copy bandwidth is typically ~80-90% of peak, so times predicted
-# from these presets are optimistic; `get_profile("measure")` uses what the device really does.
+# Sources. Memory bandwidth and dense bf16 FLOP/s: the vendor data sheets (A100 80GB SXM, H100 SXM5,
+# H200 SXM, L40S). Link bandwidth: NVLink3 on A100 is 600 GB/s total per GPU (both directions),
+# NVLink4 on H100/H200 900 GB/s (A100 / H100 / H200 data sheets); L40S has no NVLink, PCIe Gen4 x16
+# is 64 GB/s both directions (L40S data sheet). A ring all-reduce is limited by one direction: half.
+# All-reduce latency: NVIDIA/nccl-tests issue #123 measured a ring all-reduce of 8-128 B on a DGX
+# A100 at 10 us on 2 GPUs and 33.7 us on 8 (single channel): 5.8 us + 2.0 us per ring step, the
+# A100 figures below. NVIDIA/nccl issue #1259 measured ~6 us on 2 H100s (NVLS, CUDA graphs) and
+# says it grows with GPUs, without the 8-GPU figure: H100/H200 take 4 us + 1 us per step (6 us at 2
+# GPUs; the per-step figure is an assumption). L40S over PCIe: no published figure found; 10 us +
+# 5 us per step is an assumption. Kernel overheads are not vendor figures: ~1 us per kernel in a
+# graph, ~10 us per eager PyTorch op and ~2 us per nn.Module call are the usual orders of
+# magnitude. Measured copy bandwidth is typically ~80-90% of peak, so all these presets are
+# optimistic: `get_profile("measure")` (run under torchrun for the all-reduce terms) replaces every
+# number with what the machine really does.
+_GRAPH_GPU = dict(kernel_overhead_s=1e-6, eager_op_overhead_s=10e-6, eager_module_overhead_s=2e-6)
+_NVLINK3 = dict(link_bandwidth=300e9, allreduce_latency_s=5.8e-6, allreduce_hop_latency_s=2.0e-6)
+_NVLINK4 = dict(link_bandwidth=450e9, allreduce_latency_s=4e-6, allreduce_hop_latency_s=1e-6)
+_PCIE4 = dict(link_bandwidth=32e9, allreduce_latency_s=10e-6, allreduce_hop_latency_s=5e-6)
 PROFILES: dict[str, HardwareProfile] = {
     p.name: p for p in (
-        HardwareProfile("A100-80G", 2.039e12, 312e12),
-        HardwareProfile("H100-SXM", 3.35e12, 989e12),
-        HardwareProfile("H200", 4.8e12, 989e12),
-        HardwareProfile("L40S", 0.864e12, 362e12),
+        HardwareProfile("A100-80G", 2.039e12, 312e12, **_GRAPH_GPU, **_NVLINK3),
+        HardwareProfile("H100-SXM", 3.35e12, 989e12, **_GRAPH_GPU, **_NVLINK4),
+        HardwareProfile("H200", 4.8e12, 989e12, **_GRAPH_GPU, **_NVLINK4),
+        HardwareProfile("L40S", 0.864e12, 362e12, **_GRAPH_GPU, **_PCIE4),
     )
 }
 _ALIASES = {"a100": "A100-80G", "h100": "H100-SXM", "l40": "L40S"}
 
+# Kernels of one forward step. Graph path (compiled, fused): per layer ~10 (norm, qkv, rope + cache
+# write, attention, wo, add + norm, w1/w3, silu * mul, w2, add), per step ~4 (embedding, final norm,
+# head, cast); the all-reduces are counted by the collective term. Eager path: aten ops, counted
+# with a TorchDispatchMode over this engine's `Transformer.forward` (views included): 102 per layer
+# at T = 1 (105 at T = 4), 18 per step; and nn.Module calls: 10 per layer, 4 per step.
+GRAPH_KERNELS = (10, 4)  # (per layer, per step)
+EAGER_OPS = (102, 18)
+EAGER_MODULES = (10, 4)
+
 
 def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Seconds per call of `fn`, after one warm-up call (CUDA events on GPU, perf_counter on CPU)."""
+    """Seconds per call of `fn`, after one warm-up call: CUDA events around `reps` calls on GPU; on
+    CPU the median of `reps` calls, so that a shared machine's occasional preemption does not count."""
     fn()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -61,18 +103,94 @@ def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / reps
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _eager_op_overhead(device: torch.device, reps: int) -> float:
+    """Seconds per eager aten op on tiny tensors, over a mix like the model's (views, pointwise,
+    small matmuls): what a step costs when its tensors are too small to matter."""
+    x, y = (torch.ones(8, 8, device=device) for _ in range(2))
+
+    def mix():  # 12 aten ops
+        a = (x * y + x).view(64).unsqueeze(0)
+        b = torch.mm(x, y.t()).transpose(0, 1).expand(2, 8, 8)
+        return torch.rsqrt(a.pow(2).mean(-1)), b.sum()
+    return _time_op(mix, device, 20 * reps) / 12
+
+
+def _module_call_overhead(device: torch.device, reps: int) -> float:
+    """Seconds per eager nn.Module call beyond its ops (an Identity module: no op at all)."""
+    module, x = torch.nn.Identity(), torch.ones(1, device=device)
+
+    def calls():  # 10 calls
+        for _ in range(10):
+            module(x)
+    return _time_op(calls, device, 20 * reps) / 10
+
+
+def _graph_overheads(device: torch.device, reps: int, n: int = 100) -> tuple[float, float]:
+    """(seconds per kernel inside a replayed CUDA graph, seconds of replay + host sync of a
+    one-kernel graph): the graph path's launch gap and per-step cost."""
+    x = torch.zeros(1, device=device)
+    captured = []
+    for count in (n, 1):
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(count):
+                x.add_(1)
+        captured.append(g)
+    per_kernel = _time_op(captured[0].replay, device, reps) / n
+
+    def step():
+        captured[1].replay()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
+        step()
+    return per_kernel, (time.perf_counter() - t0) / reps
 
 
-def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10) -> HardwareProfile:
-    """Measure copy bandwidth (bytes read + written per second) and the matmul rate on `device`
-    (bf16 on GPU, fp32 on CPU). CPU sizes are small so this takes well under a second."""
+def _allreduce_terms(device: torch.device, group, reps: int) -> dict:
+    """Latency (a 1-element all-reduce) and link bandwidth from a large one, solving
+    t_large - t_small = 2 (W - 1) / W * bytes / link_bandwidth. Every rank of `group` must call."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n_large = (32 << 20) if device.type == "cuda" else (1 << 20)  # elements
+    small, large = torch.ones(1, dtype=dtype, device=device), torch.ones(n_large, dtype=dtype, device=device)
+    t_small = _time_op(lambda: dist.all_reduce(small, group=group), device, reps)
+    t_large = _time_op(lambda: dist.all_reduce(large, group=group), device, reps)
+    ring_bytes = 2 * (world - 1) / world * large.numel() * large.element_size()
+    return dict(allreduce_latency_s=t_small, allreduce_hop_latency_s=0.0,
+                link_bandwidth=ring_bytes / max(t_large - t_small, 1e-9))
+
+
+def _default_tp_group():
+    """The default process group when one of more than one rank is initialised (torchrun), else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, tp_group=None) -> HardwareProfile:
+    """Measure on `device`: copy bandwidth (bytes read + written per second), the matmul rate (bf16
+    on GPU, fp32 on CPU), per-op eager overhead, per-kernel graph overhead and graph step cost (GPU),
+    and with a `tp_group` of W > 1 ranks the all-reduce latency and link bandwidth (a collective:
+    every rank must call). CPU sizes are small so this takes well under a second."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    n_bytes, mm, dtype = (1 << 30, 8192, torch.bfloat16) if on_gpu else (16 << 20, 512, torch.float32)
+    # CPU: 64 MiB, twice this machine's 32 MiB L3, so the copy streams from memory.
+    n_bytes, mm, dtype = (1 << 30, 8192, torch.bfloat16) if on_gpu else (64 << 20, 512, torch.float32)
+    extra: dict = {}
     with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():  # events on its stream
         src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
         dst = torch.empty_like(src)
@@ -80,15 +198,24 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10) -
         del src, dst
         a, b = (torch.randn(mm, mm, dtype=dtype, device=device) for _ in range(2))
         mm_s = _time_op(lambda: torch.mm(a, b), device, reps)
+        extra["eager_op_overhead_s"] = _eager_op_overhead(device, reps)
+        extra["eager_module_overhead_s"] = _module_call_overhead(device, reps)
+        if on_gpu:
+            extra["kernel_overhead_s"], extra["step_overhead_s"] = _graph_overheads(device, reps)
+        if tp_group is not None:
+            extra.update(_allreduce_terms(device, tp_group, reps))
     name = f"measured-{torch.cuda.get_device_name(device) if on_gpu else 'cpu'}"
     return HardwareProfile(name, mem_bandwidth=2 * n_bytes / copy_s, matmul_flops=2 * mm**3 / mm_s,
-                           step_overhead_s=20e-6 if on_gpu else 0.0)
+                           step_overhead_s=extra.pop("step_overhead_s", 0.0), graphs=on_gpu, **extra)
 
 
-def get_profile(name: str, device: Union[str, torch.device, None] = None) -> HardwareProfile:
-    """A preset by name (case-insensitive; `a100`, `h100`, `l40` also accepted) or `measure`."""
+def get_profile(name: str, device: Union[str, torch.device, None] = None, tp_group=None) -> HardwareProfile:
+    """A preset by name (case-insensitive; `a100`, `h100`, `l40` also accepted) or `measure`.
+    `measure` under an initialised process group of W > 1 ranks (torchrun) also measures the
+    all-reduce on it (`tp_group`, default the whole world): then every rank must call this."""
     if name.lower() == "measure":
-        return measure_hardware(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return measure_hardware(device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                tp_group=tp_group if tp_group is not None else _default_tp_group())
     lookup = {k.lower(): v for k, v in PROFILES.items()}
     lookup.update({alias: PROFILES[target] for alias, target in _ALIASES.items()})
     if name.lower() not in lookup:
@@ -101,11 +228,44 @@ def get_profile(name: str, device: Union[str, torch.device, None] = None) -> Har
 class StepCost:
     bytes: float  # device memory read + written by one forward step, per rank
     flops: float  # matmul + attention FLOPs of that step, per rank
+    attn_bytes: float = 0.0  # the KV cache part of `bytes` (read + written)
+    attn_flops: float = 0.0  # the attention part of `flops` (QK^T and PV)
+    allreduce_bytes: float = 0.0  # input of one all-reduce, per rank: B * n * dim * dtype_bytes
+    n_allreduce: int = 0  # all-reduces per step: 2 per layer (after wo and w2) when tp > 1
+    tp: int = 1  # ranks taking part in each all-reduce
+    n_layers: int = 0  # for the kernel count of the overhead term
 
 
-def roofline_time(cost: StepCost, hw: HardwareProfile) -> float:
-    """max(bytes / bandwidth, flops / matmul rate) + per-step overhead, in seconds."""
-    return max(cost.bytes / hw.mem_bandwidth, cost.flops / hw.matmul_flops) + hw.step_overhead_s
+def allreduce_time(nbytes: float, world: int, hw: HardwareProfile) -> float:
+    """Ring all-reduce of `nbytes` per rank over `world` ranks (0 for one rank):
+    latency + 2 (W - 1) * hop latency + 2 (W - 1) / W * nbytes / link_bandwidth."""
+    if world <= 1:
+        return 0.0
+    steps = 2 * (world - 1)
+    return hw.allreduce_latency_s + steps * hw.allreduce_hop_latency_s + steps / world * nbytes / hw.link_bandwidth
+
+
+def _count(per_layer_and_step: tuple[int, int], n_layers: int) -> int:
+    return n_layers * per_layer_and_step[0] + per_layer_and_step[1]
+
+
+def overhead_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:
+    """step_overhead_s + launches: GRAPH_KERNELS * `kernel_overhead_s` when the step replays a CUDA
+    graph (default `hw.graphs`), else EAGER_OPS * `eager_op_overhead_s` + EAGER_MODULES *
+    `eager_module_overhead_s`."""
+    if hw.graphs if graphs is None else graphs:
+        return hw.step_overhead_s + _count(GRAPH_KERNELS, cost.n_layers) * hw.kernel_overhead_s
+    return (hw.step_overhead_s + _count(EAGER_OPS, cost.n_layers) * hw.eager_op_overhead_s
+            + _count(EAGER_MODULES, cost.n_layers) * hw.eager_module_overhead_s)
+
+
+def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:
+    """Seconds of one step: max(bytes / bandwidth, flops / matmul rate) for the linear layers and for
+    attention separately, summed, + the all-reduces + the launch overheads (`overhead_time`)."""
+    linear = max((cost.bytes - cost.attn_bytes) / hw.mem_bandwidth, (cost.flops - cost.attn_flops) / hw.matmul_flops)
+    attention = max(cost.attn_bytes / hw.mem_bandwidth, cost.attn_flops / hw.matmul_flops)
+    comm = cost.n_allreduce * allreduce_time(cost.allreduce_bytes, cost.tp, hw)
+    return linear + attention + comm + overhead_time(cost, hw, graphs)
 
 
 def achieved_bandwidth(cost: StepCost, measured_s: float) -> float:
@@ -163,14 +323,19 @@ def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, d
 
     bytes = weight_bytes + B * n * dim * dtype_bytes                       [embedding rows]
           + B * kv_tokens * kv_bytes_per_token + B * n * kv_bytes_per_token [KV read + written]
-    flops = 2 * params_touched * B * n + 4 * B * n * kv_tokens * H_q_local * D * n_layers"""
+    flops = 2 * params_touched * B * n + 4 * B * n * kv_tokens * H_q_local * D * n_layers
+    all-reduces (tp > 1): 2 * n_layers per step, each of B * n * dim * dtype_bytes"""
     kv_tokens = context if kv_tokens is None else kv_tokens
     kv_tok = kv_bytes_per_token(args, dtype_bytes, tp)
-    nbytes = (weight_bytes(args, dtype_bytes, tp) + batch * n_tokens * args.dim * dtype_bytes
-              + batch * kv_tokens * kv_tok + batch * n_tokens * kv_tok)
-    # QK^T and PV: 2 FLOPs per multiply-add, each over kv_tokens x head_dim per query head.
+    kv = batch * kv_tokens * kv_tok + batch * n_tokens * kv_tok
+    nbytes = weight_bytes(args, dtype_bytes, tp) + batch * n_tokens * args.dim * dtype_bytes + kv
+    # QK^T and PV: 2 FLOPs per multiply-add, each over kv_tokens x head_dim per query head; per KV
+    # head that is G * n query rows, so attention turns compute bound at large G * n.
     attn = 4 * batch * n_tokens * kv_tokens * _per_rank(args.n_heads, tp) * args.head_dim * args.n_layers
-    return StepCost(bytes=float(nbytes), flops=float(2 * params_touched(args, tp) * batch * n_tokens + attn))
+    return StepCost(bytes=float(nbytes), flops=float(2 * params_touched(args, tp) * batch * n_tokens + attn),
+                    attn_bytes=float(kv), attn_flops=float(attn),
+                    allreduce_bytes=float(batch * n_tokens * args.dim * dtype_bytes),
+                    n_allreduce=2 * args.n_layers if tp > 1 else 0, tp=tp, n_layers=args.n_layers)
 
 
 # ---- speculation -----------------------------------------------------------------------------------
@@ -194,10 +359,11 @@ class PredictedTimes:
 
 def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, gamma: int, budget: int,
                   dtype_bytes: int = 2, tp: int = 1, draft_args: Optional[ModelArgs] = None,
-                  draft_budget: Optional[int] = None) -> PredictedTimes:
+                  draft_budget: Optional[int] = None, graphs: Optional[bool] = None) -> PredictedTimes:
     """Roofline times of the three steps of a round. Self-speculation (`draft_args=None`): the
     target's weights reading `min(budget, context)` keys. Standalone draft: `draft_args` weights
-    reading `draft_budget` keys (None: `budget`; -1: the full context)."""
+    reading `draft_budget` keys (None: `budget`; -1: the full context), on the same `tp` ranks.
+    `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term."""
     target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp)
     verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp)
     if draft_args is None:
@@ -206,8 +372,8 @@ def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int
         draft_budget = budget
     draft_kv = context if draft_budget == -1 else min(draft_budget, context)
     draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv)
-    return PredictedTimes(roofline_time(target, hw), roofline_time(verify, hw), roofline_time(draft, hw),
-                          target, verify, draft)
+    return PredictedTimes(roofline_time(target, hw, graphs), roofline_time(verify, hw, graphs),
+                          roofline_time(draft, hw, graphs), target, verify, draft)
 
 
 def expected_tokens(gamma: int, alpha: float) -> float:
@@ -250,11 +416,13 @@ def best_gamma_from_times(T_T: float, T_V: Union[Callable[[int], float], Mapping
 
 def best_gamma(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, alpha: float, budget: int,
                gammas: Iterable[int] = range(1, 9), margin: float = 1.0, dtype_bytes: int = 2, tp: int = 1,
-               draft_args: Optional[ModelArgs] = None, draft_budget: Optional[int] = None) -> tuple[int, float]:
-    """`best_gamma_from_times` over roofline-predicted times: (gamma, speedup), or (0, 1.0)."""
+               draft_args: Optional[ModelArgs] = None, draft_budget: Optional[int] = None,
+               graphs: Optional[bool] = None) -> tuple[int, float]:
+    """`best_gamma_from_times` over predicted times (`predict_times`, collectives included when
+    tp > 1): (gamma, speedup), or (0, 1.0)."""
     gammas = list(gammas)
-    times = {g: predict_times(args, hw, batch, context, g, budget, dtype_bytes, tp, draft_args, draft_budget)
-             for g in gammas}
+    times = {g: predict_times(args, hw, batch, context, g, budget, dtype_bytes, tp, draft_args, draft_budget,
+                              graphs) for g in gammas}
     if not times:
         return 0, 1.0
     any_t = next(iter(times.values()))  # T_T and T_D do not depend on gamma

@@ -1,20 +1,25 @@
 """Roofline cost model: hand-computed byte and FLOP counts, and MagicDec's qualitative claims."""
+import dataclasses
 import math
 import time
 
 import pytest
+import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
-    PROFILES, HardwareProfile, StepCost, achieved_bandwidth, best_gamma, best_gamma_from_times,
-    decode_step_cost, expected_tokens, get_profile, kv_bytes_per_token, measure_hardware, param_count,
-    params_touched, predict_times, predicted_speedup, roofline_time, weight_bytes,
+    EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth,
+    allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, expected_tokens, get_profile,
+    kv_bytes_per_token, measure_hardware, overhead_time, param_count, params_touched, predict_times,
+    predicted_speedup, roofline_time, weight_bytes,
 )
 from gpt_fast_magicdec.errors import UserError
 
 LLAMA3_8B = ModelArgs.from_preset("llama-3.1-8b")
 LLAMA2_7B = ModelArgs.from_preset("llama-2-7b")
 H100 = get_profile("H100-SXM")
+A100 = get_profile("A100-80G")
+NO_COMM = dict(link_bandwidth=math.inf, allreduce_latency_s=0.0, allreduce_hop_latency_s=0.0)
 
 # Per-layer parameters, written out: wq + wk + wv + wo + w1/w2/w3 + two RMSNorms.
 L3_LAYER = 4096 * 4096 + 4096 * 1024 + 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096
@@ -85,12 +90,56 @@ def test_tensor_parallel_per_rank_by_hand():
     assert decode_step_cost(LLAMA3_8B, B, S, 1, dtype_bytes=1).bytes < one.bytes  # fp8 / int8
 
 
+def test_collectives_by_hand():
+    B, n = 4, 4  # verifying gamma + 1 = 4 tokens at TP 8
+    cost = decode_step_cost(LLAMA3_8B, B, 1000, n, tp=8)
+    assert cost.allreduce_bytes == B * n * 4096 * 2  # [B, T, dim] bf16, after wo and after w2
+    assert cost.n_allreduce == 2 * 32 == 64 and cost.tp == 8
+    assert cost.attn_bytes == B * 1000 * 16384 + B * n * 16384  # KV, 1 KV head per rank
+    assert cost.attn_flops == 4 * B * n * 1000 * 4 * 128 * 32  # 4 query heads per rank
+    single = decode_step_cost(LLAMA3_8B, B, 1000, n)
+    assert single.n_allreduce == 0 and single.allreduce_bytes == B * n * 4096 * 2
+
+
+def test_allreduce_time_ring_by_hand():
+    hw = HardwareProfile("toy", 1e12, 1e14, link_bandwidth=100e9, allreduce_latency_s=5e-6,
+                         allreduce_hop_latency_s=1e-6)
+    # 8 ranks: 14 ring steps, each rank sends 2 * 7 / 8 of the buffer.
+    assert allreduce_time(1e6, 8, hw) == pytest.approx(5e-6 + 14 * 1e-6 + 14 / 8 * 1e6 / 100e9)
+    assert allreduce_time(1e6, 2, hw) == pytest.approx(5e-6 + 2 * 1e-6 + 1e6 / 100e9)
+    assert allreduce_time(1e6, 1, hw) == 0.0
+    assert PROFILES["A100-80G"].link_bandwidth == 600e9 / 2  # NVLink3, one direction
+    assert PROFILES["H100-SXM"].link_bandwidth == 900e9 / 2  # NVLink4, one direction
+    # nccl-tests #123 (DGX A100, ring, 8-128 B): 10 us on 2 GPUs, 33.7 us on 8.
+    assert allreduce_time(8, 2, A100) == pytest.approx(9.8e-6, rel=0.05)
+    assert allreduce_time(8, 8, A100) == pytest.approx(33.7e-6, rel=0.05)
+
+
 # ---- roofline -----------------------------------------------------------------------------------
 def test_roofline_time_and_achieved_bandwidth():
     hw = HardwareProfile("toy", mem_bandwidth=1e12, matmul_flops=1e14, step_overhead_s=1e-5)
     assert roofline_time(StepCost(bytes=2e12, flops=1e14), hw) == pytest.approx(2.0 + 1e-5)  # memory
     assert roofline_time(StepCost(bytes=1e9, flops=3e14), hw) == pytest.approx(3.0 + 1e-5)  # compute
     assert achieved_bandwidth(StepCost(bytes=8e11, flops=0.0), 1.0) == 8e11
+
+
+def test_roofline_sums_linear_attention_comm_and_overhead():
+    hw = HardwareProfile("toy", mem_bandwidth=1e12, matmul_flops=1e14, step_overhead_s=1e-5,
+                         kernel_overhead_s=1e-6, eager_op_overhead_s=4e-6, eager_module_overhead_s=3e-6,
+                         link_bandwidth=1e11,
+                         allreduce_latency_s=2e-6)
+    cost = StepCost(bytes=3e12, flops=3e14, attn_bytes=1e12, attn_flops=2e14, allreduce_bytes=1e8,
+                    n_allreduce=4, tp=2, n_layers=2)
+    linear = max(2e12 / 1e12, 1e14 / 1e14)  # memory bound: 2 s
+    attention = max(1e12 / 1e12, 2e14 / 1e14)  # compute bound: 2 s
+    comm = 4 * (2e-6 + 2 * 1 / 2 * 1e8 / 1e11)  # 4 all-reduces over 2 ranks
+    graph = 1e-5 + (2 * GRAPH_KERNELS[0] + GRAPH_KERNELS[1]) * 1e-6
+    eager = 1e-5 + (2 * EAGER_OPS[0] + EAGER_OPS[1]) * 4e-6 + (2 * EAGER_MODULES[0] + EAGER_MODULES[1]) * 3e-6
+    assert overhead_time(cost, hw) == pytest.approx(graph) and overhead_time(cost, hw, False) == pytest.approx(eager)
+    assert roofline_time(cost, hw) == pytest.approx(linear + attention + comm + graph)
+    assert roofline_time(cost, hw, graphs=False) == pytest.approx(linear + attention + comm + eager)
+    # One global max over the sums would say 3 s: the components are separate kernels.
+    assert roofline_time(cost, hw) > max(3e12 / 1e12, 3e14 / 1e14) + comm + graph
 
 
 def test_predict_times_structure():
@@ -114,6 +163,33 @@ def test_predict_times_standalone_draft():
     inherits = predict_times(LLAMA3_8B, H100, 8, 16384, 3, 512, draft_args=draft)
     assert inherits.draft == decode_step_cost(draft, 8, 16384, 1, kv_tokens=512)
     assert sparse.T_D < full.T_D < full.T_T
+
+
+def test_verify_ratio_rises_when_verification_turns_compute_bound():
+    # Large batch x (gamma + 1): the linear layers (and at long gamma attention) leave the memory roof.
+    ratios = [predict_times(LLAMA3_8B, A100, 128, 32768, g, 512).verify_ratio for g in (1, 3, 7)]
+    assert ratios == sorted(ratios) and ratios[-1] > 1.1, ratios
+    small = predict_times(LLAMA3_8B, A100, 1, 32768, 3, 512)
+    assert small.verify_ratio < 1.01  # batch 1: memory bound, verifying 4 tokens ~ decoding 1
+
+
+def test_single_rank_ignores_link_terms():
+    no_comm = dataclasses.replace(A100, **NO_COMM)
+    assert predict_times(LLAMA3_8B, A100, 32, 32768, 3, 512) == predict_times(LLAMA3_8B, no_comm, 32, 32768, 3, 512)
+
+
+def test_tensor_parallel_speedup_lower_with_communication_and_overhead():
+    def speedup(hw, tp=8):
+        return predicted_speedup(predict_times(LLAMA3_8B, hw, 32, 32768, 3, 512, tp=tp), 3, 0.8)
+    bare = dataclasses.replace(A100, **NO_COMM, kernel_overhead_s=0.0, step_overhead_s=0.0)
+    with_comm = dataclasses.replace(bare, **{k: getattr(A100, k) for k in NO_COMM})
+    assert speedup(A100) < speedup(with_comm) < speedup(bare)  # each fixed cost dilutes the gain
+    assert speedup(A100, tp=8) < speedup(A100, tp=1)  # per rank, fixed costs weigh more at TP 8
+    # 64 all-reduces of [B, 1, dim] per decode step, of [B, gamma + 1, dim] per verify step.
+    t = predict_times(LLAMA3_8B, A100, 32, 32768, 3, 512, tp=8)
+    c = predict_times(LLAMA3_8B, dataclasses.replace(A100, **NO_COMM), 32, 32768, 3, 512, tp=8)
+    assert t.T_T - c.T_T == pytest.approx(64 * allreduce_time(32 * 4096 * 2, 8, A100))
+    assert t.T_V - c.T_V == pytest.approx(64 * allreduce_time(32 * 4 * 4096 * 2, 8, A100))
 
 
 # ---- MagicDec's claims ----------------------------------------------------------------------------
@@ -181,6 +257,32 @@ def test_measure_hardware_cpu_is_quick_and_sane():
     t0 = time.perf_counter()
     hw = measure_hardware("cpu")
     assert time.perf_counter() - t0 < 2.0
-    for v in (hw.mem_bandwidth, hw.matmul_flops):
+    for v in (hw.mem_bandwidth, hw.matmul_flops, hw.eager_op_overhead_s, hw.eager_module_overhead_s):
         assert math.isfinite(v) and v > 0
+    assert not hw.graphs and hw.link_bandwidth == math.inf  # eager on CPU; no group, no all-reduce
     assert get_profile("measure", "cpu").name == "measured-cpu"
+
+
+def _measure_rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        hw = get_profile("measure", "cpu")  # under a process group: measures the all-reduce on it
+        if rank == 0:
+            out.put((hw.allreduce_latency_s, hw.link_bandwidth))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_measure_hardware_all_reduce_under_process_group():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    torch.multiprocessing.start_processes(_measure_rank, args=(2, port, out), nprocs=2, start_method="spawn")
+    latency, link = out.get(timeout=5)
+    assert 0 < latency < 0.1 and 0 < link < math.inf
