@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import KERNEL_MAX_ROWS, kernel_supports
+
 _LOG2E = 1.4426950408889634
-_MAX_ROWS = 256  # G * T above this is prefill territory: use the reference / SDPA path
 
 
 @triton.jit
@@ -167,7 +168,9 @@ def choose_tile(rows: int, head_dim: int) -> Tile:
     more), and the key block halves each time the accumulator doubles past that, never above
     8192 / BLOCK_D so the gathered K tile stays the size of the 64 x 128 one. Two stages: the loop
     is a gather, and a third buffer only costs shared memory. Measured per engine shape by
-    tests/test_kernel_compile.py (sm_80 is the tighter one: 255 registers at 32 x 128 x 64)."""
+    tests/test_kernel_compile.py (sm_80 is the tighter one: 254 registers at 32 x 64 x 128).
+    No engine model reaches G*T > 128; a 256 x 16 x 128 tile still spills 64-176 B in its
+    single-split variant (the split variant does not)."""
     block_m = max(16, triton.next_power_of_2(rows))
     block_d = triton.next_power_of_2(head_dim)
     acc = block_m * block_d  # fp32 accumulator elements
@@ -272,10 +275,9 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     B, H, T, D = q.shape
     H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
     G = H // H_kv
-    if not 16 <= D <= 256 or G * H_kv != H:
-        raise ValueError(f"need a head_dim in 16..256 and H % H_kv == 0, got D={D} H={H} H_kv={H_kv}")
-    if G * T > _MAX_ROWS:
-        raise ValueError(f"G*T={G * T} query rows is prefill-sized: use decode_attention_reference")
+    if G * H_kv != H or not kernel_supports(G * T, D):
+        raise ValueError(f"need H % H_kv == 0, a head_dim in 16..256 and G*T <= {KERNEL_MAX_ROWS} "
+                         f"(else use decode_attention_reference), got D={D} H={H} H_kv={H_kv} T={T}")
     if window is not None and sel_pos is None:
         raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
     tile = choose_tile(G * T, D)

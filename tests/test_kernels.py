@@ -6,6 +6,7 @@ TRITON_INTERPRET before triton is imported).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -232,3 +233,18 @@ def test_triton_available(monkeypatch):
     assert triton_available("cpu") is False
     monkeypatch.setitem(__import__("sys").modules, "triton", None)  # as if triton were not installed
     assert triton_available("cpu") is False
+
+
+def test_attend_falls_back_outside_the_kernel_range():
+    """`--attention triton` / auto on a head_dim the kernel cannot take: the torch path, one warning;
+    head_dim 96 stays on the kernel (padded tile)."""
+    from gpt_fast_magicdec.attention import AttentionView, attend
+
+    for D, expect_warning in ((8, True), (96, False)):
+        q, k, v, cl = make_inputs(2, 4, 2, 2, D, [5, 30])
+        view = AttentionView(cache_len=cl, n_tokens=2, backend="triton")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = attend(q, k, v, view, layer_id=0, scale=D ** -0.5)
+        assert any("torch path" in str(w.message) for w in caught) == expect_warning
+        torch.testing.assert_close(out, reference(q, k, v, cl, scale=D ** -0.5), **TOL[torch.float32])
