@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -224,19 +224,24 @@ def _occupancy(device_index: Optional[int]) -> Occupancy:
                      smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 227 * 1024))
 
 
-_RESOURCES: dict = {}  # (constexprs, warps, stages, dtype, device) -> (n_regs, shared bytes)
+_RESOURCES: dict = {}  # (tile, constexprs, dtype, device) -> (n_regs, shared bytes) of the split kernel
 
 
-def _kernel_resources(call: "KernelCall", device: torch.device) -> tuple[int, int]:
-    """Registers per thread and shared memory of the compiled split kernel (compiled once per
-    configuration; later calls, CUDA-graph capture included, only read the cache)."""
-    key = (tuple(sorted(call.constexprs.items())), call.num_warps, call.num_stages, call.args[0].dtype,
-           device.index)
+def _kernel_resources(key: tuple, make_call: Callable[[], "KernelCall"]) -> tuple[int, int]:
+    """Registers per thread and shared memory of the compiled split kernel. Compiled (and its
+    buffers allocated) once per configuration, normally in the engine's warm-up; later calls, CUDA
+    graph capture included, only read the cache: no host sync, nothing that depends on data."""
     if key not in _RESOURCES:
-        kernel = _split_kernel.warmup(*call.args, grid=(1,), **call.kwargs)
-        kernel._init_handles()  # loads the binary: that is where triton reads n_regs
-        _RESOURCES[key] = (kernel.n_regs, kernel.metadata.shared)
+        _measure_resources(key, make_call)
     return _RESOURCES[key]
+
+
+@torch.compiler.disable  # compiles and loads a kernel binary: run it, do not trace it
+def _measure_resources(key: tuple, make_call: Callable[[], "KernelCall"]) -> None:
+    call = make_call()
+    kernel = _split_kernel.warmup(*call.args, grid=(1,), **call.kwargs)
+    kernel._init_handles()  # loads the binary: that is where triton reads n_regs
+    _RESOURCES[key] = (kernel.n_regs, kernel.metadata.shared)
 
 
 @dataclasses.dataclass
@@ -311,7 +316,8 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
             num_splits = 2  # interpreter / CPU: small but > 1, so the combine path is always exercised
         else:
             occ = _occupancy(q.device.index)
-            n_regs, smem = _kernel_resources(split_call(2), q.device)
+            key = (tile, tuple(constexprs.items()), q.dtype, q.device.index)
+            n_regs, smem = _kernel_resources(key, lambda: split_call(2))
             slots = occ.sm_count * blocks_per_sm(occ, n_regs, tile.num_warps, smem)
             num_splits = choose_num_splits(B * H_kv, n_blocks, slots)
     split = split_call(num_splits)

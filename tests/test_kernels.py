@@ -115,6 +115,18 @@ def test_tile_rules(rows, D):
     assert tile.block_n * tile.block_d <= 64 * 128 and tile.block_m * tile.block_n <= 64 * 64
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads the registers of the kernel loaded on a GPU")
+def test_split_count_from_compiled_kernel():
+    q, k, v, cl = make_inputs(40, 32, 8, 1, 128, [100] * 40, dtype=torch.bfloat16)
+    plan = KMOD.launch_plan(q, k, v, cl, scale=1.0)
+    constexprs = tuple((k, v) for k, v in plan.split.constexprs.items() if k != "SPLIT_OUT")
+    n_regs, smem = KMOD._RESOURCES[(plan.tile, constexprs, q.dtype, q.device.index)]
+    assert 0 < n_regs <= 255 and smem > 0
+    occ = KMOD._occupancy(q.device.index)
+    slots = occ.sm_count * KMOD.blocks_per_sm(occ, n_regs, plan.tile.num_warps, smem)
+    assert plan.num_splits == KMOD.choose_num_splits(40 * 8, S_MAX // plan.tile.block_n, slots)
+
+
 def test_blocks_per_sm():
     occ = KMOD.Occupancy(sm_count=132)
     assert KMOD.blocks_per_sm(occ, n_regs=152, num_warps=4, smem_bytes=39424) == 3  # registers bind
