@@ -9,13 +9,14 @@ Drafting strategies are policies that fill a view (see cache.py), not new model 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kernels import decode_attention_reference, full_view_mask
+from kernels import decode_attention_reference, full_view_mask, kernel_supports
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 MAX_KERNEL_QUERIES = 16  # the Triton kernel's query-tile budget (draft 1-2 tokens, verify gamma+1)
@@ -76,6 +77,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: 
     if not view.is_sparse and q.shape[2] > MAX_KERNEL_QUERIES:
         return _prefill_attention(q, k_cache, v_cache, view, scale)
     use_kernel = view.backend == "triton" and q.shape[2] <= MAX_KERNEL_QUERIES
+    if use_kernel and not kernel_supports(q.shape[1] // k_cache.shape[1] * q.shape[2], q.shape[3]):
+        warnings.warn(f"head_dim {q.shape[3]} / {q.shape[1] // k_cache.shape[1]} heads per KV head is "
+                      "outside the Triton kernel's range: decode attention runs the torch path")
+        use_kernel = False
     if use_kernel:
         from kernels import decode_attention_triton
 

@@ -12,8 +12,16 @@ import torch
 
 from .reference import decode_attention_reference, full_view_mask, sparse_view_keys
 
-__all__ = ["decode_attention_reference", "decode_attention_triton", "full_view_mask",
+__all__ = ["decode_attention_reference", "decode_attention_triton", "full_view_mask", "kernel_supports",
            "sparse_view_keys", "triton_available"]
+
+KERNEL_MAX_ROWS = 256  # G*T query rows in one tile; more is prefill territory (reference / SDPA path)
+
+
+def kernel_supports(n_rows: int, head_dim: int) -> bool:
+    """Shapes decode_attention_triton takes: G*T = n_rows <= 256 and a head_dim in 16..256 (any
+    value: the tile is padded to the next power of two)."""
+    return 16 <= head_dim <= 256 and n_rows <= KERNEL_MAX_ROWS
 
 
 def triton_available(device) -> bool:

@@ -196,13 +196,12 @@ def _working_bytes(method: str, B: int, H: int, H_kv: int, T: int, S: int, D: in
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------
-def _default_splits(q: torch.Tensor, n_kv_heads: int, s_max: int, n_sel: int, window: Optional[int]) -> Optional[int]:
-    """The split count decode_attention_triton picks (mirrors its wrapper; None if that changed)."""
+def _launch_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: torch.Tensor,
+                   view: dict, num_splits: Optional[int]) -> Optional[int]:
+    """The split count decode_attention_triton launches with (None if it cannot plan this call)."""
     try:
-        from .decode_attention import default_num_splits
-        T, D = q.shape[2], q.shape[3]
-        win = s_max + T if window is None else window
-        return default_num_splits(q, n_kv_heads, min(n_sel + win + T, s_max), 64 if D <= 128 else 32)
+        from .decode_attention import launch_plan
+        return launch_plan(q, k, v, cache_len, scale=1.0, num_splits=num_splits, **view).num_splits
     except Exception:
         return None
 
@@ -317,8 +316,8 @@ def run_kernel_benchmark(device, dtype: torch.dtype, batch_sizes: Sequence[int],
                     if not has_triton:
                         row["skipped"] = f"triton unavailable on {device.type} (needs CUDA, or TRITON_INTERPRET=1)"
                         continue
-                    row["num_splits"] = num_splits or _default_splits(q, H_kv, S_max, sink if is_sparse else 0,
-                                                                      window if is_sparse else None)
+                    view = compact if method.endswith("compact") else sparse if is_sparse else {}
+                    row["num_splits"] = _launch_splits(q, k, v, cache_len, view, num_splits)
                 need = _working_bytes(method, B, H, H_kv, T, live, D, dtype_bytes)
                 if on_gpu and need > MEMORY_FRACTION * free_after:
                     row["skipped"] = (f"working memory ~{need / 2**30:.1f} GiB > {MEMORY_FRACTION:.0%} of "

@@ -5,6 +5,9 @@ TRITON_INTERPRET before triton is imported).
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 
@@ -82,8 +85,70 @@ def test_full_view_half(dtype, D):
 def test_strided_inputs_and_default_splits():
     q, k, v, cl = make_inputs(2, 8, 2, 3, 64, [7, 70], strided=True)
     assert not k.is_contiguous() and not q.is_contiguous()
-    check(q, k, v, cl, None)  # num_splits from the heuristic (>= 2 off-GPU)
-    assert KMOD.default_num_splits(q, 2, S_MAX, 64) >= (1 if DEVICE == "cuda" else 2)
+    check(q, k, v, cl, None)  # num_splits from the launch plan (2 off-GPU)
+    plan = KMOD.launch_plan(q, k, v, cl, scale=0.125)
+    assert plan.num_splits >= (1 if DEVICE == "cuda" else 2)
+    cfg = plan.config()
+    assert cfg["grid"] == (2, 2, plan.num_splits) and cfg["block_m"] == 16 and cfg["block_d"] == 64
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("D", [96, 80])
+def test_non_power_of_two_head_dim(D, sparse):
+    """Phi-3-style head_dim 96 (and 80): the tile is padded to 128 with masked lanes."""
+    lens, H_kv, T = [0, 40, 100], 2, 3
+    q, k, v, cl = make_inputs(3, 8, H_kv, T, D, lens)
+    view = dict(sel_pos=make_sel_pos(lens, H_kv, T, 8, 2), window=16) if sparse else {}
+    for num_splits in (1, 3):
+        check(q, k, v, cl, num_splits, **view)
+    assert KMOD.launch_plan(q, k, v, cl, scale=1.0, **view).tile.block_d == 128
+
+
+@pytest.mark.parametrize("rows,D", [(4, 128), (8, 128), (32, 128), (64, 128), (128, 128), (256, 128),
+                                    (8, 64), (8, 96), (8, 256)])
+def test_tile_rules(rows, D):
+    """Every tile is a legal tl.dot shape, with more warps and fewer keys per step as it grows
+    (tests/test_kernel_compile.py checks that the engine's tiles do not spill)."""
+    tile = KMOD.choose_tile(rows, D)
+    assert tile.block_m >= max(16, rows) and tile.block_d >= D and tile.block_n >= 16
+    assert tile.block_m * tile.block_d <= 32 * 128 or tile.num_warps == 8
+    assert tile.block_n * tile.block_d <= 64 * 128 and tile.block_m * tile.block_n <= 64 * 64
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads the registers of the kernel loaded on a GPU")
+def test_split_count_from_compiled_kernel():
+    q, k, v, cl = make_inputs(40, 32, 8, 1, 128, [100] * 40, dtype=torch.bfloat16)
+    plan = KMOD.launch_plan(q, k, v, cl, scale=1.0)
+    constexprs = tuple((k, v) for k, v in plan.split.constexprs.items() if k != "SPLIT_OUT")
+    n_regs, smem = KMOD._RESOURCES[(plan.tile, constexprs, q.dtype, q.device.index)]
+    assert 0 < n_regs <= 255 and smem > 0
+    occ = KMOD._occupancy(q.device.index)
+    slots = occ.sm_count * KMOD.blocks_per_sm(occ, n_regs, plan.tile.num_warps, smem)
+    assert plan.num_splits == KMOD.choose_num_splits(40 * 8, S_MAX // plan.tile.block_n, slots)
+
+
+def test_blocks_per_sm():
+    occ = KMOD.Occupancy(sm_count=132)
+    assert KMOD.blocks_per_sm(occ, n_regs=152, num_warps=4, smem_bytes=39424) == 3  # registers bind
+    assert KMOD.blocks_per_sm(occ, n_regs=32, num_warps=4, smem_bytes=100 * 1024) == 2  # shared memory
+    assert KMOD.blocks_per_sm(occ, n_regs=16, num_warps=4, smem_bytes=0) == 16  # threads
+    assert KMOD.blocks_per_sm(occ, n_regs=255, num_warps=8, smem_bytes=0) == 1
+
+
+def test_splits_fill_whole_waves():
+    """B = 40 x 8 KV heads on 132 SMs x 2 resident blocks (264 slots), an 8K context (128 blocks)."""
+    n_tiles, slots, n_blocks = 40 * 8, 132 * 2, 128
+    old = max(1, min(math.ceil(2 * 132 / n_tiles), n_blocks // 2))  # the former "2 x SM count" rule
+    assert old == 1 and (n_tiles * old) % slots / slots < 0.22  # a second wave 21% full
+    new = KMOD.choose_num_splits(n_tiles, n_blocks, slots)
+    last_wave = (n_tiles * new) % slots or slots
+    assert last_wave / slots > 0.8, (new, last_wave)
+    assert n_blocks // new >= 2  # each split still reads >= 2 key blocks
+    # Few programs: split until one wave is full; short contexts: never below 2 blocks per split.
+    assert KMOD.choose_num_splits(8, 128, 264) * 8 <= 264
+    assert KMOD.choose_num_splits(8, 128, 264) >= 16
+    assert KMOD.choose_num_splits(8, 4, 264) <= 2
+    assert KMOD.choose_num_splits(1, 10**6, 264) == 64  # capped
 
 
 # (B, H, H_kv, T, D, cache_len, window, n_sel, n_pad)
@@ -167,8 +232,8 @@ def test_checks_can_fail():
 
 def test_rejects_unsupported_shapes():
     q, k, v, cl = make_inputs(1, 2, 2, 1, 64, [4])
-    with pytest.raises(ValueError):
-        KMOD.decode_attention_triton(q[..., :48], k[..., :48], v[..., :48], cl, scale=1.0)
+    with pytest.raises(ValueError):  # head_dim below 16: tl.dot cannot take it
+        KMOD.decode_attention_triton(q[..., :8], k[..., :8], v[..., :8], cl, scale=1.0)
     with pytest.raises(ValueError):
         KMOD.decode_attention_triton(q, k, v, cl, scale=1.0, window=8)  # sparse view without sel_pos
 
@@ -180,3 +245,18 @@ def test_triton_available(monkeypatch):
     assert triton_available("cpu") is False
     monkeypatch.setitem(__import__("sys").modules, "triton", None)  # as if triton were not installed
     assert triton_available("cpu") is False
+
+
+def test_attend_falls_back_outside_the_kernel_range():
+    """`--attention triton` / auto on a head_dim the kernel cannot take: the torch path, one warning;
+    head_dim 96 stays on the kernel (padded tile)."""
+    from gpt_fast_magicdec.attention import AttentionView, attend
+
+    for D, expect_warning in ((8, True), (96, False)):
+        q, k, v, cl = make_inputs(2, 4, 2, 2, D, [5, 30])
+        view = AttentionView(cache_len=cl, n_tokens=2, backend="triton")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = attend(q, k, v, view, layer_id=0, scale=D ** -0.5)
+        assert any("torch path" in str(w.message) for w in caught) == expect_warning
+        torch.testing.assert_close(out, reference(q, k, v, cl, scale=D ** -0.5), **TOL[torch.float32])
