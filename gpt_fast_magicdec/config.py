@@ -104,6 +104,9 @@ class ModelArgs:
     @classmethod
     def load(cls, directory: Path) -> "ModelArgs":
         path = Path(directory) / ENGINE_CONFIG_NAME
+        if not Path(directory).is_dir():
+            raise ConfigError(f"checkpoint directory {directory} does not exist; convert a Hugging Face model "
+                              "first with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`")
         if not path.is_file():
             raise ConfigError(
                 f"{directory} has no {ENGINE_CONFIG_NAME}: convert the Hugging Face checkpoint first "

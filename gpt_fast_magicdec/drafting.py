@@ -44,7 +44,7 @@ class DraftConfig:
             return
         if self.gamma < 1:
             raise UserError(f"--gamma must be >= 1 for speculative decoding, got {self.gamma} "
-                            "(use --draft none for plain decoding)")
+                            "(--gamma 0 or --draft none is plain decoding)")
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
             raise UserError(f"--gamma must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
                             "(acceptance decays geometrically: useful values are 1-8)")
@@ -72,8 +72,8 @@ class DraftConfig:
         if self.window < self.gamma:
             raise UserError(f"--draft-budget {self.budget} leaves a sliding window of {self.window} keys, "
                             f"less than gamma={self.gamma} (the draft must see its own drafts): raise the "
-                            f"budget to at least {self.budget - self.window + self.gamma} or the window to "
-                            f"{self.gamma}")
+                            f"budget to at least {'sink' if self.kv == 'streaming' else 'selected'} + gamma = "
+                            f"{self.budget - self.window + self.gamma}")
 
     @property
     def enabled(self) -> bool:

@@ -310,3 +310,41 @@ def fail_together(tp: Optional[TensorParallel]):
     if len(failed) < tp.world_size or len(set(m for _, m in failed)) > 1:
         message = f"rank {rank}: {message}"
     raise UserError(message) from error
+
+
+# ---- leaving the process group ----------------------------------------------------------------------
+def shutdown(clean: bool = True) -> None:
+    """Leave the torchrun process group deterministically; a CLI calls this on every exit path.
+
+    A rank must not exit while gloo still has work in flight or threads alive: its C++ destructors
+    then run during interpreter teardown and can hit std::terminate ("terminate called without an
+    active exception", SIGABRT), and torchrun reports the job failed after correct output or a clean
+    error. So: flush what this rank printed, wait at a barrier until every rank is done (`clean`:
+    every rank reached the same exit; skipped after an unexpected exception on one rank, whose peers
+    may be inside another collective), then destroy every group while all ranks are still alive."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def teardown_on_exit():
+    """`with teardown_on_exit(): main()`: shutdown() after a normal exit or sys.exit (every rank
+    exits alike: success, or the same UserError), and without the barrier after a crash."""
+    try:
+        yield
+    except SystemExit:
+        shutdown(clean=True)
+        raise
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown(clean=True)
