@@ -30,7 +30,7 @@ from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.sampling import SamplingParams
 from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 from gpt_fast_magicdec.tp import (TensorParallel, env_world_size, fail_together, is_main_process,
-                                  teardown_on_exit)
+                                  run_cli)
 
 PLAIN = "plain decoding"
 DEFAULT_PROMPT = "Once upon a time"
@@ -385,5 +385,4 @@ def bandwidth_line(args: ModelArgs, results, dtype: torch.dtype, tp_size: int, d
 
 
 if __name__ == "__main__":
-    with teardown_on_exit():  # torchrun: leave the process group on every exit path (see tp.shutdown)
-        main()
+    run_cli(main)  # under torchrun: leave the process group on every exit path (see tp.run_cli)
