@@ -259,26 +259,25 @@ def test_errors_fail_every_rank_with_one_message(driven, case, message):
 EXIT_LOOPS = int(os.environ.get("MAGICDEC_TP_EXIT_LOOPS", "4"))  # raise it to hunt a rarer abort
 
 
-def _two_ranks(args, port: int) -> list:
-    """Start both ranks of a 2-process gloo world directly (no torchrun agent: the abort happens in
-    a rank's own interpreter exit, and skipping the agent halves the cost of a launch)."""
+def _two_ranks(args) -> list:
+    """-> [(returncode, stdout, stderr)] of both ranks of a 2-process gloo world started as torchrun
+    starts its workers (the same environment, the rendezvous store hosted outside the ranks, here in
+    this process), without torchrun's agent process: the abort happens in a rank's own interpreter
+    exit, and skipping the agent makes each launch much cheaper."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, world_size=2, is_master=True, wait_for_workers=False)
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     procs = []
     for rank in range(2):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+                   MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
         procs.append(subprocess.Popen([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    outs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    del store
+    return [(p.returncode, *out) for p, out in zip(procs, outs)]
 
 
 def test_every_exit_path_leaves_the_process_group_cleanly(ckpts):
@@ -291,11 +290,10 @@ def test_every_exit_path_leaves_the_process_group_cleanly(ckpts):
              (["--checkpoint", ckpts["split"], "--prompt", "hi", "--max-new-tokens", 2, "--gamma", 0], 0)]
     for _ in range(EXIT_LOOPS):
         for args, code in cases:
-            procs = _two_ranks([*args, "--no-progress"], _free_port())
-            outs = [p.communicate(timeout=LAUNCH_TIMEOUT_S) for p in procs]
-            for rank, (p, (stdout, stderr)) in enumerate(zip(procs, outs)):
-                assert p.returncode == code and "terminate called" not in stderr, (rank, p.returncode, stderr)
-            assert outs[0][code].count("error:" if code else "== plain decoding") == 1, outs[0]
+            ranks = _two_ranks([*args, "--no-progress"])
+            for rank, (returncode, _, stderr) in enumerate(ranks):
+                assert returncode == code and "terminate called" not in stderr, (rank, returncode, stderr)
+            assert ranks[0][1 + code].count("error:" if code else "== plain decoding") == 1, ranks[0]
 
 
 if __name__ == "__main__":
