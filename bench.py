@@ -31,6 +31,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from gpt_fast_magicdec.cli import resolve_device
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
 from gpt_fast_magicdec.cost_model import (
     PROFILES, HardwareProfile, alpha_from_tokens_per_round, decode_step_cost, expected_tokens, get_profile,
@@ -43,7 +44,7 @@ from gpt_fast_magicdec.engine import (
     CAPTURE_SCRATCH, Engine, GenerationStats, load_model, random_model, set_compiler_flags,
 )
 from gpt_fast_magicdec.errors import UserError
-from gpt_fast_magicdec.tokenizer import load_tokenizer
+from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # --drafts names -> (DraftConfig.kind, DraftConfig.kv, full cache?)
@@ -423,6 +424,7 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
         prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False):
     opts = {key: value for key, value in locals().items() if key not in ("kernels", "profile_rounds") or value}
+    device = resolve_device(device) if not merge else None  # a bad device fails before any work
     if kernels:  # no model: kernels/benchmark.py times the attention kernels alone
         from kernels.benchmark import kernel_bench_cli
         kernel_bench_cli(out_dir, command_line(opts), device, dtype and DTYPES[dtype], batch_sizes, prompt_lengths,
@@ -446,7 +448,6 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
     if not has_draft_model and any(DRAFTS[d][0] == "model" for d in drafts):
         raise UserError("model-* drafts need --draft-checkpoint or --draft-random-weights")
     configs = build_configs(drafts, gammas, budgets, sink)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         set_compiler_flags()
@@ -458,6 +459,8 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         model = load_model(checkpoint, device, dtype)
     draft_model = None
     if draft_checkpoint is not None:
+        if checkpoint is not None:  # the same check as generate.py: one vocabulary, token for token
+            check_same_tokenizer(load_tokenizer(checkpoint), load_tokenizer(draft_checkpoint), draft_checkpoint)
         draft_model = load_model(draft_checkpoint, device, dtype)
     elif draft_random_weights is not None:
         draft_model = random_model(ModelArgs.from_preset(draft_random_weights), device, dtype, seed + 1)
@@ -469,9 +472,7 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         if tokenizer_dir is None and checkpoint is None:
             raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
         tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
-        if tokenizer.vocab_size > args.vocab_size:
-            raise UserError(f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's vocab "
-                            f"({args.vocab_size})")
+        check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
     prompts_desc = (f"windows of {prompts_file.name} (seed {seed})" if tokenizer else f"random tokens (seed {seed})")
 
     meta = dict(command=command_line(opts), git_commit=git_commit(), device=str(device),
@@ -534,15 +535,37 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     click.echo(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'speedup_vs_batch.png'}")
 
 
+def read_results(path: Path) -> dict:
+    """An earlier run's results.json, refused with one line when missing or not bench.py's."""
+    if not path.is_file():
+        raise UserError(f"--merge: {path} does not exist; give directories that earlier bench.py runs wrote "
+                        "with --out-dir")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"--merge: {path} is not valid JSON ({' '.join(str(err).split())}); re-run that "
+                        "benchmark") from None
+    ok = (isinstance(result, dict) and isinstance(result.get("meta"), dict)
+          and isinstance(result.get("rows"), list) and isinstance(result.get("skipped"), list)
+          and all(isinstance(r, dict) and {"prompt_len", "batch"} <= set(r) for r in result["rows"]))
+    try:  # the table is what --merge writes: a file it cannot render is not a results file
+        ok = ok and bool(markdown(result["meta"], result["rows"], result["skipped"]))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--merge: {path} is not a complete bench.py results file; re-run that benchmark")
+    return result
+
+
 def merge_results(dirs, command: str) -> dict:
     """One result from several runs of the same model, device and simulated acceptance."""
-    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    parts = [read_results(Path(d) / "results.json") for d in dirs]
     for key in ("model", "device_name", "simulated_acceptance"):
-        if len({json.dumps(p["meta"][key]) for p in parts}) > 1:
+        if len({json.dumps(p["meta"].get(key)) for p in parts}) > 1:
             raise UserError(f"--merge: the runs differ in {key}; merge only runs of one setup")
-    meta = dict(parts[0]["meta"], command=command, merged_from=[p["meta"]["command"] for p in parts])
+    meta = dict(parts[0]["meta"], command=command, merged_from=[p["meta"].get("command") for p in parts])
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["prompt_len"], r["batch"]))  # stable
-    return dict(meta=meta, simulated_acceptance=meta["simulated_acceptance"], rows=rows,
+    return dict(meta=meta, simulated_acceptance=meta.get("simulated_acceptance"), rows=rows,
                 skipped=[s for p in parts for s in p["skipped"]])
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Generate text with plain or MagicDec speculative decoding.
+"""Generate text with MagicDec speculative decoding (the default) or plain decoding.
 
-  python generate.py --draft self --compare                       # bundled tiny model
+  python generate.py --compare                                    # bundled tiny model, self-speculation
   python generate.py --checkpoint ckpt/llama-3.1-8b --prompt-file docs.jsonl --bsz 32 \\
-      --draft self --draft-kv streaming --draft-budget 512 --gamma 3 --out out.jsonl
+      --draft-kv snapkv --draft-budget 512 --gamma 3 --out out.jsonl
+  python generate.py --checkpoint ... --draft none                # plain decoding (or --gamma 0)
   torchrun --nproc_per_node 8 generate.py --checkpoint ... --bsz 64 --gamma 3    # tensor parallel
 
 Under torchrun only rank 0 prints and writes --out.
@@ -17,18 +18,23 @@ from typing import Optional
 
 import click
 import torch
+from click.core import ParameterSource
 
+from gpt_fast_magicdec.cli import resolve_device
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
-from gpt_fast_magicdec.cost_model import decode_step_cost, get_profile, measure_hardware
-from gpt_fast_magicdec.data import read_jsonl_prompts, write_jsonl
-from gpt_fast_magicdec.drafting import DraftConfig
+from gpt_fast_magicdec.cost_model import PROFILES, decode_step_cost, get_profile, measure_hardware
+from gpt_fast_magicdec.data import check_writable, read_jsonl_prompts, write_jsonl
+from gpt_fast_magicdec.drafting import DEFAULT_BUDGET_FRACTION, DraftConfig, budget_for_context
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.sampling import SamplingParams
-from gpt_fast_magicdec.tokenizer import load_tokenizer
-from gpt_fast_magicdec.tp import TensorParallel, env_world_size, fail_together, is_main_process
+from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
+from gpt_fast_magicdec.tp import (TensorParallel, env_world_size, fail_together, is_main_process,
+                                  run_cli)
 
 PLAIN = "plain decoding"
+DEFAULT_PROMPT = "Once upon a time"
+DRAFT_VIEW_OPTIONS = ("draft_kv", "draft_budget", "sink", "draft_window")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -45,23 +51,64 @@ def batches(items: list, size: int):
         yield items[start:start + size]
 
 
-def build_draft_config(draft, draft_checkpoint, draft_kv, draft_budget, sink, draft_window, gamma) -> DraftConfig:
+def parse_gamma(gamma: str) -> Optional[int]:
+    """--gamma N -> N, --gamma auto -> None."""
+    if gamma.strip().lower() == "auto":
+        return None
+    try:
+        return int(gamma)
+    except ValueError:
+        raise UserError(f"--gamma must be an integer or 'auto', got {gamma!r}") from None
+
+
+def draft_kind(draft: Optional[str], draft_checkpoint, gamma: Optional[int]) -> str:
+    """The draft of the run. No --draft means speculation: a standalone draft with
+    --draft-checkpoint, else self-speculation. --gamma 0 is plain decoding, like --draft none."""
+    if gamma == 0:
+        if draft not in (None, "none") or draft_checkpoint:
+            raise UserError("--gamma 0 means plain decoding, but a draft was asked for (--draft / "
+                            "--draft-checkpoint): drop one of them")
+        return "none"
     if draft is None:
-        draft = "model" if draft_checkpoint else "none"
+        return "model" if draft_checkpoint else "self"
     if draft == "model" and not draft_checkpoint:
         raise UserError("--draft model needs --draft-checkpoint DIR")
     if draft_checkpoint and draft != "model":
         raise UserError(f"--draft-checkpoint was given but --draft is {draft!r}: drop one of them")
-    gamma_value = 3 if gamma == "auto" else _int_option("--gamma", gamma)
-    return DraftConfig(kind=draft, kv=draft_kv, budget=draft_budget, sink=sink, window=draft_window,
-                       gamma=gamma_value)
+    return draft
 
 
-def _int_option(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"{name} must be an integer or 'auto', got {value!r}")
+def build_draft_config(draft, draft_checkpoint, draft_kv, draft_budget, sink, draft_window, gamma) -> DraftConfig:
+    gamma_value = parse_gamma(gamma)
+    kind = draft_kind(draft, draft_checkpoint, gamma_value)
+    return DraftConfig(kind=kind, kv=draft_kv, budget=draft_budget, sink=sink, window=draft_window,
+                       gamma=3 if gamma_value is None else gamma_value)
+
+
+def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, random_weights, gamma_auto: bool,
+                    hardware_given: bool) -> list[str]:
+    """One notice per option given explicitly that the chosen mode does not use. (Contradictions
+    are errors elsewhere; these are harmless but must not pass silently.)"""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    unused = []
+    if not cfg.enabled:
+        unused += [(o, "with plain decoding") for o in DRAFT_VIEW_OPTIONS if o in explicit]
+        if "gamma" in explicit and cfg.gamma != 0:
+            unused.append(("gamma", "with --draft none"))
+    elif cfg.full:
+        unused += [(o, "with --draft-budget -1 (full cache)") for o in ("draft_kv", "sink", "draft_window")
+                   if o in explicit]
+    elif cfg.kv == "snapkv" and "sink" in explicit:
+        unused.append(("sink", "with --draft-kv snapkv (it selects positions; --sink is the streaming view's)"))
+    if sampling.greedy:
+        unused += [(o, "with greedy decoding (--temperature 0)") for o in ("top_p", "top_k") if o in explicit]
+    if "prompt_length" in explicit and not random_weights:
+        unused.append(("prompt_length", "without --random-weights (prompts are text)"))
+    if hardware_given and not gamma_auto:
+        unused.append(("hardware", "without --gamma auto"))
+    return [f"notice: {flag(o)} is ignored {why}" for o, why in unused]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -70,14 +117,18 @@ def _int_option(name: str, value: str) -> int:
                    "tiny model, converted on first use.")
 @click.option("--random-weights", type=click.Choice(sorted(PRESETS)), default=None,
               help="Run a preset shape with random weights instead of a checkpoint (benchmarks): the text is noise.")
-@click.option("--prompt", multiple=True, help="A prompt; repeat for several.")
+@click.option("--prompt", multiple=True, help=f"A prompt; repeat for several. Default: {DEFAULT_PROMPT!r}.")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Prompts from a JSONL file (one object per line with a 'text' field) or one plain-text prompt.")
-@click.option("--prompt-length", type=int, default=128, show_default=True,
-              help="With --random-weights and no prompt: length of the random-token prompts.")
+              help="UTF-8 prompts: JSONL (the first line a JSON object; a 'text' field per line), or else the "
+                   "whole file is one plain-text prompt. Decided by the content, not the file name.")
+@click.option("--prompt-length", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --random-weights: length of the random-token prompts.")
 @click.option("--bsz", type=int, default=1, show_default=True,
               help="Batch size. Fewer prompts are cycled to fill the batch; more are run in batches of this size.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Token limit per sequence.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Token limit per sequence.")
+@click.option("--ignore-eos", is_flag=True,
+              help="Do not stop at EOS: every sequence gets exactly --max-new-tokens (benchmarks, lossless checks).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (with --temperature > 0).")
 @click.option("--top-k", type=int, default=None, help="Keep only the k most likely tokens (with --temperature > 0).")
@@ -91,23 +142,29 @@ def _int_option(name: str, value: str) -> int:
               help="Decode attention: Triton kernels (auto on CUDA) or the plain-torch reference.")
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True,
               help="Prefill this many prompt tokens per forward pass (bounds activation memory).")
-@click.option("--max-seq-len", type=int, default=None,
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
               help="Longest prompt + new tokens allowed. Default: the model's max_position_embeddings.")
 @click.option("--draft", type=click.Choice(["none", "self", "model"]), default=None,
-              help="none: plain decoding; self: self-speculation over the target's own cache; model: a "
-                   "standalone draft (--draft-checkpoint). Default: model if --draft-checkpoint, else none.")
+              help="self: self-speculation, the draft reads a sparse slice of the target's own cache; model: a "
+                   "standalone draft (--draft-checkpoint); none: plain decoding (as --gamma 0). Default: model "
+                   "with --draft-checkpoint, else self (StreamingLLM view, budget 512, sink 16, gamma 3).")
 @click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Converted checkpoint of a standalone draft model sharing the target's tokenizer.")
 @click.option("--draft-kv", type=click.Choice(["streaming", "snapkv"]), default="streaming", show_default=True,
               help="Which keys the draft reads besides its sliding window: StreamingLLM sink or SnapKV picks.")
 @click.option("--draft-budget", type=int, default=512, show_default=True,
-              help="Keys the draft reads per query (selected + window); -1 = full cache (standalone draft only).")
+              help="Keys the draft reads per query (selected + window); -1 = full cache (standalone draft only). "
+                   f"When not given (nor --draft-window), each batch clips it to 1/{DEFAULT_BUDGET_FRACTION} of its "
+                   "shortest prompt, so the draft stays a small slice of a short context.")
 @click.option("--sink", type=int, default=16, show_default=True, help="Streaming view: attention-sink positions.")
 @click.option("--draft-window", type=int, default=None,
               help="Sliding window of the draft. Default: budget - sink (streaming), budget / 4 (snapkv).")
 @click.option("--gamma", default="3", show_default=True,
-              help="Draft tokens per round (>= 1), or 'auto' to pick it (or plain decoding) from the cost model "
-                   "and the running acceptance rate.")
+              help="Draft tokens per round; 0 = plain decoding; 'auto' picks it (or plain decoding) from the cost "
+                   "model and the running acceptance rate, and prints what it chose.")
+@click.option("--hardware", type=click.Choice(["measure", *PROFILES], case_sensitive=False), default="measure",
+              show_default=True,
+              help="--gamma auto's hardware profile: a preset (repeatable choices) or 'measure' (measured at start).")
 @click.option("--draft-ranks", default=None,
               help="Tensor parallel only: comma-separated ranks that hold the standalone draft (e.g. 0,1,2,3).")
 @click.option("--compare", is_flag=True,
@@ -117,14 +174,23 @@ def _int_option(name: str, value: str) -> int:
 @click.option("--simulate-acceptance", type=float, default=None, hidden=True,
               help="bench.py only; refused here.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on long prefill.")
+@click.option("--verbose", is_flag=True,
+              help="Also print the memory-bandwidth line of plain decoding (it measures the machine: slow).")
 def main(**opts):
-    """Generate from a Llama-family model with optional MagicDec speculative decoding.
+    """Generate from a Llama-family model with MagicDec speculative decoding.
+
+    By default the model drafts for itself: gamma 3 tokens per round from a StreamingLLM view of its
+    own KV cache (16 sink + the most recent keys, 512 in all, or 1/4 of a shorter prompt), verified
+    in one pass of the full model; the output is the model's own (lossless). --draft-checkpoint uses a
+    standalone draft model; --draft none or --gamma 0 decodes plainly.
 
     Prints the completions and a summary: prefill time, decode tokens/s, per-sequence latency,
     peak memory, and for speculative runs acceptance, tokens per round and the time split."""
     warnings.showwarning = _one_line_warning
+    ctx = click.get_current_context()
+    explicit = {name for name in opts if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     try:
-        run(**opts)
+        run(explicit=explicit, **opts)
     except UserError as err:
         echo(f"error: {err}", err=True)  # under torchrun every rank raises the same error; rank 0 says it
         sys.exit(1)
@@ -140,10 +206,12 @@ def _one_line_warning(message, *args, **kwargs):
     echo(f"warning: {message}", err=True)
 
 
-def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max_new_tokens, temperature, top_p,
-        top_k, seed, device, dtype, compile, attention, prefill_chunk, max_seq_len, draft, draft_checkpoint,
-        draft_kv, draft_budget, sink, draft_window, gamma, draft_ranks, compare, out, simulate_acceptance,
-        progress):
+def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max_new_tokens, ignore_eos, temperature,
+        top_p, top_k, seed, device, dtype, compile, attention, prefill_chunk, max_seq_len, draft, draft_checkpoint,
+        draft_kv, draft_budget, sink, draft_window, gamma, hardware, draft_ranks, compare, out, simulate_acceptance,
+        progress, verbose, explicit=frozenset()):
+    # Every check before TensorParallel.start runs on every rank and needs no collective, so a bad
+    # flag fails everywhere instead of hanging; and all of them come before loading anything.
     if simulate_acceptance is not None:
         raise UserError("--simulate-acceptance is a benchmark-only mode (bench.py): generate.py never fakes acceptance")
     if bsz < 1 or prefill_chunk < 1:
@@ -151,17 +219,28 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if checkpoint is not None and random_weights is not None:
         raise UserError("give either --checkpoint or --random-weights, not both")
     draft_cfg = build_draft_config(draft, draft_checkpoint, draft_kv, draft_budget, sink, draft_window, gamma)
+    gamma_auto = draft_cfg.enabled and parse_gamma(gamma) is None
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for line in ignored_options(explicit, draft_cfg, sampling, random_weights, gamma_auto, "hardware" in explicit):
+        echo(line, err=True)
+    if compare and not draft_cfg.enabled:
+        raise UserError("--compare runs plain decoding against speculation: drop --draft none / --gamma 0")
+    device = resolve_device(device)
     dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if draft_ranks is not None and env_world_size() == 1:
         raise UserError("--draft-ranks needs tensor parallelism: launch with torchrun --nproc_per_node N")
     if draft_ranks is not None and draft_cfg.kind != "model":
         raise UserError("--draft-ranks places a standalone draft (--draft-checkpoint); it does not apply to "
                         f"--draft {draft_cfg.kind}")
-    # Tensor parallel under torchrun (None otherwise). Every check above runs on every rank before
-    # the first collective, so a bad flag fails everywhere instead of hanging.
-    tp = TensorParallel.start(device, draft_ranks)
+    if out is not None:
+        check_writable(out)  # now, not after the whole generation has run
+    texts = read_prompts(prompt, prompt_file)
+    if random_weights and texts:
+        raise UserError("--random-weights has no tokenizer: use --prompt-length instead of prompt text")
+    # Clip the budget per batch only when the user chose neither the budget nor the window.
+    clip_budget = not explicit & {"draft_budget", "draft_window"}
+
+    tp = TensorParallel.start(device, draft_ranks)  # tensor parallel under torchrun (None otherwise)
     if tp is not None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
     progress = progress and is_main_process()
@@ -181,93 +260,116 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
                 from gpt_fast_magicdec.tiny import bundled_checkpoint
 
                 checkpoint = bundled_checkpoint()
-            model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
             target_args = ModelArgs.load(checkpoint)  # the full shape (model.args is this rank's shard)
             tokenizer = load_tokenizer(checkpoint)
+            check_tokenizer_fits(tokenizer, target_args.vocab_size, checkpoint)
+            model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
         draft_model = None
         if draft_cfg.kind == "model":
+            if tokenizer is not None:
+                check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), draft_checkpoint)
             if tp is None:
                 draft_model = load_model(draft_checkpoint, device, dtype)
             elif tp.holds_draft:
                 draft_model = tp.load_model(draft_checkpoint, device, dtype, draft=True)
-            if tokenizer is not None and load_tokenizer(draft_checkpoint).fingerprint() != tokenizer.fingerprint():
-                raise UserError(f"the draft's tokenizer ({draft_checkpoint}) differs from the target's: "
-                                "speculative decoding needs both models to share one vocabulary")
         engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp)
 
-    texts = read_prompts(prompt, prompt_file)
     if tokenizer is None:
-        if texts:
-            raise UserError("--random-weights has no tokenizer: use --prompt-length instead of prompt text")
         gen = torch.Generator().manual_seed(seed)
         prompt_ids = [torch.randint(model.args.vocab_size, (prompt_length,), generator=gen).tolist()
                       for _ in range(bsz)]
     else:
-        texts = texts or ["Once upon a time"]
+        texts = texts or [DEFAULT_PROMPT]
         prompt_ids = [tokenizer.encode(t) for t in texts]
-    eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
-    gamma_controller = None
-    if gamma == "auto" and draft_cfg.enabled:
-        from gpt_fast_magicdec.autogamma import AutoGamma
-
-        # Full (unsharded) shapes; under TP every rank uses rank 0's measured hardware, so all ranks
-        # pick the same gamma every round.
-        hw = get_profile("measure", device)
+    stop_ids = () if ignore_eos or tokenizer is None else tokenizer.eos_ids
+    hw = None
+    if gamma_auto:  # under TP every rank uses rank 0's profile, so all ranks pick the same gamma
+        hw = get_profile(hardware, device)
         hw = tp.broadcast_object(hw) if tp else hw
         draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
-        gamma_controller = AutoGamma(target_args, hw, draft_cfg, dtype.itemsize, tp.world_size if tp else 1,
-                                     draft_args)
 
-    def generate_all(cfg: DraftConfig, controller):
+    def generate_all(cfg: DraftConfig):
+        """-> [(prompt indices, GenerationResult, the batch's draft config, its AutoGamma or None)]"""
         results = []
         for batch in batches(list(range(len(prompt_ids))), bsz):
-            res = engine.generate([prompt_ids[i] for i in batch], max_new_tokens, sampling, cfg, eos_ids,
-                                  prefill_chunk, max_seq_len, progress, gamma_controller=controller)
-            results.append((batch, res))
+            ids = [prompt_ids[i] for i in batch]
+            batch_cfg = budget_for_context(cfg, min(map(len, ids))) if clip_budget else cfg
+            controller = None
+            if hw is not None and cfg.enabled:
+                from gpt_fast_magicdec.autogamma import AutoGamma
+
+                # Full (unsharded) shapes, and this batch's budget.
+                controller = AutoGamma(target_args, hw, batch_cfg, dtype.itemsize, tp.world_size if tp else 1,
+                                       draft_args)
+            res = engine.generate(ids, max_new_tokens, sampling, batch_cfg, stop_ids, prefill_chunk, max_seq_len,
+                                  progress, gamma_controller=controller)
+            results.append((batch, res, batch_cfg, controller))
         return results
 
     runs = []
     if compare:
-        if not draft_cfg.enabled:
-            raise UserError("--compare needs a draft (--draft self or --draft-checkpoint)")
-        runs.append((PLAIN, generate_all(DraftConfig(kind="none"), None)))
-    name = f"draft: {draft_cfg.describe()}" if draft_cfg.enabled else PLAIN
-    runs.append((name, generate_all(draft_cfg, gamma_controller)))
+        runs.append((PLAIN, generate_all(DraftConfig(kind="none"))))
+    final = generate_all(draft_cfg)
+    runs.append((describe_run(final), final))
 
-    final = runs[-1][1]
-    for batch, res in final:
+    for batch, res, _, _ in final:
         for i, toks in zip(batch, res.tokens):
             shown = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks[:32])) + " ..."
             echo(f"--- [{i}] {shown}")
     for name, results in runs:
         echo(f"== {name}")
-        for _, res in results:
+        for _, res, _, _ in results:
             for line in res.stats.summary_lines():
                 echo("   " + line)
+    for line in auto_gamma_lines(final):
+        echo(line)
     if compare:
-        tps = [sum(r.stats.tokens_per_s for _, r in results) / len(results) for _, results in runs]
+        tps = [sum(r.stats.tokens_per_s for _, r, _, _ in results) / len(results) for _, results in runs]
         echo(f"== speedup over plain decoding: {tps[1] / tps[0]:.2f}x")
         if sampling.greedy:  # identical, or the first divergence and whether it is a near-tie
             from gpt_fast_magicdec.lossless import compare_greedy
 
-            report = compare_greedy(engine.model, [prompt_ids[i] for batch, _ in final for i in batch],
-                                    [t for _, res in runs[0][1] for t in res.tokens],
-                                    [t for _, res in final for t in res.tokens])
+            report = compare_greedy(engine.model, [prompt_ids[i] for batch, _, _, _ in final for i in batch],
+                                    [t for _, res, _, _ in runs[0][1] for t in res.tokens],
+                                    [t for _, res, _, _ in final for t in res.tokens])
             for line in report.lines:
                 echo(f"   {line}")
             if not report.ok:
                 raise UserError("greedy speculative output diverged from plain decoding where the target "
                                 "has no near-tie: speculative decoding is not lossless here (a bug)")
     plain = [results for name, results in runs if name == PLAIN]
-    if plain and is_main_process():
+    if plain and (compare or verbose) and is_main_process():
         echo(bandwidth_line(target_args, plain[0], dtype, tp.world_size if tp else 1, device))
     if out is not None and is_main_process():
-        write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, eos_ids))
+        write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, stop_ids))
         echo(f"wrote {out}")
 
 
+def describe_run(results) -> str:
+    """The run's name in the summary: its draft, per batch when the budget was clipped per batch."""
+    configs = list(dict.fromkeys(cfg.describe() for _, _, cfg, _ in results))
+    if not results[0][2].enabled:
+        return PLAIN
+    return "draft: " + "; ".join(configs) + (" (gamma auto)" if results[0][3] is not None else "")
+
+
+def auto_gamma_lines(results) -> list[str]:
+    """What --gamma auto chose, per batch: each change of gamma with the round, context and
+    acceptance estimate it was decided at (gamma 0 is plain decoding: predicted speedup < 1)."""
+    lines = []
+    for batch, _, _, controller in results:
+        if controller is None:
+            continue
+        changes = [h for k, h in enumerate(controller.history) if k == 0 or h[3] != controller.history[k - 1][3]]
+        said = [f"{'plain decoding (predicted speedup < 1)' if g == 0 else f'gamma {g}'} from round {r} "
+                f"(context {c}, acceptance {a:.2f})" for r, c, a, g in changes[:6]]
+        more = f", then {len(changes) - 6} more changes" if len(changes) > 6 else ""
+        lines.append(f"== gamma auto, prompts {batch[0]}..{batch[-1]}: " + ", ".join(said) + more)
+    return lines
+
+
 def completion_rows(texts, prompt_ids, results, tokenizer, eos_ids):
-    for batch, res in results:
+    for batch, res, _, _ in results:
         for i, toks in zip(batch, res.tokens):
             yield {"prompt": texts[i] if texts else None,
                    "completion": tokenizer.decode(toks) if tokenizer else None,
@@ -279,7 +381,7 @@ def bandwidth_line(args: ModelArgs, results, dtype: torch.dtype, tp_size: int, d
     """Plain decoding against the memory-bandwidth roofline: bytes one step must read (weights + live
     KV, cost model) over the measured time per step, as a fraction of measured copy bandwidth."""
     achieved = []
-    for _, res in results:
+    for _, res, _, _ in results:
         st = res.stats
         context = sum(st.prompt_tokens) / st.batch_size + sum(st.new_tokens) / st.batch_size / 2
         step = decode_step_cost(args, st.batch_size, int(context), 1, dtype.itemsize, tp_size)
@@ -291,8 +393,4 @@ def bandwidth_line(args: ModelArgs, results, dtype: torch.dtype, tp_size: int, d
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        if torch.distributed.is_initialized():  # torchrun: leave the process group cleanly
-            torch.distributed.destroy_process_group()
+    run_cli(main)  # under torchrun: leave the process group on every exit path (see tp.run_cli)

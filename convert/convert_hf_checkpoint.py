@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,10 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, engine_weight_files, first_line,
-                                          hf_to_engine_name, save_engine_checkpoint,
-                                          validate_state_dict)
-from gpt_fast_magicdec.config import ModelArgs
+from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                                          engine_weight_files, first_line, hf_to_engine_name,
+                                          save_engine_checkpoint, validate_state_dict)
+from gpt_fast_magicdec.config import ENGINE_CONFIG_NAME, ModelArgs
 from gpt_fast_magicdec.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": None}
@@ -34,6 +36,12 @@ IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old transformers versi
 # (index file, single file, shard glob) in order of preference.
 _HF_LAYOUTS = (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
                ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"))
+# What a converted checkpoint directory may hold: --force replaces only such a directory.
+_CHECKPOINT_FILES = {ENGINE_CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *TOKENIZER_FILES}
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# A work directory `.NAME.partial-PID-HEX` beside --out; older versions wrote `.NAME.partial-HEX`.
+_PARTIAL_RE = re.compile(r"\.(?P<name>.+)\.partial-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+LEGACY_PARTIAL_STALE_S = 3600  # no pid to check: one untouched for an hour is abandoned
 
 
 def _read_json(path: Path) -> dict:
@@ -108,6 +116,8 @@ def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = Fa
                           max_shard_gb: float = 0.0) -> Path:
     """Convert the HF checkpoint in `hf_dir` into an engine checkpoint at `out_dir`; returns it."""
     hf_dir = Path(hf_dir)
+    if not str(out_dir).strip():  # `--out "$UNSET"`: never let it mean the current directory
+        raise UserError("--out is empty; give the directory to write the checkpoint to")
     out_dir = Path(os.path.abspath(out_dir))  # normalised, so "." or "x/.." still has a name and a parent
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -119,19 +129,15 @@ def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = Fa
     if out_dir.exists():
         if not out_dir.is_dir():
             raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
-        if any(out_dir.iterdir()) and not force:
-            raise UserError(f"--out {out_dir} already exists and is not empty; pass --force to replace it")
         hf_real, out_real = hf_dir.resolve(), out_dir.resolve()
         if hf_real == out_real or out_real in hf_real.parents:
             raise UserError(f"--out {out_dir} holds the input checkpoint; choose another output path")
+        check_replaceable(out_dir, force)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     hf_config = _read_json(hf_dir / "config.json")
     gen_path = hf_dir / "generation_config.json"
-    try:
-        args = ModelArgs.from_hf_config(hf_config, _read_json(gen_path) if gen_path.is_file() else None)
-    except KeyError as e:
-        raise UserError(f"{hf_dir / 'config.json'} lacks the key {e}; the file looks incomplete") from None
+    args = ModelArgs.from_hf_config(hf_config, _read_json(gen_path) if gen_path.is_file() else None)
     if not hf_config.get("_name_or_path"):  # transformers 5 no longer saves it: name after the folder
         args.name = hf_dir.resolve().name
     state_dict = read_hf_state_dict(hf_dir, args, DTYPES[dtype])
@@ -139,7 +145,8 @@ def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = Fa
                         "not match its config.json")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    remove_stale_partials(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         save_engine_checkpoint(tmp, args, _unshare(state_dict),
@@ -150,6 +157,52 @@ def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def is_engine_checkpoint(directory: Path) -> bool:
+    """True for a directory this converter wrote: engine_config.json, and nothing but checkpoint
+    files (weights, index, tokenizer files) beside it."""
+    names = {p.name for p in directory.iterdir()}
+    return ENGINE_CONFIG_NAME in names and all(n in _CHECKPOINT_FILES or _SHARD_RE.fullmatch(n) for n in names)
+
+
+def check_replaceable(out_dir: Path, force: bool) -> None:
+    """An existing --out may be replaced only when empty, or with --force when it is an earlier
+    engine checkpoint: anything else (the current directory, a home, a source tree) is refused,
+    whatever the flags, since replacing it deletes it."""
+    cwd = Path.cwd().resolve()
+    if out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
+        raise UserError(f"--out {out_dir} is the current directory or one above it; choose a new directory")
+    if not any(out_dir.iterdir()):
+        return
+    if not is_engine_checkpoint(out_dir):
+        raise UserError(f"--out {out_dir} exists and is not an engine checkpoint; refusing to replace it "
+                        "(even with --force): choose a new or empty directory")
+    if not force:
+        raise UserError(f"--out {out_dir} already holds a checkpoint; pass --force to replace it")
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Delete `.NAME.partial-*` work directories a killed conversion to `out_dir` left behind:
+    those whose process is gone (or, from older versions without a pid, untouched for an hour)."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        m = _PARTIAL_RE.fullmatch(path.name)
+        if m is None or m["name"] != out_dir.name or not path.is_dir():
+            continue
+        stale = (not _process_alive(int(m["pid"])) if m["pid"]
+                 else time.time() - path.stat().st_mtime > LEGACY_PARTIAL_STALE_S)
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _copy_tokenizer_files(hf_dir: Path, out_dir: Path) -> None:
@@ -202,11 +255,13 @@ def summarize(out_dir: Path) -> str:
               help="Hugging Face model directory: config.json plus *.safetensors or pytorch_model*.bin "
                    "weights, and tokenizer files.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory to write the engine checkpoint to (created; must not exist or be empty "
-                   "unless --force).")
+              help="Directory to write the engine checkpoint to (created; must not exist, be empty, or "
+                   "with --force be an earlier engine checkpoint).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="Weight dtype to store; 'auto' keeps the dtype the checkpoint is stored in.")
-@click.option("--force", is_flag=True, help="Replace an existing, non-empty --out directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out that holds an engine checkpoint (any other non-empty "
+                   "directory is refused).")
 @click.option("--max-shard-gb", type=float, default=0.0, show_default=True,
               help="Split the weights into safetensors shards of at most this many GiB; 0 writes "
                    "one model.safetensors.")

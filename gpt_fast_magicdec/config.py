@@ -63,16 +63,32 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        # Sizes first: a hand-edited config with "n_heads": 0 or "dim": "4096" must fail here with
+        # its field name, not as a ZeroDivisionError or TypeError further down.
+        for field in _SIZE_FIELDS:
+            value = getattr(self, field)
+            if field == "head_dim" and value is None:
+                continue
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
             self.head_dim = self.dim // self.n_heads
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
-        self.eos_ids = tuple(int(e) for e in self.eos_ids)
-        for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size"):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+            try:
+                self.rope_scaling = RopeScaling(**self.rope_scaling)
+            except TypeError as e:
+                raise ConfigError(f"rope_scaling: {e}") from None
+        for field in ("norm_eps", "rope_base"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{field} must be a positive number, got {value!r}")
+        if self.bos_id is not None and not _is_int(self.bos_id):
+            raise ConfigError(f"bos_id must be an integer or null, got {self.bos_id!r}")
+        if not isinstance(self.eos_ids, (list, tuple)) or not all(_is_int(e) for e in self.eos_ids):
+            raise ConfigError(f"eos_ids must be a list of integers, got {self.eos_ids!r}")
+        self.eos_ids = tuple(self.eos_ids)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -88,16 +104,32 @@ class ModelArgs:
     @classmethod
     def load(cls, directory: Path) -> "ModelArgs":
         path = Path(directory) / ENGINE_CONFIG_NAME
+        if not Path(directory).is_dir():
+            raise ConfigError(f"checkpoint directory {directory} does not exist; convert a Hugging Face model "
+                              "first with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`")
         if not path.is_file():
             raise ConfigError(
                 f"{directory} has no {ENGINE_CONFIG_NAME}: convert the Hugging Face checkpoint first "
                 "with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`"
             )
-        return cls(**json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"cannot read {path} ({' '.join(str(e).split())}); re-run the converter "
+                              "with --force to rebuild it") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{path} has unknown key(s) {', '.join(map(repr, unknown))}: it was not written by "
+                              "this version's converter; re-convert the checkpoint")
+        return cls(**raw)
 
     @classmethod
     def from_hf_config(cls, hf: dict, generation_config: Optional[dict] = None) -> "ModelArgs":
         """Map a transformers `config.json` dict to ModelArgs, refusing what we cannot run exactly."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -109,7 +141,7 @@ class ModelArgs:
             raise ConfigError("mlp_bias=true is not supported")
         if model_type == "llama" and hf.get("attention_bias"):
             raise ConfigError("attention_bias=true (bias on q/k/v/o projections) is not supported for llama")
-        max_pos = int(hf.get("max_position_embeddings", 4096))
+        max_pos = _hf_int(hf, "max_position_embeddings", 4096)
         window = hf.get("sliding_window")
         uses_window = hf.get("use_sliding_window", model_type == "mistral")
         if uses_window and window is not None and int(window) < max_pos:
@@ -117,28 +149,25 @@ class ModelArgs:
                 f"sliding-window attention (sliding_window={window}) is not supported: the engine "
                 "attends to the full context, which would silently change this model's output"
             )
-        rope_scaling = _parse_rope_scaling(hf.get("rope_scaling"))
-        rope_theta = hf.get("rope_theta")
-        if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-            if rope_scaling is None:
-                rope_scaling = _parse_rope_scaling(hf.get("rope_parameters"))
-        n_heads = int(hf["num_attention_heads"])
+        rope_theta, rope_scaling = _hf_rope(hf)
+        n_heads = _hf_int(hf, "num_attention_heads")
         gen = generation_config or {}
+        if not isinstance(gen, dict):
+            raise ConfigError(f"generation_config.json must hold a JSON object, got {type(gen).__name__}")
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         bos = gen.get("bos_token_id", hf.get("bos_token_id"))
         return cls(
             name=hf.get("_name_or_path") or model_type,
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
+            vocab_size=_hf_int(hf, "vocab_size"),
+            dim=_hf_int(hf, "hidden_size"),
+            n_layers=_hf_int(hf, "num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=hf.get("head_dim") or None,
-            intermediate_size=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_base=float(rope_theta),
+            n_kv_heads=_hf_int(hf, "num_key_value_heads", n_heads),
+            head_dim=_hf_int(hf, "head_dim", None),
+            intermediate_size=_hf_int(hf, "intermediate_size"),
+            norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
+            rope_base=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             qkv_bias=model_type == "qwen2",
@@ -160,19 +189,74 @@ class ModelArgs:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
 
-def _parse_rope_scaling(raw: Optional[dict]) -> Optional[RopeScaling]:
-    if not raw:
-        return None
+_SIZE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                "max_position_embeddings")
+# The keys each rope type needs (transformers' `_validate_*_rope_parameters`); a missing one is
+# refused rather than defaulted, since a guessed factor silently changes every position.
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_int(hf: dict, key: str, default=...):
+    """An integer field of config.json: 4096 and 4096.0 are fine, "4096", 4096.5 and true are not.
+    A missing or null key takes `default` (required when there is none)."""
+    value = hf.get(key)
+    if value is None:
+        if default is ...:
+            raise ConfigError(f"config.json lacks {key!r}; the file looks incomplete")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise ConfigError(f"config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _hf_float(hf: dict, key: str, default: float) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _hf_rope(hf: dict) -> tuple[float, Optional[RopeScaling]]:
+    """(rope_theta, scaling) from every form transformers writes: `rope_theta` + `rope_scaling`
+    (transformers 4), `rope_parameters` holding both (transformers 5), or a mix. When both dicts
+    are present they must agree: picking one would silently drop the other's scaling."""
+    forms = {key: hf[key] for key in ("rope_scaling", "rope_parameters") if hf.get(key) is not None}
+    for key, raw in forms.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json: {key} must be an object, got {raw!r}")
+    parsed = {key: _parse_rope_scaling(raw, key) for key, raw in forms.items()}
+    if len(parsed) == 2 and parsed["rope_scaling"] != parsed["rope_parameters"]:
+        raise ConfigError("config.json has both rope_scaling and rope_parameters and they disagree; "
+                          "keep the one the model was trained with")
+    thetas = {float(v) for v in (hf.get("rope_theta"), forms.get("rope_parameters", {}).get("rope_theta"))
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if len(thetas) > 1:
+        raise ConfigError(f"config.json gives two rope_theta values {sorted(thetas)}; keep the right one")
+    theta = _hf_float({"rope_theta": thetas.pop() if thetas else hf.get("rope_theta", 10000.0)},
+                      "rope_theta", 10000.0)
+    return theta, next(iter(parsed.values()), None)
+
+
+def _parse_rope_scaling(raw: dict, key: str = "rope_scaling") -> Optional[RopeScaling]:
     rope_type = raw.get("rope_type", raw.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"unknown rope scaling type {rope_type!r}: supported are 'linear' and 'llama3' "
+            f"config.json: unsupported rope scaling type {rope_type!r} ({key}): supported are 'linear' and 'llama3' "
             "(or none); running it anyway would give wrong output"
         )
     if rope_type == "default":
         return None
-    keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    return RopeScaling(rope_type=rope_type, **{k: v for k, v in raw.items() if k in keep})
+    missing = [k for k in _ROPE_KEYS[rope_type] if not isinstance(raw.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"config.json: {key} of type {rope_type!r} lacks a numeric {missing[0]!r}")
+    return RopeScaling(rope_type=rope_type, **{k: raw[k] for k in _ROPE_KEYS[rope_type]})
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

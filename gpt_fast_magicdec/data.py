@@ -1,14 +1,17 @@
 """Prompt sources for generate.py and bench.py.
 
   read_jsonl_prompts   a prompt file: JSONL with a `text` field per line, or one plain-text prompt
-  write_jsonl          one JSON object per line
+  write_jsonl          one JSON object per line, written atomically
+  check_writable       refuse an output path before any work is done
   long_document_prompts  fixed-length token windows cut from long documents (PG-19-style JSONL)
   random_prompts       random token ids (random-weight benchmarks)
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
@@ -24,36 +27,92 @@ PathLike = Union[str, Path]
 CHARS_PER_TOKEN = 16
 
 
+def read_text(path: PathLike) -> str:
+    """A file's text, refusing what is not UTF-8 with one line (not a UnicodeDecodeError)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. "
+                        "`iconv -f latin1 -t utf-8`") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+def parse_jsonl(text: str, path: PathLike) -> Iterator[dict]:
+    """The JSON objects of JSONL `text` (from `path`, for messages), one per non-blank line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {n}: not JSON ({err.msg})")
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {n}: expected a JSON object")
+        yield row
+
+
 def read_jsonl(path: PathLike) -> Iterator[dict]:
-    """The JSON objects of a JSONL file, one per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} line {n}: not JSON ({err.msg})")
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {n}: expected a JSON object")
-            yield row
+    """The JSON objects of a JSONL file, one per non-blank line."""
+    return parse_jsonl(read_text(path), path)
 
 
 def write_jsonl(path: PathLike, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Write atomically: a temporary file in the same directory, renamed over `path` at the end,
+    so a failure never leaves a truncated file (or destroys an earlier one)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(path: PathLike, option: str = "--out") -> None:
+    """Fail before any work when `path` cannot be written: its directory is missing, is a file,
+    or is read-only, or `path` itself is a directory."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"{option} {path}: {parent} {what}; create it first or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: cannot write into {parent}; choose another path")
+
+
+def looks_like_jsonl(text: str) -> bool:
+    """JSONL when the first non-blank line is a JSON object; anything else is plain text. The
+    content decides, not the file name. (The first line, not every line: a JSONL file with one
+    broken line must be an error naming that line, not silently become one text prompt.)"""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def read_jsonl_prompts(path: PathLike) -> list[str]:
-    """Prompt texts: a `.jsonl` file gives its lines' `text` fields; any other file is one prompt."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+    """Prompt texts: a JSONL file (see `looks_like_jsonl`) gives its lines' `text` fields; any
+    other file is one prompt. An empty file, or one whose prompts are all empty, is refused."""
+    text = read_text(path)
+    if not text.strip():
+        raise UserError(f"{path} is empty: give it prompt text, or JSONL lines with a 'text' field")
+    if not looks_like_jsonl(text):
+        return [text]
     texts = []
-    for n, row in enumerate(read_jsonl(path), 1):
+    for n, row in enumerate(parse_jsonl(text, path), 1):
         if not isinstance(row.get("text"), str):
             raise UserError(f"{path}: object {n} has no 'text' string field")
+        if not row["text"]:
+            raise UserError(f"{path}: object {n} has an empty 'text'")
         texts.append(row["text"])
     return texts
 

@@ -241,3 +241,21 @@ def load_tokenizer(
             raise UserError(f"special token id {i} is outside the vocab of the {tok.kind} tokenizer "
                             f"in {d} (ids 0..{tok.vocab_size - 1})")
     return tok
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, where) -> None:
+    """Refuse at load a tokenizer that can produce ids the model has no embedding for (it would
+    fail mid-run with an IndexError, or on GPU read garbage). A tokenizer smaller than the model's
+    padded vocabulary is fine."""
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"the {tokenizer.kind} tokenizer of {where} produces ids up to "
+                        f"{tokenizer.vocab_size - 1}, but the model's vocabulary has {vocab_size} entries: "
+                        "this tokenizer does not belong to this model")
+
+
+def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_where) -> None:
+    """Speculative decoding compares token ids: the draft must use the target's vocabulary, token
+    for token (equal sizes are not enough)."""
+    if draft.fingerprint() != target.fingerprint():
+        raise UserError(f"the draft's tokenizer ({draft_where}) differs from the target's: speculative "
+                        "decoding needs both models to share one vocabulary")

@@ -69,7 +69,8 @@ def other_vocab_checkpoint(tmp_path_factory):
 
 BAD_INPUTS = {
     "missing checkpoint": (["--checkpoint", "{missing}"], "does not exist"),
-    "gamma < 1": (["--draft", "self", "--gamma", "0"], "--gamma must be >= 1"),
+    "gamma < 0": (["--draft", "self", "--gamma", "-1"], "--gamma must be >= 1"),
+    "gamma 0 with a draft": (["--draft", "self", "--gamma", "0"], "--gamma 0 means plain decoding"),
     "gamma too large": (["--draft", "self", "--gamma", "16"], "--gamma must be <= 15"),
     "gamma not a number": (["--draft", "self", "--gamma", "three"], "--gamma must be an integer"),
     "sink larger than budget": (["--draft", "self", "--draft-budget", "8", "--sink", "9"], "--sink 9"),

@@ -216,13 +216,11 @@ def test_missing_hf_dir(tmp_path):
 
 def test_existing_output_needs_force(tmp_path):
     hf = make_hf_checkpoint(tmp_path / "hf", "mistral", "safetensors")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = convert_hf_checkpoint(hf, tmp_path / "out")
+    before = sorted(p.name for p in out.iterdir())
     assert_one_line_error(run_cli("--hf-dir", hf, "--out", out), "pass --force")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert run_cli("--hf-dir", hf, "--out", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == before
     load_engine_checkpoint(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp or backup dirs left
     # The input directory itself is never a valid --out, even with --force.
@@ -319,5 +317,5 @@ def test_script_runs_as_a_file(tmp_path):
     assert "params :" in ok.stdout and str(tmp_path / "out") in ok.stdout
     bad = subprocess.run([sys.executable, *script], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'out'} already exists and is not "
-                                               "empty; pass --force to replace it"]
+    assert bad.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'out'} already holds a checkpoint; "
+                                               "pass --force to replace it"]

@@ -1,0 +1,261 @@
+"""Hostile inputs to generate.py and bench.py: each is one `error:` line (or click's own usage
+error), a non-zero exit, no traceback, and nothing run or written first. Plus the defaults a user
+relies on: the plain command speculates, ignored options are said, outputs are written atomically.
+(The converter's matrix is in test_convert.py and test_convert_safety.py.)"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from gpt_fast_magicdec.data import looks_like_jsonl, read_jsonl_prompts
+from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
+from gpt_fast_magicdec.errors import UserError
+from hf_fixtures import make_hf_checkpoint
+from tokenizer_fixtures import SAMPLE_TEXT, make_sentencepiece_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
+bench = sys.modules.setdefault("bench", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(bench)
+
+VOCAB = 400
+
+
+def _checkpoint(root, model_vocab=VOCAB, text=SAMPLE_TEXT, seed=2):
+    hf = make_hf_checkpoint(root / "hf", "llama3", fmt="safetensors", seed=seed, vocab_size=model_vocab)
+    make_sentencepiece_dir(hf, text=text, vocab_size=VOCAB)
+    return convert_hf_checkpoint(hf, root / "engine")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return {"ok": _checkpoint(root / "ok"),
+            # same vocabulary size, different tokens: a draft that cannot speculate for "ok"
+            "other_tok": _checkpoint(root / "other", text=SAMPLE_TEXT[::-1], seed=5),
+            # a tokenizer with ids the model has no embedding for
+            "small_vocab": _checkpoint(root / "small", model_vocab=300)}
+
+
+def invoke(cli, *args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, needle, code=1):
+    assert not (result.exception and not isinstance(result.exception, SystemExit)), repr(result.exception)
+    assert result.exit_code == code, result.output
+    prefix = "error:" if code == 1 else "Error:"
+    errors = [line for line in result.output.splitlines() if line.startswith(prefix)]
+    assert len(errors) == 1 and needle in errors[0], result.output
+    assert "Traceback" not in result.output and "--- [" not in result.output  # nothing was generated
+
+
+def _files(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "empty_text.jsonl").write_text('{"text": ""}\n')
+    engine_cfg = tmp_path / "badcfg"
+    engine_cfg.mkdir()
+    (engine_cfg / "engine_config.json").write_text("{oops")
+
+
+GENERATE = {  # name -> (arguments, substring of the one error line, exit code)
+    "temperature nan": (["--temperature", "nan"], "--temperature must be a finite number", 1),
+    "temperature inf": (["--temperature", "inf"], "--temperature must be a finite number", 1),
+    "negative temperature": (["--temperature", "-1"], "--temperature", 1),
+    "top-p nan": (["--temperature", "1", "--top-p", "nan"], "--top-p", 1),
+    "max-seq-len 0": (["--max-seq-len", "0"], "--max-seq-len", 2),
+    "max-new-tokens 0": (["--max-new-tokens", "0"], "--max-new-tokens", 2),
+    "bsz 0": (["--bsz", "0"], "--bsz", 1),
+    "gamma negative": (["--gamma", "-2"], "--gamma must be >= 1", 1),
+    "gamma word": (["--gamma", "many"], "--gamma must be an integer or 'auto'", 1),
+    "gamma 0 with a draft": (["--gamma", "0", "--draft", "self"], "--gamma 0 means plain decoding", 1),
+    "compare without a draft": (["--gamma", "0", "--compare"], "--compare", 1),
+    "snapkv window over budget": (["--draft-kv", "snapkv", "--draft-budget", "16", "--draft-window", "40"],
+                                  "--draft-window 40 is larger than --draft-budget 16", 1),
+    "streaming budget too small": (["--draft-budget", "18", "--sink", "16"], "sink + gamma = 19", 1),
+    "out in a missing directory": (["--out", "{tmp}/nope/out.jsonl"], "does not exist", 1),
+    "out under a file": (["--out", "{tmp}/afile/out.jsonl"], "is not a directory", 1),
+    "out is a directory": (["--out", "{tmp}"], "is a directory", 2),
+    "bogus device": (["--device", "gpu0"], "is not a device name", 1),
+    "unsupported device": (["--device", "meta"], "only cpu and cuda", 1),
+    "non-utf8 prompt file": (["--prompt-file", "{tmp}/latin1.txt"], "is not UTF-8", 1),
+    "empty prompt file": (["--prompt-file", "{tmp}/empty.txt"], "is empty", 1),
+    "blank jsonl": (["--prompt-file", "{tmp}/blank.jsonl"], "is empty", 1),
+    "broken jsonl line": (["--prompt-file", "{tmp}/broken.jsonl"], "line 2: not JSON", 1),
+    "empty text field": (["--prompt-file", "{tmp}/empty_text.jsonl"], "empty 'text'", 1),
+    "prompt file missing": (["--prompt-file", "{tmp}/none.txt"], "does not exist", 2),
+    "invalid engine_config": (["--checkpoint", "{tmp}/badcfg"], "cannot read", 1),
+    "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}"], "does not belong to this model", 1),
+    "draft with another tokenizer": (["--draft-checkpoint", "{other_tok}"], "differs from the target's", 1),
+    "text with random weights": (["--checkpoint", None, "--random-weights", "tiny", "--prompt", "x"],
+                                 "--random-weights has no tokenizer", 1),
+    "unknown hardware": (["--gamma", "auto", "--hardware", "tpu"], "--hardware", 2),
+}
+if torch.cuda.is_available():
+    GENERATE.pop("unsupported device")
+else:
+    GENERATE["cuda without a GPU"] = (["--device", "cuda"], "no CUDA GPU", 1)
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE))
+def test_generate_bad_input(case, ckpts, tmp_path):
+    _files(tmp_path)
+    args, needle, code = GENERATE[case]
+    args = [a.format(tmp=tmp_path, **ckpts) if a else a for a in args]
+    base = ["--checkpoint", ckpts["ok"], "--prompt", "hi", "--max-new-tokens", 2, "--no-progress"]
+    if "--checkpoint" in args:
+        i = args.index("--checkpoint")
+        base = base[2:] + ([] if args[i + 1] is None else ["--checkpoint", args[i + 1]])
+        args = args[:i] + args[i + 2:]
+    if "--prompt-file" in args or "--random-weights" in args:
+        base = [a for a in base if a not in ("--prompt", "hi")]
+    assert_one_line_error(invoke(generate.main, *base, *args), needle, code)
+
+
+def test_out_is_checked_before_the_model_loads(ckpts, tmp_path, monkeypatch):
+    def no_loading(*_a, **_k):
+        raise AssertionError("loaded the model before checking --out")
+
+    monkeypatch.setattr(generate, "load_model", no_loading)
+    result = invoke(generate.main, "--checkpoint", ckpts["ok"], "--out", tmp_path / "missing" / "o.jsonl")
+    assert_one_line_error(result, "does not exist")
+
+
+# ---- defaults and notices --------------------------------------------------------------------------
+def run_ok(*args):
+    result = invoke(generate.main, *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_default_command_speculates_and_gamma_0_does_not(ckpts, tmp_path):
+    base = ["--checkpoint", ckpts["ok"], "--prompt", SAMPLE_TEXT[:300], "--max-new-tokens", 6, "--no-progress"]
+    out = run_ok(*base)
+    assert "== draft: self, streaming" in out and "gamma 3" in out and "speculation:" in out
+    plain = run_ok(*base, "--gamma", 0)
+    assert "== plain decoding" in plain and "speculation:" not in plain
+    assert "memory bandwidth" not in plain  # only with --compare or --verbose: it measures the machine
+    assert "memory bandwidth" in run_ok(*base, "--draft", "none", "--verbose")
+
+
+def test_headline_command_speculates_on_the_bundled_model(tmp_path, monkeypatch):
+    """`python generate.py --prompt-file tests/data/tiny_passage.txt --compare` (the README quick
+    start, shortened): self-speculation with the clipped budget, lossless."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    out = run_ok("--prompt-file", ROOT / "tests" / "data" / "tiny_passage.txt", "--max-new-tokens", 8, "--compare",
+                 "--no-progress")
+    assert "== draft: self, streaming, budget 152 (window 136), gamma 3" in out, out
+    assert "greedy outputs identical: yes" in out and "speculation: gamma 3" in out
+
+
+def test_default_budget_is_clipped_to_a_short_context():
+    cfg = DraftConfig(kind="self")
+    assert budget_for_context(cfg, 4000) is cfg  # long context: the default 512
+    short = budget_for_context(cfg, 600)
+    assert (short.budget, short.sink, short.window) == (150, 16, 134)
+    tiny = budget_for_context(cfg, 10)  # never below what the view needs
+    assert tiny.budget == 16 + 4 * 3 and tiny.window >= tiny.gamma
+    snap = budget_for_context(DraftConfig(kind="self", kv="snapkv"), 600)
+    assert snap.budget == 150 and snap.window == 37
+    assert budget_for_context(DraftConfig(kind="none"), 10).kind == "none"
+
+
+def test_explicit_budget_is_respected(ckpts):
+    out = run_ok("--checkpoint", ckpts["ok"], "--prompt", "hi", "--max-new-tokens", 3, "--draft-budget", 24,
+                 "--sink", 4, "--no-progress")
+    assert "budget 24 (window 20)" in out
+
+
+NOTICES = {
+    "sink with plain decoding": (["--draft", "none", "--sink", "4"], "--sink is ignored with plain decoding"),
+    "budget with gamma 0": (["--gamma", "0", "--draft-budget", "64"], "--draft-budget is ignored"),
+    "gamma with draft none": (["--draft", "none", "--gamma", "4"], "--gamma is ignored"),
+    "top-p when greedy": (["--gamma", "0", "--top-p", "0.9"], "--top-p is ignored with greedy"),
+    "prompt-length with a checkpoint": (["--gamma", "0", "--prompt-length", "9"], "--prompt-length is ignored"),
+    "sink with snapkv": (["--draft-kv", "snapkv", "--sink", "4"], "--sink is ignored with --draft-kv snapkv"),
+    "hardware without auto": (["--gamma", "0", "--hardware", "H100-SXM"], "--hardware is ignored"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOTICES))
+def test_ignored_options_are_said(case, ckpts):
+    args, needle = NOTICES[case]
+    out = run_ok("--checkpoint", ckpts["ok"], "--prompt", "hi", "--max-new-tokens", 2, "--no-progress", *args)
+    notices = [line for line in out.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and notices[0].startswith(f"notice: {needle}"), out
+
+
+def test_gamma_auto_says_what_it_chose(ckpts):
+    out = run_ok("--checkpoint", ckpts["ok"], "--prompt", SAMPLE_TEXT[:200], "--max-new-tokens", 10,
+                 "--gamma", "auto", "--hardware", "H100-SXM", "--no-progress")
+    lines = [line for line in out.splitlines() if line.startswith("== gamma auto")]
+    assert len(lines) == 1 and "from round 0 (context" in lines[0], out
+    assert "gamma" in lines[0].split(":", 1)[1] or "plain decoding" in lines[0]
+
+
+def test_ignore_eos_and_atomic_out(ckpts, tmp_path):
+    out = tmp_path / "o.jsonl"
+    out.write_text("earlier results\n")
+    run_ok("--checkpoint", ckpts["ok"], "--prompt", "hi", "--prompt", "there", "--max-new-tokens", 5,
+           "--ignore-eos", "--gamma", 0, "--out", out, "--no-progress")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["new_tokens"] for r in rows] == [5, 5] and {r["finish_reason"] for r in rows} == {"length"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]  # no temporary file left
+
+
+def test_prompt_files_are_read_by_content(tmp_path):
+    (tmp_path / "rows.txt").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert read_jsonl_prompts(tmp_path / "rows.txt") == ["a", "b"]
+    (tmp_path / "story.jsonl").write_text("{curly} braces in a story\n")
+    assert read_jsonl_prompts(tmp_path / "story.jsonl") == ["{curly} braces in a story\n"]
+    assert not looks_like_jsonl("Once upon a time\n{\"text\": 1}") and looks_like_jsonl('\n {"a": 1}')
+    with pytest.raises(UserError, match="not UTF-8"):
+        (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+        read_jsonl_prompts(tmp_path / "bin.txt")
+
+
+# ---- bench.py --------------------------------------------------------------------------------------
+def _results_dirs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "results.json").write_text('{"meta": ')
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "results.json").write_text('{"meta": {}, "rows": [], "skipped": []}')
+    (tmp_path / "listy").mkdir()
+    (tmp_path / "listy" / "results.json").write_text("[1, 2]")
+
+
+BENCH = {
+    "merge without results": (["--merge", "{tmp}/empty"], "does not exist", 1),
+    "merge corrupt results": (["--merge", "{tmp}/corrupt"], "is not valid JSON", 1),
+    "merge foreign json": (["--merge", "{tmp}/foreign"], "not a complete bench.py results file", 1),
+    "merge a list": (["--merge", "{tmp}/listy"], "not a complete bench.py results file", 1),
+    "merge a missing dir": (["--merge", "{tmp}/nope"], "--merge", 2),
+    "bogus device": (["--random-weights", "tiny", "--device", "gpu0"], "is not a device name", 1),
+    "draft with another tokenizer": (["--checkpoint", "{ok}", "--draft-checkpoint", "{other_tok}"],
+                                     "differs from the target's", 1),
+    "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}", "--prompts-file", "{tmp}/docs.jsonl"],
+                               "does not belong to this model", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BENCH))
+def test_bench_bad_input(case, ckpts, tmp_path):
+    _results_dirs(tmp_path)
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": SAMPLE_TEXT}) + "\n")
+    args, needle, code = BENCH[case]
+    args = [a.format(tmp=tmp_path, **ckpts) for a in args]
+    result = invoke(bench.main, *args, "--batch-sizes", 1, "--prompt-lengths", 16, "--max-new-tokens", 2,
+                    "--hardware", "H100-SXM", "--out-dir", tmp_path / "out")
+    assert_one_line_error(result, needle, code)
+    assert not (tmp_path / "out").exists()
