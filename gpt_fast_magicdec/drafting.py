@@ -19,6 +19,9 @@ from .errors import UserError
 
 DRAFT_KINDS = ("none", "self", "model")
 DRAFT_KV = ("streaming", "snapkv")
+# With no --draft-budget the draft reads at most 1/DEFAULT_BUDGET_FRACTION of the shortest prompt:
+# a 512-key budget over a 600-token prompt would make the "sparse" draft nearly the target.
+DEFAULT_BUDGET_FRACTION = 4
 
 
 @dataclasses.dataclass
@@ -41,7 +44,7 @@ class DraftConfig:
             return
         if self.gamma < 1:
             raise UserError(f"--gamma must be >= 1 for speculative decoding, got {self.gamma} "
-                            "(use --draft none for plain decoding)")
+                            "(--gamma 0 or --draft none is plain decoding)")
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
             raise UserError(f"--gamma must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
                             "(acceptance decays geometrically: useful values are 1-8)")
@@ -63,10 +66,14 @@ class DraftConfig:
                                 f"--draft-budget ({self.budget})")
         elif self.window is None:
             self.window = max(self.gamma + 1, self.budget // 4)
-        if self.window < self.gamma or self.window > self.budget:
+        if self.window > self.budget:
+            raise UserError(f"--draft-window {self.window} is larger than --draft-budget {self.budget} (the "
+                            "window is part of the budget): lower the window or raise the budget")
+        if self.window < self.gamma:
             raise UserError(f"--draft-budget {self.budget} leaves a sliding window of {self.window} keys, "
                             f"less than gamma={self.gamma} (the draft must see its own drafts): raise the "
-                            f"budget to at least sink + gamma = {self.budget - self.window + self.gamma}")
+                            f"budget to at least {'sink' if self.kv == 'streaming' else 'selected'} + gamma = "
+                            f"{self.budget - self.window + self.gamma}")
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +99,21 @@ class DraftConfig:
         if self.enabled and not self.full and self.budget >= context:
             warnings.warn(f"--draft-budget {self.budget} covers the whole context ({context} tokens): the "
                           "draft sees everything, so it is as expensive as the target", stacklevel=2)
+
+
+def budget_for_context(config: DraftConfig, context: int) -> DraftConfig:
+    """The draft config for a batch whose shortest prompt has `context` tokens, when the user did
+    not choose the budget: the default budget, clipped to context // DEFAULT_BUDGET_FRACTION but
+    never below what the view needs (the sink, plus a window of 4 * gamma for streaming; a window
+    of gamma + 1 for SnapKV's quarter-budget window)."""
+    if not config.enabled or config.full:
+        return config
+    smallest = (config.sink + 4 * config.gamma if config.kv == "streaming"
+                else 4 * (config.gamma + 1) + 4)
+    budget = min(config.budget, max(context // DEFAULT_BUDGET_FRACTION, smallest))
+    if budget == config.budget:
+        return config
+    return dataclasses.replace(config, budget=budget, window=None)
 
 
 def select_positions(model, config: DraftConfig, tokens: torch.Tensor, prompt_len: torch.Tensor,
