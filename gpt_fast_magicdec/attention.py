@@ -4,7 +4,7 @@ The model never knows whether it is prefilling, verifying or drafting: it receiv
   full view   keys s <= position of the query over the live cache (prefill, decode, verify)
   sparse view the draft's bounded slice: per-layer selected positions (StreamingLLM sink or
               SnapKV picks) plus a sliding window of the most recent `window` positions.
-Drafting strategies are policies that fill a view (see cache.py), not new model classes.
+KV selection policies (policies/) choose what a sparse view reads; they are not new model classes.
 """
 from __future__ import annotations
 

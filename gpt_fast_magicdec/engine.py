@@ -1,9 +1,11 @@
 """Load, prefill, capture, and run the generation loop with statistics.
 
-The loop is speculative_round() over a DecodeState; plain decoding is the same loop with gamma 0.
-On CUDA every fixed-shape model step (verify: gamma+1 tokens; draft: 1 token, 2 for a standalone
-draft's first step) is compiled and captured as a CUDA graph over static buffers; the host
-synchronises once per round, to read which sequences are done. On CPU the same steps run eagerly.
+The loop is speculative_round() over a DecodeState; plain decoding is the same loop with gamma 0
+and no drafter. Who drafts, through which view, is the Drafter's business (drafters.py); how a
+step runs is the StepRunner's (steps.py): on CUDA every fixed-shape step (verify: gamma+1 tokens;
+draft: 1 token, 2 for a standalone draft's first step) is compiled and captured as a CUDA graph
+over static buffers, and the host synchronises once per round, to read which sequences are done.
+On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .attention import MAX_KERNEL_QUERIES, AttentionView, resolve_backend
 from .config import ModelArgs
-from .drafters import make_drafter
+from .drafters import Drafter, make_drafter
 from .drafting import DraftConfig
 from .errors import UserError
 from .model import Transformer
@@ -277,7 +279,7 @@ class Engine:
         return None
 
     # -- setup --------------------------------------------------------------------------------------
-    def _setup(self, batch: int, seq_len: int, drafter) -> None:
+    def _setup(self, batch: int, seq_len: int, drafter: Optional[Drafter]) -> None:
         """Caches depend on (batch, seq_len) only; the draft's selection buffers and captured draft
         steps on its view. Each is rebuilt only when its own key changes, so plain and speculative
         runs (--compare, bench sweeps) share one cache and the target's graphs."""
@@ -395,22 +397,25 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _prefill(self, batch: Batch, drafter, sampling: SamplingParams, chunk: int, progress: bool) -> DecodeState:
+    def _prefill(self, batch: Batch, drafter: Optional[Drafter], sampling: SamplingParams, chunk: int,
+                 progress: bool) -> DecodeState:
         """Prefill the target (and a standalone draft), pick the draft's keys, emit the first token."""
         last_logits = self.prefill(self.model, batch.tokens, batch.prompt_len, chunk, progress)
         first = step_output(self.model, last_logits, sampling.greedy)  # [B] ids or [B, V] logits
         if not sampling.greedy:
             first, _ = select_tokens(first, sampling)
         if drafter is not None:
-            drafter.prefill(lambda model, tokens, prompt_len: self.prefill(model, tokens, prompt_len, chunk, progress),
-                            batch.tokens, batch.prompt_len)
+            def prefill(model, tokens, prompt_len):  # the drafter's own model, if it has one
+                self.prefill(model, tokens, prompt_len, chunk, progress)
+
+            drafter.prefill(prefill, batch.tokens, batch.prompt_len)
             drafter.prepare(batch.tokens, batch.prompt_len, self.backend)
         last_prompt_token = batch.tokens[torch.arange(batch.size), batch.prompt_len - 1]  # [B]
         return DecodeState.start(first, last_prompt_token, batch.prompt_len,
                                  torch.tensor(batch.max_new, device=self.device), batch.eos,
                                  max(batch.max_new) + MAX_KERNEL_QUERIES + 1)  # room for any round's writes
 
-    def _capture(self, batch: Batch, drafter, greedy: bool) -> None:
+    def _capture(self, batch: Batch, drafter: Optional[Drafter], greedy: bool) -> None:
         """Compile and capture every step this run can take: a verification per gamma, the drafter's."""
         target = [StepSpec("target", g + 1, greedy=greedy) for g in sorted(batch.gammas)]
         if not greedy:

@@ -5,7 +5,7 @@ import transformers
 
 from convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.config import ModelArgs
-from gpt_fast_magicdec.engine import Engine, StepSpec, load_model, random_model
+from gpt_fast_magicdec.engine import CAPTURE_SCRATCH, Engine, StepSpec, load_model, random_model
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
 
@@ -87,6 +87,19 @@ def test_plain_and_speculative_runs_share_one_cache():
         assert model.layers[0].attention.kv_cache.k_cache is cache
     engine.generate(prompts, 600)  # a longer run needs a bigger cache: reallocated
     assert model.layers[0].attention.kv_cache.k_cache is not cache
+
+
+def test_cache_bytes_is_what_generate_allocates():
+    """bench asks the engine how big a cache will be instead of re-deriving the slot rule."""
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    engine = Engine(model, draft_model=random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32),
+                    attention="torch")
+    assert engine.cache_slots(1) == engine.cache_slots(256) == 256 + CAPTURE_SCRATCH
+    engine.generate([[1, 2, 3]], 300)
+    allocated = sum(layer.attention.kv_cache.k_cache.nbytes * 2 for m in (model, engine.draft_model)
+                    for layer in m.layers)
+    assert allocated == engine.cache_bytes(1, 3 + 300 + 1)  # prompt + new tokens + one round's room
+    assert engine.why_not_fits(1, 10**6) is None  # CPU: not checked
 
 
 class FakeStep:

@@ -9,17 +9,7 @@ from gpt_fast_magicdec.drafting import DRAFT_KV, DraftConfig, budget_for_context
 from gpt_fast_magicdec.engine import Engine
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.policies import POLICIES, SPARSE_POLICIES, policy_help
-from test_speculative import NEW, prompts, sharp_model
-
-
-@pytest.fixture(scope="module")
-def target():
-    return sharp_model()
-
-
-@pytest.fixture(scope="module")
-def baseline(target):
-    return Engine(target, attention="torch").generate(prompts(), NEW).tokens
+from test_speculative import NEW, baseline, prompts, target  # noqa: F401 - the fixtures
 
 
 def test_registry_is_the_list_of_choices_and_help():
@@ -60,7 +50,7 @@ def test_recent_is_lossless(target, baseline, gamma):
 def test_recent_proposes_what_streaming_without_sinks_proposes(target, monkeypatch):
     """recent reads only its window: the same keys as a streaming view with sink 0."""
     proposals = {}
-    step = drafters.Drafter.step
+    step = drafters.LocalDrafter.step
 
     def recording(self, runner, tokens, cache_len, greedy):
         out = step(self, runner, tokens, cache_len, greedy)
@@ -68,7 +58,7 @@ def test_recent_proposes_what_streaming_without_sinks_proposes(target, monkeypat
         assert all(sel.shape[-1] == 0 for sel in self.selection)  # no selected keys, window only
         return out
 
-    monkeypatch.setattr(drafters.Drafter, "step", recording)
+    monkeypatch.setattr(drafters.LocalDrafter, "step", recording)
     for kv, sink in (("recent", 16), ("streaming", 0)):
         draft = DraftConfig(kind="self", kv=kv, budget=12, sink=sink, gamma=3)
         Engine(target, attention="torch").generate(prompts(), NEW, draft=draft)
