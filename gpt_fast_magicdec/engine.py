@@ -232,6 +232,7 @@ class Engine:
         self.tp_size = tp.world_size if tp is not None else 1
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
+        backend = resolve_backend(attention, self.device)
         on_cuda = self.device.type == "cuda"
         use_graphs = on_cuda if use_graphs is None else use_graphs
         if use_graphs and not on_cuda:
@@ -239,8 +240,8 @@ class Engine:
         if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
             raise UserError(f"draft vocabulary ({draft_model.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size}): the draft must share the target's tokenizer")
-        self.runner = StepRunner(resolve_backend(attention, self.device), self.device,
-                                 on_cuda if compile is None else compile, use_graphs, kv_bucket)
+        self.runner = StepRunner(backend, self.device, on_cuda if compile is None else compile, use_graphs,
+                                 kv_bucket)
         self._cache_shape = None  # (batch, slots) of the allocated caches
         self._draft_view = self._selection = None  # the captured draft steps' view_key and buffers
 
