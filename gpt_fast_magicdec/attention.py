@@ -4,7 +4,7 @@ The model never knows whether it is prefilling, verifying or drafting: it receiv
   full view   keys s <= position of the query over the live cache (prefill, decode, verify)
   sparse view the draft's bounded slice: per-layer selected positions (StreamingLLM sink or
               SnapKV picks) plus a sliding window of the most recent `window` positions.
-Drafting strategies are policies that fill a view (see cache.py), not new model classes.
+KV selection policies (policies/) choose what a sparse view reads; they are not new model classes.
 """
 from __future__ import annotations
 
@@ -22,21 +22,35 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 MAX_KERNEL_QUERIES = 16  # the Triton kernel's query-tile budget (draft 1-2 tokens, verify gamma+1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewHooks:
+    """Side effects of a pass, beyond computing attention. The default (NO_HOOKS) is every hot path."""
+    # Called as observer(layer_id, q [B, H, T, D], k_cache [B, H_kv, S, D], view) after the cache
+    # write; SnapKV uses it to score prompt positions.
+    observer: Optional[Callable] = None
+    write_cache: bool = True  # False: read-only pass over tokens whose K/V are already cached
+
+
+NO_HOOKS = ViewHooks()
+
+
 @dataclasses.dataclass
 class AttentionView:
+    """What one forward pass attends to (geometry), how it is computed (execution), and its side
+    effects (hooks). One object per pass; every layer reads its own slice of `selected`."""
+    # -- geometry: which keys each query reads
     cache_len: torch.Tensor  # [B] committed length; new token t of sequence b sits at cache_len[b] + t
     n_tokens: int  # T, new tokens per sequence in this pass
     window: Optional[int] = None  # None: full view; int: sparse view with this sliding window
     selected: Optional[list] = None  # sparse view: per layer [B, H_kv, K] positions, -1 = unused slot
     selected_kv: Optional[list] = None  # optional per-layer (k, v) compact buffers [B, H_kv, K, D]
-    kv_limit: Optional[int] = None  # eager-only hint: no query reaches past this many keys
-    backend: str = "torch"  # "torch" or "triton" (resolved by resolve_backend)
-    # Called as observer(layer_id, q [B, H, T, D], k_cache [B, H_kv, S, D], view) after the cache
-    # write; SnapKV uses it to score prompt positions. None on every hot path.
-    observer: Optional[Callable] = None
-    write_cache: bool = True  # False: read-only pass over tokens whose K/V are already cached
     # Chunked prefill: every sequence's new tokens start at this position (cache_len == it).
     prefill_start: Optional[int] = None
+    # -- execution
+    backend: str = "torch"  # "torch" or "triton" (resolved by resolve_backend)
+    kv_limit: Optional[int] = None  # eager-only hint: no query reaches past this many keys
+    # -- side effects
+    hooks: ViewHooks = NO_HOOKS
 
     @property
     def input_pos(self) -> torch.Tensor:

@@ -48,7 +48,7 @@ class AutoGamma:
             self.alpha = 0.5 * self.alpha + 0.5 * observed  # smooth: windows are short
         self._mark = (accepted, seq_rounds)
         context = context_sum // state.cache_len.shape[0]  # mean committed length
-        budget = -1 if self.draft.full else self.draft.budget
+        budget = -1 if self.draft.full else self.draft.budget  # cost_model's spelling of the full cache
         gamma, _ = best_gamma(self.args, self.hw, max(running, 1), context, min(self.alpha, 0.999), budget,
                               gammas=self.gammas, dtype_bytes=self.dtype_bytes, tp=self.tp,
                               draft_args=self.draft_args, draft_budget=budget if self.draft_args else None,

@@ -1,9 +1,10 @@
-"""Draft configuration and the policies that turn it into a sparse AttentionView.
+"""Draft configuration: which drafter (none / self / a standalone model), which KV selection
+policy it reads the cache through (policies/), its budget and gamma.
 
   --draft none                      plain decoding
   --draft self --draft-kv streaming self-speculation, sink + sliding window over the target's cache
   --draft self --draft-kv snapkv    self-speculation, SnapKV-selected positions + sliding window
-  --draft-checkpoint DIR            a standalone draft model, same two views, or budget -1 (full)
+  --draft-checkpoint DIR            a standalone draft model, any policy, or `full` (the whole cache)
 """
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ import dataclasses
 import warnings
 from typing import Optional
 
-import torch
-
-from .attention import MAX_KERNEL_QUERIES, AttentionView
-from .cache import SnapKVObserver, streaming_selection
+from .attention import MAX_KERNEL_QUERIES
 from .errors import UserError
+from .policies import POLICIES, SelectionPolicy
 
 DRAFT_KINDS = ("none", "self", "model")
-DRAFT_KV = ("streaming", "snapkv")
+DRAFT_KV = tuple(POLICIES)
+FULL_BUDGET = -1  # --draft-budget -1, the CLI's older spelling of --draft-kv full
 # With no --draft-budget the draft reads at most 1/DEFAULT_BUDGET_FRACTION of the shortest prompt:
 # a 512-key budget over a 600-token prompt would make the "sparse" draft nearly the target.
 DEFAULT_BUDGET_FRACTION = 4
@@ -27,10 +27,10 @@ DEFAULT_BUDGET_FRACTION = 4
 @dataclasses.dataclass
 class DraftConfig:
     kind: str = "none"  # none | self | model
-    kv: str = "streaming"  # streaming | snapkv
-    budget: int = 512  # keys the draft reads per query: selected + window; -1 = full view (model only)
+    kv: str = "streaming"  # a POLICIES name
+    budget: int = 512  # keys the draft reads per query: selected + window (unused by `full`)
     sink: int = 16  # streaming: attention-sink positions kept at the start
-    window: Optional[int] = None  # sliding window; default budget - sink (streaming), budget // 4 (snapkv)
+    window: Optional[int] = None  # sliding window; None: the policy's default
     gamma: int = 3
     obs_window: int = 32  # snapkv: last prompt tokens whose attention votes for positions
     pool_kernel: int = 7  # snapkv: 1-D pooling over the votes
@@ -38,7 +38,11 @@ class DraftConfig:
     def __post_init__(self):
         if self.kind not in DRAFT_KINDS:
             raise UserError(f"--draft must be one of {DRAFT_KINDS}, got {self.kind!r}")
-        if self.kv not in DRAFT_KV:
+        if self.budget == FULL_BUDGET:
+            # CLI compatibility, and the only place the sentinel is read: generate.py and bench.py
+            # still spell the full-cache draft as --draft-budget -1.
+            self.kv = "full"
+        if self.kv not in POLICIES:
             raise UserError(f"--draft-kv must be one of {DRAFT_KV}, got {self.kv!r}")
         if self.kind == "none":
             return
@@ -48,32 +52,11 @@ class DraftConfig:
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
             raise UserError(f"--gamma must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
                             "(acceptance decays geometrically: useful values are 1-8)")
-        if self.full:
-            if self.kind == "self":
-                raise UserError("--draft-budget -1 (full cache) needs a standalone draft: a full-view "
-                                "self-draft is the target itself; give a positive budget")
-            return
-        if self.budget < 1:
-            raise UserError(f"--draft-budget must be positive (or -1 for a full-cache standalone draft), "
-                            f"got {self.budget}")
-        if self.kv == "streaming":
-            if self.sink < 0 or self.sink > self.budget:
-                raise UserError(f"--sink {self.sink} must be between 0 and --draft-budget {self.budget}")
-            if self.window is None:
-                self.window = self.budget - self.sink
-            elif self.window + self.sink != self.budget:
-                raise UserError(f"streaming: --sink ({self.sink}) + --draft-window ({self.window}) must equal "
-                                f"--draft-budget ({self.budget})")
-        elif self.window is None:
-            self.window = max(self.gamma + 1, self.budget // 4)
-        if self.window > self.budget:
-            raise UserError(f"--draft-window {self.window} is larger than --draft-budget {self.budget} (the "
-                            "window is part of the budget): lower the window or raise the budget")
-        if self.window < self.gamma:
-            raise UserError(f"--draft-budget {self.budget} leaves a sliding window of {self.window} keys, "
-                            f"less than gamma={self.gamma} (the draft must see its own drafts): raise the "
-                            f"budget to at least {'sink' if self.kv == 'streaming' else 'selected'} + gamma = "
-                            f"{self.budget - self.window + self.gamma}")
+        self.policy.validate(self)
+
+    @property
+    def policy(self) -> SelectionPolicy:
+        return POLICIES[self.kv]
 
     @property
     def enabled(self) -> bool:
@@ -81,7 +64,8 @@ class DraftConfig:
 
     @property
     def full(self) -> bool:
-        return self.budget == -1
+        """The draft reads the whole cache (no window, no selection)."""
+        return self.policy.full
 
     @property
     def n_selected(self) -> int:
@@ -104,43 +88,10 @@ class DraftConfig:
 def budget_for_context(config: DraftConfig, context: int) -> DraftConfig:
     """The draft config for a batch whose shortest prompt has `context` tokens, when the user did
     not choose the budget: the default budget, clipped to context // DEFAULT_BUDGET_FRACTION but
-    never below what the view needs (the sink, plus a window of 4 * gamma for streaming; a window
-    of gamma + 1 for SnapKV's quarter-budget window)."""
+    never below what the policy's view needs (SelectionPolicy.smallest_budget)."""
     if not config.enabled or config.full:
         return config
-    smallest = (config.sink + 4 * config.gamma if config.kv == "streaming"
-                else 4 * (config.gamma + 1) + 4)
-    budget = min(config.budget, max(context // DEFAULT_BUDGET_FRACTION, smallest))
+    budget = min(config.budget, max(context // DEFAULT_BUDGET_FRACTION, config.policy.smallest_budget(config)))
     if budget == config.budget:
         return config
     return dataclasses.replace(config, budget=budget, window=None)
-
-
-def select_positions(model, config: DraftConfig, tokens: torch.Tensor, prompt_len: torch.Tensor,
-                     backend: str) -> Optional[list]:
-    """After `model` has prefilled `tokens` [B, L_max]: per-layer selected positions [B, H_kv, K],
-    or None for a full view. SnapKV re-runs the last obs_window prompt tokens (cache untouched)
-    with an observer that scores every prompt position from their attention."""
-    if config.full:
-        return None
-    B, n_kv, n_layers = tokens.shape[0], model.args.n_kv_heads, model.args.n_layers
-    if config.kv == "streaming":
-        return streaming_selection(B, n_kv, config.n_selected, n_layers, device=tokens.device)
-    obs = max(1, min(config.obs_window, int(prompt_len.min())))
-    observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel)
-    start = prompt_len - obs  # [B]
-    rows = start[:, None] + torch.arange(obs, device=tokens.device)  # [B, obs]
-    view = AttentionView(cache_len=start, n_tokens=obs, backend=backend, observer=observer,
-                         write_cache=False, kv_limit=int(prompt_len.max()))
-    with torch.no_grad():
-        model(tokens.gather(1, rows), view, output_index=rows[:, :1] - start[:, None])
-    return observer.layers(n_layers)
-
-
-def sparse_view(config: DraftConfig, selected: Optional[list], cache_len: torch.Tensor, n_tokens: int,
-                backend: str) -> AttentionView:
-    """The draft's view for a step of n_tokens tokens starting at cache_len."""
-    if selected is None:  # full-cache standalone draft
-        return AttentionView(cache_len=cache_len, n_tokens=n_tokens, backend=backend)
-    return AttentionView(cache_len=cache_len, n_tokens=n_tokens, window=config.window, selected=selected,
-                         backend=backend)

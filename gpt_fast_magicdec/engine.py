@@ -1,9 +1,11 @@
 """Load, prefill, capture, and run the generation loop with statistics.
 
-The loop is speculative_round() over a DecodeState; plain decoding is the same loop with gamma 0.
-On CUDA every fixed-shape model step (verify: gamma+1 tokens; draft: 1 token, 2 for a standalone
-draft's first step) is compiled and captured as a CUDA graph over static buffers; the host
-synchronises once per round, to read which sequences are done. On CPU the same steps run eagerly.
+The loop is speculative_round() over a DecodeState; plain decoding is the same loop with gamma 0
+and no drafter. Who drafts, through which view, is the Drafter's business (drafters.py); how a
+step runs is the StepRunner's (steps.py): on CUDA every fixed-shape step (verify: gamma+1 tokens;
+draft: 1 token, 2 for a standalone draft's first step) is compiled and captured as a CUDA graph
+over static buffers, and the host synchronises once per round, to read which sequences are done.
+On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
@@ -13,20 +15,22 @@ import resource
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from .attention import MAX_KERNEL_QUERIES, AttentionView, resolve_backend
 from .config import ModelArgs
-from .drafting import DraftConfig, select_positions
+from .drafters import Drafter, make_drafter
+from .drafting import DraftConfig
 from .errors import UserError
 from .model import Transformer
 from .sampling import SamplingParams, select_tokens
 from .speculative import DecodeState, speculative_round
-
-CAPTURE_SCRATCH = MAX_KERNEL_QUERIES  # cache slots past the last real position, for graph warm-ups
+# Re-exported: bench.py and the tests import these from the engine.
+from .steps import (CAPTURE_SCRATCH, KV_BUCKET, CapturedStep, StepGraphs, StepRunner, StepSpec,  # noqa: F401
+                    bucketed_kv_limit, copy_into_shared, forward_step, step_output)
 
 
 def set_compiler_flags() -> None:
@@ -82,123 +86,6 @@ def load_model(checkpoint: Path, device, dtype, shard: Optional[Callable] = None
     if shard is not None:
         args, state_dict = shard(args, state_dict)
     return model_from_state_dict(args, state_dict, device, dtype)
-
-
-# ---- one forward step, the unit that gets compiled and captured ---------------------------------
-KV_BUCKET = 256  # eager steps trim the key axis to a multiple of this (stable shapes, issue 14)
-
-
-def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
-    """The model's logits [..., V] (a vocabulary slice under tensor parallelism) -> greedy: the
-    argmax token ids [...]; sampling: the full fp32 logits [..., V].
-
-    Greedy steps return tokens, not logits: the argmax runs inside the captured step, a graph's
-    output is [B, T] ids instead of [B, T, V] floats, and under TP no rank gathers the vocabulary."""
-    shard = model.vocab_shard
-    if greedy:
-        return logits.argmax(dim=-1) if shard is None else shard.argmax(logits)
-    return logits if shard is None else shard.gather(logits)
-
-
-def forward_step(model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor, window: Optional[int],
-                 selected: Optional[list], backend: str, last_only: bool, greedy: bool,
-                 kv_limit: Optional[int] = None) -> torch.Tensor:
-    """tokens [B, T] at cache_len.. -> step_output of the logits at every token (or the last only):
-    greedy ids [B, T] / [B, 1], sampling logits [B, T, V] / [B, 1, V]."""
-    view = AttentionView(cache_len=cache_len, n_tokens=tokens.shape[1], window=window, selected=selected,
-                         backend=backend, kv_limit=kv_limit)
-    output_index = None
-    if last_only:
-        output_index = torch.full((tokens.shape[0], 1), tokens.shape[1] - 1, device=tokens.device)
-    return step_output(model, model(tokens, view, output_index), greedy)
-
-
-def bucketed_kv_limit(cache_len: torch.Tensor, n_tokens: int, max_seq_len: int, bucket: int) -> int:
-    """Keys an eager step must look at, rounded up to `bucket` (capped at the cache): every step of a
-    bucket has the same attention shape, so timings do not depend on which lengths came before."""
-    needed = int(cache_len.max()) + n_tokens
-    return min(-(-needed // bucket) * bucket, max_seq_len)
-
-
-class CapturedStep:
-    """forward_step for one fixed shape as a CUDA graph over static token / cache_len buffers.
-
-    A floating-point output (sampling logits) is copied, inside the graph, into `logits`, a view of
-    the one buffer all graphs share; the step's own output is then a temporary of the capture, so
-    its pool memory is reused by the next graph instead of each graph pinning its own [B, T, V].
-    The returned tensor is valid until the next captured step runs."""
-
-    def __init__(self, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device, pool,
-                 logits: Optional[torch.Tensor]):
-        self.tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
-        # Warm-up and capture write their K/V into scratch slots no real token ever uses.
-        self.cache_len = torch.full((batch,), scratch_pos, dtype=torch.long, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # compile + autotune outside the graph
-                step(self.tokens, self.cache_len)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local (as inductor's own graphs): under tensor parallelism the NCCL watchdog thread
-        # may query events of earlier collectives while this thread captures.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            out = step(self.tokens, self.cache_len)
-            self.output = copy_into_shared(out, logits)
-
-    def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.cache_len.copy_(cache_len)
-        self.graph.replay()
-        return self.output
-
-
-def copy_into_shared(out: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
-    """A step's output; logits out [B, T, V] go into the shared buffer [B, T_max, V] (its first T rows)."""
-    if not out.is_floating_point() or logits is None or logits.shape[1] < out.shape[1]:
-        return out  # greedy ids [B, T] (small), or a step captured without a reserved buffer
-    view = logits[:, :out.shape[1]]
-    view.copy_(out)
-    return view
-
-
-class StepGraphs:
-    """The captured steps of one cache shape, the private memory pool they share, and the one
-    logits buffer their sampling outputs share.
-
-    The pool lives exactly as long as its graphs: PyTorch frees a private pool when the last graph
-    captured into it is destroyed, and capturing into a handle whose pool is gone trips its
-    private-pool assertion (issue 11). So the handle is dropped together with the last graph, and
-    the next capture gets a fresh one. `capture` and `new_pool` are injectable so CPU tests can
-    drive the re-setup sequence with a fake capture."""
-
-    def __init__(self, capture: Callable = CapturedStep, new_pool: Optional[Callable] = None):
-        self._capture = capture
-        self._new_pool = new_pool or torch.cuda.graph_pool_handle
-        self.steps: dict = {}  # key (role, n_tokens, greedy) -> captured step
-        self.pool = None
-        self.logits: Optional[torch.Tensor] = None  # [B, T_max, V] fp32
-
-    def get(self, key: tuple, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device):
-        if key not in self.steps:
-            if self.pool is None:
-                self.pool = self._new_pool()
-            self.steps[key] = self._capture(step, batch, n_tokens, scratch_pos, device, self.pool, self.logits)
-        return self.steps[key]
-
-    def drop(self, role: Optional[str] = None) -> None:
-        """Forget the steps of one role ("draft": its view changed), or all of them (None)."""
-        self.steps = {k: g for k, g in self.steps.items() if role is not None and k[0] != role}
-        if not self.steps:
-            self.pool = self.logits = None
-
-    def reserve_logits(self, batch: int, n_tokens: int, vocab: int, device) -> None:
-        """Make the shared logits buffer hold [batch, n_tokens, vocab]; growing it re-captures
-        everything, as the captured graphs write into the old one."""
-        if self.logits is not None and self.logits.shape[0] == batch and self.logits.shape[1] >= n_tokens:
-            return
-        self.drop()
-        self.logits = torch.empty(batch, n_tokens, vocab, dtype=torch.float32, device=device)
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -298,6 +185,41 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 # ---- the engine -------------------------------------------------------------------------------------
+class GammaController(Protocol):
+    """--gamma auto (autogamma.AutoGamma): the gamma of each round, 0 for plain decoding."""
+
+    choices: frozenset  # every gamma __call__ may return: a verification step is captured for each
+
+    def __call__(self, state: DecodeState, round_idx: int) -> int: ...
+
+
+class AcceptanceOverride(Protocol):
+    """bench's --simulate-acceptance (random weights only): n accepted [B] -> the counts to use."""
+
+    def __call__(self, n: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class Batch:
+    """One generate() call's prompts, staged on the device, and its limits."""
+    tokens: torch.Tensor  # [B, L_max] prompts, ragged: padding sits after each prompt
+    prompt_len: torch.Tensor  # [B]
+    lens: list  # prompt lengths on the host
+    max_new: list  # per sequence token limit
+    eos: torch.Tensor  # [E] stop ids ([-1] when none)
+    gamma: int  # the draft length (0: plain decoding)
+    gammas: set  # every gamma a round may use
+
+    @property
+    def size(self) -> int:
+        return len(self.lens)
+
+    @property
+    def longest(self) -> int:
+        """The most positions any sequence needs: its prompt plus its new tokens."""
+        return max(n + m for n, m in zip(self.lens, self.max_new))
+
+
 class Engine:
     """Target model (+ optional standalone draft model), caches, captured steps, generate()."""
 
@@ -310,77 +232,74 @@ class Engine:
         self.tp_size = tp.world_size if tp is not None else 1
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype
-        self.backend = resolve_backend(attention, self.device)
+        backend = resolve_backend(attention, self.device)
         on_cuda = self.device.type == "cuda"
-        self.compile = on_cuda if compile is None else compile
-        self.use_graphs = on_cuda if use_graphs is None else use_graphs
-        if self.use_graphs and not on_cuda:
+        use_graphs = on_cuda if use_graphs is None else use_graphs
+        if use_graphs and not on_cuda:
             raise UserError("CUDA graphs need a CUDA device")
         if draft_model is not None and draft_model.args.vocab_size != model.args.vocab_size:
             raise UserError(f"draft vocabulary ({draft_model.args.vocab_size}) differs from the target's "
                             f"({model.args.vocab_size}): the draft must share the target's tokenizer")
-        self._step = torch.compile(forward_step, fullgraph=False) if self.compile else forward_step
-        self.kv_bucket = kv_bucket
-        self._cache_shape = self._draft_view = None
-        self.graphs = StepGraphs()  # the captured steps of the current cache shape (CUDA graphs only)
-        self._selected: dict = {}  # model role -> static per-layer selection buffers
+        self.runner = StepRunner(backend, self.device, on_cuda if compile is None else compile, use_graphs,
+                                 kv_bucket)
+        self._cache_shape = None  # (batch, slots) of the allocated caches
+        self._draft_view = self._selection = None  # the captured draft steps' view_key and buffers
+
+    # The execution settings live in the runner; these read them (bench reports them).
+    backend = property(lambda self: self.runner.backend)
+    compile = property(lambda self: self.runner.compile)
+    use_graphs = property(lambda self: self.runner.use_graphs)
+    graphs = property(lambda self: self.runner.graphs)
+
+    # -- cache size -----------------------------------------------------------------------------------
+    @staticmethod
+    def cache_slots(seq_len: int) -> int:
+        """Positions allocated for sequences of up to seq_len tokens: rounded up to 256, so repeated
+        runs of nearby lengths reuse the cache and its graphs, plus the capture scratch slots."""
+        return -(-seq_len // 256) * 256 + CAPTURE_SCRATCH
+
+    def _models(self) -> list[Transformer]:
+        return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+
+    def cache_bytes(self, batch: int, seq_len: int) -> int:
+        """Bytes of the KV caches (target and standalone draft) generate() allocates for this shape."""
+        per_slot = sum(m.args.n_layers * 2 * m.args.n_kv_heads * m.args.head_dim for m in self._models())
+        return per_slot * batch * self.cache_slots(seq_len) * self.dtype.itemsize
+
+    def why_not_fits(self, batch: int, seq_len: int, headroom: float = 0.92) -> Optional[str]:
+        """None, or why caches of (batch, seq_len) plus the weights cannot fit in `headroom` of the GPU
+        (room is left for activations, logits and graph pools). Checked before allocating; None on CPU."""
+        if self.device.type != "cuda":
+            return None
+        kv = self.cache_bytes(batch, seq_len)
+        weights = sum(p.numel() * p.element_size() for m in self._models() for p in m.parameters())
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if weights + kv > headroom * total:
+            return (f"KV cache {kv / 2**30:.1f} GiB + weights {weights / 2**30:.1f} GiB > {headroom:.0%} of "
+                    f"{total / 2**30:.0f} GiB")
+        return None
 
     # -- setup --------------------------------------------------------------------------------------
-    def _setup(self, batch: int, seq_len: int, draft: DraftConfig) -> None:
+    def _setup(self, batch: int, seq_len: int, drafter: Optional[Drafter]) -> None:
         """Caches depend on (batch, seq_len) only; the draft's selection buffers and captured draft
         steps on its view. Each is rebuilt only when its own key changes, so plain and speculative
         runs (--compare, bench sweeps) share one cache and the target's graphs."""
-        seq_len = -(-seq_len // 256) * 256 + CAPTURE_SCRATCH  # round up so repeated runs reuse graphs
-        if (batch, seq_len) != self._cache_shape:
+        shape = (batch, self.cache_slots(seq_len))
+        if shape != self._cache_shape:
             # Release the old caches and every graph that points at them before allocating: at long
             # context the KV cache is most of the memory, and two of them at once would not fit.
-            self._cache_shape, self._draft_view, self._selected = None, None, {}
+            self._cache_shape = self._draft_view = self._selection = None
             self.graphs.drop()  # and with them their memory pool: the next capture starts a new one
             for model in self._models():
-                model.setup_caches(batch, seq_len, self.dtype, self.device)
-            self._cache_shape = (batch, seq_len)  # only once allocation succeeded
-        view = (draft.kind, draft.kv, draft.n_selected, draft.window)
-        if view == self._draft_view:
+                model.setup_caches(*shape, self.dtype, self.device)
+            self._cache_shape = shape  # only once allocation succeeded
+        if drafter is None:
             return
-        # Captured draft steps bake in the view (window, selection buffers) and which model drafts.
-        self.graphs.drop("draft")
-        self._selected = {}
-        drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
-        if draft.enabled and not draft.full and drafter is not None:
-            n_kv = drafter.args.n_kv_heads
-            self._selected["draft"] = [torch.full((batch, n_kv, draft.n_selected), -1, dtype=torch.long,
-                                                  device=self.device) for _ in range(drafter.args.n_layers)]
-        self._draft_view = view
-
-    @staticmethod
-    def _gammas(gamma: int, controller) -> set:
-        """Every gamma this run can use: the controller's choices (--gamma auto) or the fixed one."""
-        return set(getattr(controller, "choices", None) or {gamma})
-
-    def _models(self):
-        return [self.model] + ([self.draft_model] if self.draft_model is not None else [])
-
-    def _run(self, key: tuple, model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor,
-             window: Optional[int], selected: Optional[list], last_only: bool, greedy: bool) -> torch.Tensor:
-        """One fixed-shape step: captured graph on CUDA, eager (with a key-range hint) elsewhere."""
-        if not self.use_graphs:
-            # On CPU the sync is free and trimming the key axis saves real work; on a GPU it would
-            # be a host sync per step.
-            kv_limit = None
-            if self.device.type == "cpu":
-                kv_limit = bucketed_kv_limit(cache_len, tokens.shape[1], model.max_seq_len, self.kv_bucket)
-            return self._step(model, tokens, cache_len, window, selected, self.backend, last_only, greedy, kv_limit)
-        graph = self._graph(key, model, tokens.shape[0], tokens.shape[1], window, selected, last_only, greedy)
-        return graph(tokens, cache_len)
-
-    def _graph(self, key: tuple, model: Transformer, batch: int, n_tokens: int, window: Optional[int],
-               selected: Optional[list], last_only: bool, greedy: bool):
-        """The CUDA graph of one step shape, compiled and captured on first use."""
-        def step(t, c):
-            return self._step(model, t, c, window, selected, self.backend, last_only, greedy)
-
-        scratch = model.max_seq_len - CAPTURE_SCRATCH
-        return self.graphs.get(key, step, batch, n_tokens, scratch, self.device)
+        if drafter.view_key != self._draft_view:
+            self.graphs.drop("draft")  # captured draft steps read the old model / buffers
+            self._selection = drafter.new_selection(batch, self.device)
+            self._draft_view = drafter.view_key
+        drafter.selection = self._selection
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -407,10 +326,50 @@ class Engine:
     def generate(self, prompts: list, max_new_tokens, sampling: SamplingParams = SamplingParams(),
                  draft: DraftConfig = DraftConfig(), eos_ids=(), prefill_chunk: int = 512,
                  max_seq_len: Optional[int] = None, progress: bool = False,
-                 accept_override: Optional[Callable] = None, gamma_controller=None) -> GenerationResult:
+                 accept_override: Optional[AcceptanceOverride] = None,
+                 gamma_controller: Optional[GammaController] = None) -> GenerationResult:
         """prompts: token-id lists (ragged). max_new_tokens: int or one per prompt."""
-        if draft.kind == "model" and self.draft_model is None and (self.tp is None or self.tp.holds_draft):
-            raise UserError("a standalone draft needs --draft-checkpoint")
+        drafter = make_drafter(self.model, self.draft_model, draft, self.tp)
+        batch = self._stage(prompts, max_new_tokens, draft, eos_ids, max_seq_len, gamma_controller)
+        self._setup(batch.size, batch.longest + max(batch.gammas) + 1, drafter)  # room for the largest round
+        timer = PhaseTimer(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_start = self._sync_time()
+        state = self._prefill(batch, drafter, sampling, prefill_chunk, progress)
+        prefill_s = self._sync_time() - t_start
+        if self.use_graphs:  # compile + capture every step shape now, outside the decode timing
+            self._capture(batch, drafter, sampling.greedy)
+        t_decode = time.perf_counter()
+
+        def target_step(tokens, cache_len):  # -> ids [B, T] (greedy) or logits [B, T, V]
+            spec = StepSpec("target", tokens.shape[1], greedy=sampling.greedy)
+            return self.runner.run(spec, self.model, tokens, cache_len)
+
+        def draft_step(tokens, cache_len):  # -> ids [B, 1] (greedy) or logits [B, 1, V]
+            return drafter.step(self.runner, tokens, cache_len, sampling.greedy)
+
+        def one_round(round_idx: int) -> int:
+            g = batch.gamma if gamma_controller is None else gamma_controller(state, round_idx)
+            speculative_round(state, target_step, draft_step if g else None, g, sampling, batch.eos,
+                              reread_prev=drafter is not None and drafter.reread_prev,
+                              accept_override=accept_override, timer=timer)
+            return g
+
+        rounds, drafted, latency = self._decode(state, one_round, t_start, prefill_s)
+        decode_s = time.perf_counter() - t_decode
+        n_out, out = state.n_out.tolist(), state.out.tolist()
+        stats = GenerationStats(
+            batch_size=batch.size, prompt_tokens=batch.lens, new_tokens=n_out, prefill_s=prefill_s,
+            decode_s=decode_s, capture_s=t_decode - t_start - prefill_s, latency_s=latency, rounds=rounds,
+            gamma=batch.gamma, accepted=int(state.accepted.sum()), drafted=drafted,
+            seq_rounds=int(state.rounds.sum()), phase_s=timer.totals() if batch.gamma else {},
+            peak_memory_bytes=peak_memory_bytes(self.device))
+        return GenerationResult(tokens=[out[b][:n] for b, n in enumerate(n_out)], stats=stats)
+
+    def _stage(self, prompts: list, max_new_tokens, draft: DraftConfig, eos_ids, max_seq_len: Optional[int],
+               controller: Optional[GammaController]) -> Batch:
+        """Check the request against the model's limits and put the prompts on the device."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt must have at least one token")
         B = len(prompts)
@@ -418,95 +377,69 @@ class Engine:
         if len(max_new) != B or min(max_new) < 1:
             raise UserError("--max-new-tokens must be >= 1 (one value per prompt when given as a list)")
         lens = [len(p) for p in prompts]
-        gamma = draft.gamma if draft.enabled else 0
         limit = max_seq_len or self.model.args.max_position_embeddings
-        longest = max(lens[b] + max_new[b] for b in range(B))
-        if longest > limit:
-            raise UserError(f"a prompt of {lens[int(max(range(B), key=lambda b: lens[b] + max_new[b]))]} tokens "
-                            f"plus {max(max_new)} new tokens does not fit max_seq_len {limit}: shorten the "
-                            "prompt, lower --max-new-tokens, or raise --max-seq-len")
+        worst = max(range(B), key=lambda b: lens[b] + max_new[b])
+        if lens[worst] + max_new[worst] > limit:
+            raise UserError(f"a prompt of {lens[worst]} tokens plus {max(max_new)} new tokens does not fit "
+                            f"max_seq_len {limit}: shorten the prompt, lower --max-new-tokens, or raise "
+                            "--max-seq-len")
         draft.warn_if_budget_covers(max(lens) + max(max_new))
-        gammas = self._gammas(gamma, gamma_controller)
-        self._setup(B, longest + max(gammas) + 1, draft)  # room for the largest round's writes
-
-        dev = self.device
-        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=dev)
+        tokens = torch.zeros(B, max(lens), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        prompt_len = torch.tensor(lens, device=dev)
-        eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
-        timer = PhaseTimer(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            torch.cuda.synchronize(dev)
-        t_start = time.perf_counter()
+        gamma = draft.gamma if draft.enabled else 0
+        return Batch(tokens=tokens, prompt_len=torch.tensor(lens, device=self.device), lens=lens,
+                     max_new=max_new, eos=torch.tensor(sorted(set(eos_ids)) or [-1], device=self.device),
+                     gamma=gamma, gammas=set(controller.choices) if controller is not None else {gamma})
 
-        last_logits = self.prefill(self.model, tokens, prompt_len, prefill_chunk, progress)
+    def _sync_time(self) -> float:
+        """perf_counter after the device finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _prefill(self, batch: Batch, drafter: Optional[Drafter], sampling: SamplingParams, chunk: int,
+                 progress: bool) -> DecodeState:
+        """Prefill the target (and a standalone draft), pick the draft's keys, emit the first token."""
+        last_logits = self.prefill(self.model, batch.tokens, batch.prompt_len, chunk, progress)
         first = step_output(self.model, last_logits, sampling.greedy)  # [B] ids or [B, V] logits
         if not sampling.greedy:
             first, _ = select_tokens(first, sampling)
-        drafter = self.draft_model if draft.kind == "model" else self.model  # None: the draft is elsewhere
-        draft_selected = None
-        if draft.enabled and drafter is not None:
-            if draft.kind == "model":
-                self.prefill(self.draft_model, tokens, prompt_len, prefill_chunk, progress)
-            picked = select_positions(drafter, draft, tokens, prompt_len, self.backend)
-            if picked is not None:
-                for buf, sel in zip(self._selected["draft"], picked):
-                    buf.copy_(sel)
-                draft_selected = self._selected["draft"]
-        state = DecodeState.start(first, tokens[torch.arange(B), prompt_len - 1], prompt_len,
-                                  torch.tensor(max_new, device=dev), eos,
-                                  max(max_new) + MAX_KERNEL_QUERIES + 1)  # room for any round's writes
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        prefill_s = time.perf_counter() - t_start
-        window = None if draft.full else draft.window
-        greedy = sampling.greedy  # greedy steps output argmax ids, sampling steps logits (step_output)
-        if self.use_graphs:  # compile + capture every step shape now, outside the decode timing
-            target_sizes = [g + 1 for g in sorted(gammas)]
-            if not greedy:
-                self.graphs.reserve_logits(B, max(target_sizes), self.model.args.vocab_size, dev)
-            for T in target_sizes:
-                self._graph(("target", T, greedy), self.model, B, T, None, None, False, greedy)
-            if draft.enabled and drafter is not None:
-                for T in (1, 2) if draft.kind == "model" else (1,):
-                    self._graph(("draft", T, greedy), drafter, B, T, window, draft_selected, True, greedy)
-        t_decode = time.perf_counter()
-        capture_s = t_decode - t_start - prefill_s
+        if drafter is not None:
+            def prefill(model, tokens, prompt_len):  # the drafter's own model, if it has one
+                self.prefill(model, tokens, prompt_len, chunk, progress)
 
-        def target_step(toks, cache_len):  # -> ids [B, T] (greedy) or logits [B, T, V]
-            return self._run(("target", toks.shape[1], greedy), self.model, toks, cache_len, None, None, False,
-                             greedy)
+            drafter.prefill(prefill, batch.tokens, batch.prompt_len)
+            drafter.prepare(batch.tokens, batch.prompt_len, self.backend)
+        last_prompt_token = batch.tokens[torch.arange(batch.size), batch.prompt_len - 1]  # [B]
+        return DecodeState.start(first, last_prompt_token, batch.prompt_len,
+                                 torch.tensor(batch.max_new, device=self.device), batch.eos,
+                                 max(batch.max_new) + MAX_KERNEL_QUERIES + 1)  # room for any round's writes
 
-        def draft_step(toks, cache_len):  # -> ids [B, 1] (greedy) or logits [B, 1, V]
-            out = None
-            if drafter is not None:
-                out = self._run(("draft", toks.shape[1], greedy), drafter, toks, cache_len, window, draft_selected,
-                                True, greedy)
-            if self.tp is not None and draft.kind == "model":  # ranks outside --draft-ranks get its proposals
-                out = self.tp.share_draft_output(out, greedy, B, self.model.args.vocab_size, dev)
-            return out
+    def _capture(self, batch: Batch, drafter: Optional[Drafter], greedy: bool) -> None:
+        """Compile and capture every step this run can take: a verification per gamma, the drafter's."""
+        target = [StepSpec("target", g + 1, greedy=greedy) for g in sorted(batch.gammas)]
+        if not greedy:
+            self.graphs.reserve_logits(batch.size, max(s.n_tokens for s in target), self.model.args.vocab_size,
+                                       self.device)
+        for spec in target:
+            self.runner.captured(spec, self.model, batch.size)
+        for spec in drafter.step_specs(greedy) if drafter is not None else ():
+            self.runner.captured(spec, drafter.model, batch.size, drafter.selection)
 
+    @staticmethod
+    def _decode(state: DecodeState, one_round: Callable[[int], int], t_start: float,
+                prefill_s: float) -> tuple[int, int, list]:
+        """Run rounds until every sequence is done -> (rounds, draft tokens proposed, latency per
+        sequence). The done flags are the one host synchronisation (one transfer) per round."""
         done = state.done.tolist()  # [B] bools on the host
         latency = [prefill_s if d else None for d in done]
         rounds, drafted = 0, 0
         while not all(done):
             running = done.count(False)
-            g = gamma if gamma_controller is None else gamma_controller(state, rounds)
-            speculative_round(state, target_step, draft_step if g else None, g, sampling, eos,
-                              reread_prev=draft.kind == "model", accept_override=accept_override, timer=timer)
-            rounds, drafted = rounds + 1, drafted + running * g
-            done = state.done.tolist()  # the one host synchronisation (one transfer) per round
+            gamma = one_round(rounds)
+            rounds, drafted = rounds + 1, drafted + running * gamma
+            done = state.done.tolist()
             now = time.perf_counter() - t_start
             latency = [now if d and t is None else t for d, t in zip(done, latency)]
-        decode_s = time.perf_counter() - t_decode
-
-        n_out = state.n_out.tolist()
-        out = state.out.tolist()
-        stats = GenerationStats(
-            batch_size=B, prompt_tokens=lens, new_tokens=n_out, prefill_s=prefill_s, decode_s=decode_s,
-            capture_s=capture_s, latency_s=latency, rounds=rounds, gamma=gamma, accepted=int(state.accepted.sum()), drafted=drafted,
-            seq_rounds=int(state.rounds.sum()),
-            phase_s=timer.totals() if gamma else {}, peak_memory_bytes=peak_memory_bytes(dev))
-        return GenerationResult(tokens=[out[b][:n_out[b]] for b in range(B)], stats=stats)
+        return rounds, drafted, latency

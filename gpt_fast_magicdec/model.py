@@ -106,12 +106,12 @@ class Attention(nn.Module):
         if view is None:  # cache-free causal pass over the given tokens (training, scoring)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
-        if view.write_cache:
+        if view.hooks.write_cache:
             k_cache, v_cache = self.kv_cache.update(view.input_pos, k, v)  # [B, H_kv, S_max, D]
         else:
             k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
-        if view.observer is not None:
-            view.observer(self.layer_id, q, k_cache, view)
+        if view.hooks.observer is not None:
+            view.hooks.observer(self.layer_id, q, k_cache, view)
         out = attend(q, k_cache, v_cache, view, self.layer_id, self.head_dim ** -0.5)  # [B, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
 
@@ -191,6 +191,3 @@ class Transformer(nn.Module):
         if output_index is not None:  # only the rows we sample from pay for the vocab projection
             x = torch.gather(x, 1, output_index[..., None].expand(-1, -1, x.shape[-1]))
         return logits_fp32(self.norm(x), self.output.weight)
-
-    def kv_caches(self) -> list[KVCache]:
-        return [layer.attention.kv_cache for layer in self.layers]

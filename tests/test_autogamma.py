@@ -48,8 +48,15 @@ def test_auto_gamma_generation_is_lossless():
     engine = Engine(model, attention="torch")
     baseline = engine.generate(prompts, 40).tokens
     draft = DraftConfig(kind="self", budget=16, sink=4, gamma=3)
-    gammas = iter([3, 0, 1, 4, 2] * 20)
-    result = engine.generate(prompts, 40, draft=draft, gamma_controller=lambda state, r: next(gammas))
+
+    class Scripted:  # a GammaController that replays a fixed sequence
+        choices = frozenset({0, 1, 2, 3, 4})
+        sequence = iter([3, 0, 1, 4, 2] * 20)
+
+        def __call__(self, state, round_idx):
+            return next(self.sequence)
+
+    result = engine.generate(prompts, 40, draft=draft, gamma_controller=Scripted())
     assert result.tokens == baseline
 
 

@@ -5,7 +5,7 @@ import transformers
 
 from convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.config import ModelArgs
-from gpt_fast_magicdec.engine import Engine, load_model, random_model
+from gpt_fast_magicdec.engine import CAPTURE_SCRATCH, Engine, StepSpec, load_model, random_model
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
 
@@ -89,6 +89,19 @@ def test_plain_and_speculative_runs_share_one_cache():
     assert model.layers[0].attention.kv_cache.k_cache is not cache
 
 
+def test_cache_bytes_is_what_generate_allocates():
+    """bench asks the engine how big a cache will be instead of re-deriving the slot rule."""
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    engine = Engine(model, draft_model=random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32),
+                    attention="torch")
+    assert engine.cache_slots(1) == engine.cache_slots(256) == 256 + CAPTURE_SCRATCH
+    engine.generate([[1, 2, 3]], 300)
+    allocated = sum(layer.attention.kv_cache.k_cache.nbytes * 2 for m in (model, engine.draft_model)
+                    for layer in m.layers)
+    assert allocated == engine.cache_bytes(1, 3 + 300 + 1)  # prompt + new tokens + one round's room
+    assert engine.why_not_fits(1, 10**6) is None  # CPU: not checked
+
+
 class FakeStep:
     """Stands in for CapturedStep on CPU: runs the step eagerly but keeps its contract (sampling
     logits land in the shared buffer and are valid until the next step) and records its pool."""
@@ -106,12 +119,17 @@ class FakePool:
     """A graph pool handle that can be garbage collected, so a test can see it released."""
 
 
+def draft_spec(draft, n_tokens, greedy=True):
+    """The StepSpec of a self-draft step through `draft`'s sparse view."""
+    return StepSpec("draft", n_tokens, draft.window, draft.n_selected, last_only=True, greedy=greedy)
+
+
 def graph_engine(model):
     from gpt_fast_magicdec.engine import StepGraphs
 
     engine = Engine(model, attention="torch")
-    engine.use_graphs = True  # the graph path, with the capture replaced by FakeStep
-    engine.graphs = StepGraphs(capture=FakeStep, new_pool=FakePool)
+    engine.runner.use_graphs = True  # the graph path, with the capture replaced by FakeStep
+    engine.runner.graphs = StepGraphs(capture=FakeStep, new_pool=FakePool)
     return engine
 
 
@@ -128,14 +146,15 @@ def test_graph_pool_is_released_with_the_graphs_on_resetup():
     draft = DraftConfig(kind="self", budget=8, sink=2, gamma=2)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     first = engine.generate(prompts, 10, draft=draft).tokens
-    assert set(engine.graphs.steps) == {("target", 3, True), ("draft", 1, True)}
+    TARGET_3, DRAFT_1 = StepSpec("target", 3), draft_spec(draft, 1)
+    assert set(engine.graphs.steps) == {TARGET_3, DRAFT_1}
     pool = weakref.ref(engine.graphs.pool)
     steps = dict(engine.graphs.steps)
     # Another draft view, same cache shape: only the draft step is re-captured, into the same pool.
     other = DraftConfig(kind="self", budget=10, sink=2, gamma=2)
     engine.generate(prompts, 10, draft=other)
-    assert engine.graphs.steps[("target", 3, True)] is steps[("target", 3, True)]
-    assert engine.graphs.steps[("draft", 1, True)] is not steps[("draft", 1, True)]
+    assert engine.graphs.steps[TARGET_3] is steps[TARGET_3]
+    assert set(engine.graphs.steps) == {TARGET_3, draft_spec(other, 1)}  # the old draft step dropped
     assert engine.graphs.pool is pool()
     del steps
     # A third prompt (another batch size): everything re-captured into a fresh pool, the old one freed.
@@ -163,7 +182,8 @@ def test_sampling_through_graph_steps_sharing_one_logits_buffer_equals_eager():
         outputs.append(engine.generate([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 12, params, draft).tokens)
     assert outputs[0] == outputs[1]
     assert graphed.graphs.logits.shape == (2, 4, 512)  # [B, gamma + 1, V]: one buffer for all steps
-    assert set(graphed.graphs.steps) == {("target", 4, False), ("draft", 1, False)}  # sampling steps
+    sampling_steps = {StepSpec("target", 4, greedy=False), draft_spec(draft, 1, greedy=False)}
+    assert set(graphed.graphs.steps) == sampling_steps
 
 
 def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
@@ -182,8 +202,8 @@ def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
     for bucket in (1, 256):
         engine = Engine(model, attention="torch", kv_bucket=bucket)
         limits = set()
-        step = engine._step
-        engine._step = lambda *a: limits.add(a[-1]) or step(*a)
+        step = engine.runner.step_fn
+        engine.runner.step_fn = lambda *a: limits.add(a[-1]) or step(*a)
         results[bucket] = (engine.generate(prompts, 20, draft=draft).tokens, engine.generate(prompts, 20).tokens)
         assert (len(limits) == 1) == (bucket == 256), limits
     assert results[1] == results[256]

@@ -10,7 +10,7 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import CapturedStep, Engine, forward_step, random_model
+from gpt_fast_magicdec.engine import CapturedStep, Engine, StepSpec, forward_step, random_model
 from gpt_fast_magicdec.sampling import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -29,6 +29,11 @@ def tiny(dtype=torch.float32, seed=0, sharp=True):
     return model
 
 
+def draft_spec(n_tokens, greedy=True):
+    """The StepSpec of a draft step through DRAFT's sparse view."""
+    return StepSpec("draft", n_tokens, DRAFT.window, DRAFT.n_selected, last_only=True, greedy=greedy)
+
+
 def prompts(lens=(5, 41, 23), vocab=512, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(vocab, (n,), generator=g).tolist() for n in lens]
@@ -42,17 +47,17 @@ def test_captured_step_replay_equals_eager(role, n_tokens):
     model = tiny()
     B, S = 3, 256 + 16
     model.setup_caches(B, S, torch.float32, "cuda")
-    for cache in model.kv_caches():  # a populated cache, so attention reads real values
-        cache.k_cache.normal_()
-        cache.v_cache.normal_()
-    window, selected, last_only = None, None, False
+    for layer in model.layers:  # a populated cache, so attention reads real values
+        layer.attention.kv_cache.k_cache.normal_()
+        layer.attention.kv_cache.v_cache.normal_()
+    spec, selected = StepSpec("target", n_tokens, greedy=False), None
     if role == "draft":
-        window, last_only = DRAFT.window, True
+        spec = draft_spec(n_tokens, greedy=False)
         selected = [torch.arange(DRAFT.sink, device="cuda").expand(B, model.args.n_kv_heads, -1).contiguous()
                     for _ in range(model.args.n_layers)]
 
     def step(tokens, cache_len):
-        return forward_step(model, tokens, cache_len, window, selected, "torch", last_only, greedy=False)
+        return forward_step(model, spec, tokens, cache_len, selected, "torch")
 
     graph = CapturedStep(step, B, n_tokens, S - 16, "cuda", torch.cuda.graph_pool_handle(),
                          torch.empty(B, n_tokens, model.args.vocab_size, device="cuda"))
@@ -91,7 +96,7 @@ def test_recapture_after_batch_and_length_changes():
         p = prompts(lens)
         got, expected = graphed.generate(p, new, draft=DRAFT).tokens, eager.generate(p, new, draft=DRAFT).tokens
         assert got == expected, f"prompts of {lens} tokens, {new} new: graphs differ from eager"
-        assert set(graphed.graphs.steps) == {("target", DRAFT.gamma + 1, True), ("draft", 1, True)}
+        assert set(graphed.graphs.steps) == {StepSpec("target", DRAFT.gamma + 1), draft_spec(1)}
         pools.append(graphed.graphs.pool)
     assert len(set(pools)) == 3, f"each new shape should capture into a fresh pool, got {pools}"
 
@@ -159,7 +164,7 @@ def test_triton_matches_reference_on_device(dtype, T, sparse):
 
 def test_snapkv_votes_in_bf16_track_fp32():
     """Chunked scoring in the cache dtype: votes within bf16 noise of the fp32 computation."""
-    from gpt_fast_magicdec.cache import attention_votes
+    from gpt_fast_magicdec.policies.snapkv import attention_votes
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 8, 32, 128, device="cuda", generator=g)

@@ -57,7 +57,7 @@ def one_shot_votes(q, k_cache, cache_len, S):
 @pytest.mark.parametrize("chunk", [1, 5, 16, 2048])
 def test_chunked_snapkv_votes_equal_the_one_shot_softmax(chunk):
     """Scoring in chunks with a two-pass log-sum-exp gives the same votes, hence the same picks."""
-    from gpt_fast_magicdec.cache import SnapKVObserver, attention_votes
+    from gpt_fast_magicdec.policies.snapkv import SnapKVObserver, attention_votes
     from gpt_fast_magicdec.attention import AttentionView
 
     g = torch.Generator().manual_seed(chunk)

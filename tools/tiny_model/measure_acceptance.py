@@ -30,6 +30,7 @@ import torch
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model
 from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.policies import SPARSE_POLICIES, policy_help
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 from .corpus import DEFAULT_CORPUS, VALIDATION_BOOK_IDS, read_books, repo_root
 
@@ -170,7 +171,8 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
               help=f"Held-out book id to cut prompts from (one of {VALIDATION_BOOK_IDS}).")
 @click.option("--prompt-lens", default="512,1024,2048", help="Prompt lengths in tokens (<s> included).")
 @click.option("--budgets", default="128,256,512", help="Draft KV budgets (keys the draft reads per query).")
-@click.option("--kv", "kv_kinds", default="streaming,snapkv", help="Self-speculation views to measure.")
+@click.option("--kv", "kv_kinds", default="streaming,snapkv",
+              help=f"Self-speculation KV selection policies to measure ({policy_help(SPARSE_POLICIES)}).")
 @click.option("--gammas", default="2,3,4,5", help="Draft lengths.")
 @click.option("--sink", type=int, default=16, help="StreamingLLM attention-sink tokens.")
 @click.option("--batch", type=int, default=8, help="Prompts per length (one batch).")
@@ -197,6 +199,9 @@ def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink,
 def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
         threads, out_prefix) -> dict:
     t0 = time.perf_counter()
+    unknown = [k for k in kv_kinds if k not in SPARSE_POLICIES]
+    if unknown:
+        raise UserError(f"--kv {','.join(unknown)}: self-speculation policies are {', '.join(SPARSE_POLICIES)}")
     torch.set_num_threads(threads)
     train_context = None
     if checkpoint is None:
@@ -250,7 +255,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
                     record(L, kv, budget, cfg, self_engine, reference)
         if full_engine is not None:
             for g in gammas:
-                record(L, "full", -1, DraftConfig(kind="model", budget=-1, gamma=g), full_engine, reference)
+                record(L, "full", -1, DraftConfig(kind="model", kv="full", gamma=g), full_engine, reference)
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)

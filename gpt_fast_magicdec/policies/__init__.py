@@ -1,0 +1,27 @@
+"""The draft's KV selection policies, by name: the one list the CLI, bench and the acceptance
+tools read their choices and help text from.
+
+A new static policy is one file here (a SelectionPolicy subclass, see base.py) plus one line in
+POLICIES. Later dynamic policies (H2O, Quest) re-select during decoding and will need a hook in
+the drafter as well.
+"""
+from __future__ import annotations
+
+from .base import SelectionPolicy
+from .full import FULL
+from .recent import RECENT
+from .snapkv import SNAPKV
+from .streaming import STREAMING
+
+POLICIES: dict[str, SelectionPolicy] = {
+    "streaming": STREAMING,
+    "snapkv": SNAPKV,
+    "recent": RECENT,
+    "full": FULL,
+}
+SPARSE_POLICIES = tuple(name for name, p in POLICIES.items() if not p.full)  # a self-draft's choices
+
+
+def policy_help(names: tuple = tuple(POLICIES)) -> str:
+    """'name: help' of each named policy, for a --draft-kv style help text."""
+    return "; ".join(f"{name}: {POLICIES[name].help}" for name in names)

@@ -1,0 +1,117 @@
+"""SnapKV (arXiv 2404.14469): per layer and KV head, the prompt positions the last prompt tokens
+attend to most. Scores are pooled over the observation window and the query heads of each KV
+head, smoothed with a 1-D pooling, then top-k; plus the sliding window."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import AttentionView, ViewHooks
+from .base import SelectionPolicy
+
+
+class SnapKV(SelectionPolicy):
+    name = "snapkv"
+    help = "SnapKV: per layer and KV head, the prompt positions the last prompt tokens attend to most + a window"
+
+    def default_window(self, config) -> int:
+        return max(config.gamma + 1, config.budget // 4)
+
+    def smallest_budget(self, config) -> int:
+        return 4 * (config.gamma + 1) + 4  # a quarter-budget window of gamma + 1
+
+    def select(self, model, config, tokens, prompt_len, backend):
+        """Re-runs the last obs_window prompt tokens (cache untouched) with an observer that scores
+        every prompt position from their attention."""
+        obs = max(1, min(config.obs_window, int(prompt_len.min())))
+        observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel)
+        start = prompt_len - obs  # [B]
+        rows = start[:, None] + torch.arange(obs, device=tokens.device)  # [B, obs]
+        view = AttentionView(cache_len=start, n_tokens=obs, backend=backend, kv_limit=int(prompt_len.max()),
+                             hooks=ViewHooks(observer=observer, write_cache=False))
+        with torch.no_grad():
+            model(tokens.gather(1, rows), view, output_index=rows[:, :1] - start[:, None])
+        return observer.layers(model.args.n_layers)
+
+
+SNAPKV_CHUNK = 2048  # keys scored at a time: bounds the scoring temporaries at 100K-token prompts
+
+
+def _chunk_scores(qg: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, first_key: int) -> torch.Tensor:
+    """Scaled, masked scores of grouped queries qg [B, H_kv, G*T, D] against keys k [B, H_kv, C, D]
+    at positions first_key.. -> fp32 [B, H_kv, G*T, C]. The matmul runs in the cache dtype (fp32
+    accumulation on GPUs); only this chunk of scores is fp32."""
+    C, D = k.shape[2], k.shape[3]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5
+    key_pos = torch.arange(first_key, first_key + C, device=k.device)  # [C]
+    visible = key_pos[None, None, None, :] <= query_pos[:, None, :, None]  # [B, 1, G*T, C]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def attention_votes(q: torch.Tensor, k_cache: torch.Tensor, cache_len: torch.Tensor, S: int,
+                    chunk: int) -> torch.Tensor:
+    """Attention each of the first S cache positions receives from the queries q [B, H, T, D] (new
+    tokens at cache_len[b] + t, full causal view), summed over the queries of each KV head
+    -> fp32 [B, H_kv, S].
+
+    Two passes over S in chunks, so nothing of size S beyond the votes is ever materialised (at a
+    100K-token prompt an fp32 copy of the keys, or the full score matrix, would not fit): the first
+    accumulates each query row's log-sum-exp, the second adds up exp(score - lse) per key."""
+    B, H, T, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv
+    qg = q.to(k_cache.dtype).reshape(B, H_kv, G * T, D)  # query heads of one KV head together (g-major)
+    query_pos = (cache_len[:, None] + torch.arange(T, device=q.device)).repeat(1, G)  # [B, G*T]
+    starts = range(0, S, chunk)
+    lse = torch.full((B, H_kv, G * T, 1), float("-inf"), device=q.device)  # [B, H_kv, G*T, 1]
+    for s in starts:
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        lse = torch.logaddexp(lse, scores.logsumexp(dim=-1, keepdim=True))
+    votes = []
+    for s in starts:
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        votes.append((scores - lse).exp().sum(dim=2))  # [B, H_kv, C]
+    return torch.cat(votes, dim=-1)
+
+
+class SnapKVObserver:
+    """Records, per layer, the top-k prompt positions by pooled observation-window attention.
+
+    Installed as the ViewHooks observer of one extra full-view pass over the last `T` prompt
+    tokens after prefill (it rewrites their K/V with identical values), so prefill itself stays
+    one plain code path and ragged prompts need no special casing."""
+
+    def __init__(self, n_select: int, prompt_len: torch.Tensor, pool_kernel: int = 7,
+                 chunk: int = SNAPKV_CHUNK):
+        self.n_select = n_select
+        self.prompt_len = prompt_len  # [B]
+        self.pool_kernel = pool_kernel
+        self.chunk = chunk
+        self.selected: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, view) -> None:
+        S = int(self.prompt_len.max())
+        votes = attention_votes(q, k_cache, view.cache_len, S, self.chunk)  # [B, H_kv, S]
+        votes = F.avg_pool1d(votes, self.pool_kernel, stride=1, padding=self.pool_kernel // 2,
+                             count_include_pad=False)  # keep neighbours of a hit (SnapKV clustering)
+        in_prompt = torch.arange(S, device=q.device)[None, None, :] < self.prompt_len[:, None, None]
+        votes = votes.masked_fill(~in_prompt, float("-inf"))
+        k_sel = min(self.n_select, S)
+        top = votes.topk(k_sel, dim=-1)  # [B, H_kv, k_sel]
+        n_valid = torch.clamp(self.prompt_len, max=k_sel)[:, None, None]  # [B, 1, 1]
+        # Valid picks first (ascending), then the slots a short prompt cannot fill.
+        picks = torch.where(torch.isfinite(top.values), top.indices, S + self.n_select).sort(dim=-1).values
+        picks = F.pad(picks, (0, self.n_select - k_sel), value=S + self.n_select)
+        # A prompt shorter than the selection gives its spare slots to the positions generated right
+        # after it: they become visible only once committed and outside the window (s <= p - window),
+        # so a budget covering the whole context really shows the draft everything.
+        slot = torch.arange(self.n_select, device=q.device)[None, None, :]
+        spare = self.prompt_len[:, None, None] + slot - n_valid
+        sel = torch.where(slot < n_valid, picks, spare)
+        self.selected[layer_id] = torch.where(sel < k_cache.shape[2], sel, -1)  # [B, H_kv, n_select]
+
+    def layers(self, n_layers: int) -> list[torch.Tensor]:
+        return [self.selected[i] for i in range(n_layers)]
+
+
+SNAPKV = SnapKV()

@@ -1,0 +1,175 @@
+"""Fixed-shape model steps: what a step is (StepSpec), the function that gets compiled
+(forward_step), and where it runs (StepRunner: a captured CUDA graph per StepSpec, or eagerly).
+
+A StepSpec is both the key of a captured graph and the one static argument of the compiled step:
+everything that fixes a step's shape and output lives in it, the per-run tensors (tokens,
+cache_len, selection buffers) are passed alongside.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from .attention import MAX_KERNEL_QUERIES, AttentionView
+from .model import Transformer
+
+CAPTURE_SCRATCH = MAX_KERNEL_QUERIES  # cache slots past the last real position, for graph warm-ups
+KV_BUCKET = 256  # eager steps trim the key axis to a multiple of this (stable shapes, issue 14)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    role: str  # "target" (verification / plain decoding) or "draft"
+    n_tokens: int  # T, tokens per sequence
+    window: Optional[int] = None  # view geometry: None the full view, else the sparse view's window
+    n_selected: int = 0  # sparse view: selected keys per layer and KV head (besides the window)
+    last_only: bool = False  # logits of the last token only (draft steps sample from nothing else)
+    greedy: bool = True  # output argmax ids, else fp32 logits (step_output)
+
+
+def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """The model's logits [..., V] (a vocabulary slice under tensor parallelism) -> greedy: the
+    argmax token ids [...]; sampling: the full fp32 logits [..., V].
+
+    Greedy steps return tokens, not logits: the argmax runs inside the captured step, a graph's
+    output is [B, T] ids instead of [B, T, V] floats, and under TP no rank gathers the vocabulary."""
+    shard = model.vocab_shard
+    if greedy:
+        return logits.argmax(dim=-1) if shard is None else shard.argmax(logits)
+    return logits if shard is None else shard.gather(logits)
+
+
+def forward_step(model: Transformer, spec: StepSpec, tokens: torch.Tensor, cache_len: torch.Tensor,
+                 selected: Optional[list] = None, backend: str = "torch",
+                 kv_limit: Optional[int] = None) -> torch.Tensor:
+    """tokens [B, T] at cache_len [B].. through the spec's view (selected: per layer [B, H_kv, K])
+    -> step_output at every token or the last only: ids [B, T] / [B, 1], logits [B, T, V] / [B, 1, V]."""
+    view = AttentionView(cache_len=cache_len, n_tokens=spec.n_tokens, window=spec.window, selected=selected,
+                         backend=backend, kv_limit=kv_limit)
+    output_index = None
+    if spec.last_only:
+        output_index = torch.full((tokens.shape[0], 1), spec.n_tokens - 1, device=tokens.device)
+    return step_output(model, model(tokens, view, output_index), spec.greedy)
+
+
+def bucketed_kv_limit(cache_len: torch.Tensor, n_tokens: int, max_seq_len: int, bucket: int) -> int:
+    """Keys an eager step must look at, rounded up to `bucket` (capped at the cache): every step of a
+    bucket has the same attention shape, so timings do not depend on which lengths came before."""
+    needed = int(cache_len.max()) + n_tokens
+    return min(-(-needed // bucket) * bucket, max_seq_len)
+
+
+class CapturedStep:
+    """A step for one fixed shape as a CUDA graph over static token / cache_len buffers.
+
+    A floating-point output (sampling logits) is copied, inside the graph, into `logits`, a view of
+    the one buffer all graphs share; the step's own output is then a temporary of the capture, so
+    its pool memory is reused by the next graph instead of each graph pinning its own [B, T, V].
+    The returned tensor is valid until the next captured step runs."""
+
+    def __init__(self, step: Callable, batch: int, n_tokens: int, scratch_pos: int, device, pool,
+                 logits: Optional[torch.Tensor]):
+        self.tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
+        # Warm-up and capture write their K/V into scratch slots no real token ever uses.
+        self.cache_len = torch.full((batch,), scratch_pos, dtype=torch.long, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile + autotune outside the graph
+                step(self.tokens, self.cache_len)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local (as inductor's own graphs): under tensor parallelism the NCCL watchdog thread
+        # may query events of earlier collectives while this thread captures.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            out = step(self.tokens, self.cache_len)
+            self.output = copy_into_shared(out, logits)
+
+    def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.cache_len.copy_(cache_len)
+        self.graph.replay()
+        return self.output
+
+
+def copy_into_shared(out: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
+    """A step's output; logits out [B, T, V] go into the shared buffer [B, T_max, V] (its first T rows)."""
+    if not out.is_floating_point() or logits is None or logits.shape[1] < out.shape[1]:
+        return out  # greedy ids [B, T] (small), or a step captured without a reserved buffer
+    view = logits[:, :out.shape[1]]
+    view.copy_(out)
+    return view
+
+
+class StepGraphs:
+    """The captured steps of one cache shape (one per StepSpec), the private memory pool they
+    share, and the one logits buffer their sampling outputs share.
+
+    The pool lives exactly as long as its graphs: PyTorch frees a private pool when the last graph
+    captured into it is destroyed, and capturing into a handle whose pool is gone trips its
+    private-pool assertion (issue 11). So the handle is dropped together with the last graph, and
+    the next capture gets a fresh one. `capture` and `new_pool` are injectable so CPU tests can
+    drive the re-setup sequence with a fake capture."""
+
+    def __init__(self, capture: Callable = CapturedStep, new_pool: Optional[Callable] = None):
+        self._capture = capture
+        self._new_pool = new_pool or torch.cuda.graph_pool_handle
+        self.steps: dict[StepSpec, Callable] = {}
+        self.pool = None
+        self.logits: Optional[torch.Tensor] = None  # [B, T_max, V] fp32
+
+    def get(self, spec: StepSpec, step: Callable, batch: int, scratch_pos: int, device):
+        if spec not in self.steps:
+            if self.pool is None:
+                self.pool = self._new_pool()
+            self.steps[spec] = self._capture(step, batch, spec.n_tokens, scratch_pos, device, self.pool,
+                                             self.logits)
+        return self.steps[spec]
+
+    def drop(self, role: Optional[str] = None) -> None:
+        """Forget the steps of one role ("draft": its view changed), or all of them (None)."""
+        self.steps = {s: g for s, g in self.steps.items() if role is not None and s.role != role}
+        if not self.steps:
+            self.pool = self.logits = None
+
+    def reserve_logits(self, batch: int, n_tokens: int, vocab: int, device) -> None:
+        """Make the shared logits buffer hold [batch, n_tokens, vocab]; growing it re-captures
+        everything, as the captured graphs write into the old one."""
+        if self.logits is not None and self.logits.shape[0] == batch and self.logits.shape[1] >= n_tokens:
+            return
+        self.drop()
+        self.logits = torch.empty(batch, n_tokens, vocab, dtype=torch.float32, device=device)
+
+
+class StepRunner:
+    """Runs steps: compiled (torch.compile of forward_step) or not, replayed from a CUDA graph per
+    StepSpec or eager. The one place that decides how a step executes."""
+
+    def __init__(self, backend: str, device: torch.device, compile: bool, use_graphs: bool,
+                 kv_bucket: int = KV_BUCKET):
+        self.backend, self.device, self.kv_bucket = backend, device, kv_bucket
+        self.compile, self.use_graphs = compile, use_graphs
+        self.step_fn = torch.compile(forward_step, fullgraph=False) if compile else forward_step
+        self.graphs = StepGraphs()  # the captured steps of the current cache shape (CUDA graphs only)
+
+    def run(self, spec: StepSpec, model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor,
+            selected: Optional[list] = None) -> torch.Tensor:
+        """One step of tokens [B, T] at cache_len [B] -> step_output (see forward_step)."""
+        if self.use_graphs:
+            return self.captured(spec, model, tokens.shape[0], selected)(tokens, cache_len)
+        # On CPU the sync is free and trimming the key axis saves real work; on a GPU it would be a
+        # host sync per step.
+        kv_limit = None
+        if self.device.type == "cpu":
+            kv_limit = bucketed_kv_limit(cache_len, spec.n_tokens, model.max_seq_len, self.kv_bucket)
+        return self.step_fn(model, spec, tokens, cache_len, selected, self.backend, kv_limit)
+
+    def captured(self, spec: StepSpec, model: Transformer, batch: int, selected: Optional[list] = None):
+        """The CUDA graph of one step, compiled and captured on first use. It bakes in the model
+        and the selection buffers: whoever changes either drops the role's graphs first."""
+        def step(tokens, cache_len):
+            return self.step_fn(model, spec, tokens, cache_len, selected, self.backend)
+
+        return self.graphs.get(spec, step, batch, model.max_seq_len - CAPTURE_SCRATCH, self.device)
