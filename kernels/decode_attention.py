@@ -39,6 +39,8 @@ from . import KERNEL_MAX_ROWS, kernel_supports
 _LOG2E = 1.4426950408889634
 
 
+# One function of ~85 lines on purpose: a Triton kernel is one program; splitting it into
+# @triton.jit helpers would only scatter the loop whose every line reads the same tile.
 @triton.jit
 def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
