@@ -22,7 +22,7 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import HardwareProfile, decode_step_cost, measure_hardware, roofline_time
-from gpt_fast_magicdec.engine import forward_step, random_model
+from gpt_fast_magicdec.engine import KV_BUCKET, bucketed_kv_limit, forward_step, random_model
 
 # A mid-size shape whose weights (~390 MB fp32) and KV cache make memory traffic matter on CPU.
 MID = ModelArgs(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, intermediate_size=2816,
@@ -39,25 +39,38 @@ def model_args(name: str) -> ModelArgs:
     return MID if name == "mid" else ModelArgs.from_preset(name)
 
 
-def time_step(model, batch: int, context: int, n_tokens: int, device: torch.device, budget_s: float = 0.5) -> float:
-    """Median seconds of one eager forward of `n_tokens` per sequence over `context` cached keys.
-    On CPU the clock is this process's CPU time (one thread): the machine is shared, and time
-    spent preempted by other processes is not the step's."""
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
+def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device):
+    """One eager forward of `n_tokens` per sequence over `context` cached keys, with the key range the
+    engine's eager path uses (`bucketed_kv_limit`: context + n rounded up to KV_BUCKET)."""
     tokens = torch.randint(model.args.vocab_size, (batch, n_tokens), device=device)
     cache_len = torch.full((batch,), context, dtype=torch.long, device=device)
+    kv_limit = bucketed_kv_limit(cache_len, n_tokens, model.max_seq_len, KV_BUCKET)
 
     def step():
-        forward_step(model, tokens, cache_len, None, None, "torch", False, kv_limit=context + n_tokens)
+        forward_step(model, tokens, cache_len, None, None, "torch", False, False, kv_limit=kv_limit)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    step()  # warm-up
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < budget_s and len(times) < 50):
-        t0 = clock()
-        step()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    return step
+
+
+def time_steps(steps: dict, device: torch.device, rounds: int = 5, budget_s: float = 0.1) -> dict:
+    """Median seconds per step of each shape, over `rounds` rounds that visit every shape in turn
+    (interleaved, so a burst of load on the shared machine hits all shapes alike), each round timing
+    a shape at least twice and for ~`budget_s`. On CPU the clock is this process's CPU time (one
+    thread): time spent preempted by other processes is not the step's."""
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    samples: dict = {key: [] for key in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(rounds):
+        for key, step in steps.items():
+            spent, n = 0.0, 0
+            while n < 2 or (spent < budget_s and n < 20):
+                t0 = clock()
+                step()
+                samples[key].append(clock() - t0)
+                spent, n = spent + samples[key][-1], n + 1
+    return {key: statistics.median(times) for key, times in samples.items()}
 
 
 def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -67,15 +80,17 @@ def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype) -> list
         model = random_model(args, device, dtype)
         with torch.inference_mode():
             for batch in batches:
-                model.setup_caches(batch, max(contexts) + max(lengths), dtype, device)  # the cache is [B, ...]
-                for context in contexts:
-                    for n in lengths:
-                        cost = decode_step_cost(args, batch, context, n, dtype.itemsize)
-                        predicted = roofline_time(cost, hw, graphs=False)
-                        measured = time_step(model, batch, context, n, device)
-                        rows.append(dict(model=name, batch=batch, context=context, n_tokens=n,
-                                         predicted_ms=predicted * 1e3, measured_ms=measured * 1e3,
-                                         error=predicted / measured - 1))
+                # The cache is [B, ...]; long enough that the bucketed key range is never capped.
+                cache = -(-(max(contexts) + max(lengths)) // KV_BUCKET) * KV_BUCKET
+                model.setup_caches(batch, cache, dtype, device)
+                shapes = [(context, n) for context in contexts for n in lengths]
+                measured = time_steps({s: step_fn(model, batch, *s, device) for s in shapes}, device)
+                for context, n in shapes:
+                    cost = decode_step_cost(args, batch, context, n, dtype.itemsize, kv_bucket=KV_BUCKET)
+                    predicted = roofline_time(cost, hw, graphs=False)
+                    rows.append(dict(model=name, batch=batch, context=context, n_tokens=n,
+                                     predicted_ms=predicted * 1e3, measured_ms=measured[(context, n)] * 1e3,
+                                     error=predicted / measured[(context, n)] - 1))
         del model
     return rows
 
