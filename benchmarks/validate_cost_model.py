@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -54,23 +55,26 @@ def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device
 
 
 def time_steps(steps: dict, device: torch.device, rounds: int = 5, budget_s: float = 0.1) -> dict:
-    """Median seconds per step of each shape, over `rounds` rounds that visit every shape in turn
-    (interleaved, so a burst of load on the shared machine hits all shapes alike), each round timing
-    a shape at least twice and for ~`budget_s`. On CPU the clock is this process's CPU time (one
-    thread): time spent preempted by other processes is not the step's."""
+    """(median seconds per step, minor page faults per step) of each shape, over `rounds` rounds that
+    visit every shape in turn (interleaved, so a burst of load on the shared machine hits all shapes
+    alike), each round timing a shape at least twice and for ~`budget_s`. On CPU the clock is this
+    process's CPU time (one thread): time spent preempted by other processes is not the step's."""
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     samples: dict = {key: [] for key in steps}
+    faults = dict.fromkeys(steps, 0)
     for step in steps.values():
         step()  # warm-up
     for _ in range(rounds):
         for key, step in steps.items():
             spent, n = 0.0, 0
+            faults[key] -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             while n < 2 or (spent < budget_s and n < 20):
                 t0 = clock()
                 step()
                 samples[key].append(clock() - t0)
                 spent, n = spent + samples[key][-1], n + 1
-    return {key: statistics.median(times) for key, times in samples.items()}
+            faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return {key: (statistics.median(times), faults[key] / len(times)) for key, times in samples.items()}
 
 
 def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -88,9 +92,11 @@ def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype) -> list
                 for context, n in shapes:
                     cost = decode_step_cost(args, batch, context, n, dtype.itemsize, kv_bucket=KV_BUCKET)
                     predicted = roofline_time(cost, hw, graphs=False)
+                    seconds, faults = measured[(context, n)]
                     rows.append(dict(model=name, batch=batch, context=context, n_tokens=n,
-                                     predicted_ms=predicted * 1e3, measured_ms=measured[(context, n)] * 1e3,
-                                     error=predicted / measured[(context, n)] - 1))
+                                     predicted_ms=predicted * 1e3, measured_ms=seconds * 1e3,
+                                     error=predicted / seconds - 1, faults=faults,
+                                     score_mb=4 * cost.score_elems / 2**20))
         del model
     return rows
 
@@ -105,12 +111,12 @@ def report(hw: HardwareProfile, rows: list[dict], device: torch.device, toleranc
              "Profile measured by `measure_hardware` (no model shape used): "
              + ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in fields.items()), "",
              f"**{within} / {len(rows)} rows within {tolerance:.0%}** (eager steps, `graphs=False`).", "",
-             "| model | batch | context | T | predicted ms | measured ms | error |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | batch | context | T | scores MiB / layer | page faults / step | predicted ms | measured ms | error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         flag = "" if abs(r["error"]) <= tolerance else " **miss**"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['n_tokens']} | {r['predicted_ms']:.2f} | "
-                     f"{r['measured_ms']:.2f} | {r['error']:+.0%}{flag} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['n_tokens']} | {r['score_mb']:.2f} | "
+                     f"{r['faults']:.0f} | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | {r['error']:+.0%}{flag} |")
     lines += ["", "Median error by model and query length:", "",
               "| model | T | median error | rows within |", "| --- | --- | --- | --- |"]
     for (name, n), group in _groups(rows).items():

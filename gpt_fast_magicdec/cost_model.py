@@ -52,10 +52,11 @@ class HardwareProfile:
     allreduce_hop_latency_s: float = 0.0  # per step of a ring all-reduce (2 (W - 1) steps)
     # Measured on CPU (`measure_hardware`), empty in the presets: ((rows, FLOP/s), ...) of a matmul of
     # `rows` activation rows against a weight streamed from memory (skinny matmuls run below both
-    # roofs), and ((score bytes, seconds per score element), ...) of the eager attention's passes over
+    # roofs; `matmul_rate_cached`: a weight of MATMUL_CACHED_WEIGHT that stays in cache), and ((score bytes, seconds per score element), ...) of the eager attention's passes over
     # its fp32 scores (scale, mask, softmax, nan_to_num), which depend on whether the scores fit in cache.
     matmul_rate_by_rows: tuple = ()
     eager_score_cost: tuple = ()
+    matmul_rate_cached: tuple = ()  # ((rows, FLOP/s), ...) against a weight that stays in cache
 
 
 # Sources. Memory bandwidth and dense bf16 FLOP/s: the vendor data sheets (A100 80GB SXM, H100 SXM5,
@@ -158,20 +159,23 @@ def _eager_op_overhead(device: torch.device, reps: int) -> float:
             for _ in range(count):
                 op()
     with torch.inference_mode():
-        return _time_op(run, device, 4 * reps) / sum(count for count, _ in mix)
+        return _time_op(run, device, reps) / sum(count for count, _ in mix)
 
 
 # CPU generic shapes. The weight is 64 MiB of fp32, twice this machine's 32 MiB L3 (lscpu), so each call
 # streams it from memory as a model's layers do; the rows span decode (1) to verify at batch 16.
 MATMUL_WEIGHT = (8192, 2048)  # (out, in) features
 MATMUL_ROWS = (1, 4, 16, 64)
-SCORE_BYTES = (256 << 10, 2 << 20, 8 << 20)  # fp32 scores: within the 1 MiB L2 of a core, 2x and 8x it
+SCORE_BYTES = (256 << 10, 2 << 20, 16 << 20)  # fp32 scores: within the 1 MiB L2 of a core, 2x it, half the L3
 
 
-def _matmul_rates(device: torch.device, reps: int) -> tuple:
-    """((rows, FLOP/s), ...): x [rows, in] @ W^T for the generic weight MATMUL_WEIGHT (2 rows in FLOPs
-    per weight element per row); the rate a skinny linear layer really runs at."""
-    out_f, in_f = MATMUL_WEIGHT
+MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: within the 1 MiB L2 of a core
+
+
+def _matmul_rates(device: torch.device, reps: int, weight: tuple = MATMUL_WEIGHT) -> tuple:
+    """((rows, FLOP/s), ...): x [rows, in] @ W^T for a generic weight [out, in] (2 FLOPs per weight
+    element per row); the rate a skinny linear layer really runs at."""
+    out_f, in_f = weight
     w = torch.full((out_f, in_f), 0.5, device=device)
     rates = []
     for rows in MATMUL_ROWS:
@@ -185,22 +189,27 @@ def _score_pass_cost(device: torch.device, reps: int, op_s: float) -> tuple:
     its fp32 scores, on generic scores [1, 1, G * T, S] (G * T = 16 rows) of each of SCORE_BYTES: the
     bool mask expanded to the group's rows (a copy), its negation, scale, masked_fill, softmax,
     nan_to_num. The 7 ops' fixed cost (`op_s` each) is subtracted: `overhead_time` counts it.
-    Largest first: its freed temporaries raise glibc's mmap threshold (dynamic, up to 32 MiB), so the
-    smaller shapes reuse heap pages instead of faulting in fresh ones; this measures the passes
-    themselves, not the page faults (see benchmarks/cost_model_validation_cpu.md)."""
+    Outputs go to preallocated buffers: the reference allocates each temporary, and whether glibc
+    then hands back reused or freshly faulted pages depends on the process's history (its mmap
+    threshold is dynamic), so page faults are left out of this term (see
+    benchmarks/cost_model_validation_cpu.md)."""
     out = []
-    for nbytes in sorted(SCORE_BYTES, reverse=True):
+    for nbytes in SCORE_BYTES:
         rows, cols = 16, nbytes // 4 // 16
-        scores = torch.randn(1, 1, rows, cols, device=device)
+        scores, a, b = torch.randn(1, 1, rows, cols, device=device), *(torch.empty(1, 1, rows, cols, device=device) for _ in range(2))
         mask = (torch.arange(cols, device=device) <= cols // 2).expand(1, 1, 4, cols)  # [B, 1, T, S], G = 4
+        m, not_m = (torch.empty(1, 1, 4, 4, cols, dtype=torch.bool, device=device) for _ in range(2))
 
         def passes():
-            m = mask.unsqueeze(2).expand(1, 1, 4, 4, cols).reshape(1, 1, rows, cols)
-            torch.softmax((scores * 0.1).masked_fill(~m, float("-inf")), dim=-1).nan_to_num(0.0)
+            m.copy_(mask.unsqueeze(2).expand(1, 1, 4, 4, cols))
+            torch.bitwise_not(m, out=not_m)
+            torch.mul(scores, 0.1, out=a).masked_fill_(not_m.view(1, 1, rows, cols), float("-inf"))
+            torch.ops.aten._softmax.out(a, -1, False, out=b)
+            torch.nan_to_num(b, 0.0, out=a)
         with torch.inference_mode():
             t = _time_op(passes, device, reps)
         out.append((nbytes, max(t - 7 * op_s, 0.0) / (rows * cols)))
-    return tuple(sorted(out))
+    return tuple(out)
 
 
 def _module_call_overhead(device: torch.device, reps: int) -> float:
@@ -282,8 +291,9 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
         extra["eager_op_overhead_s"] = _eager_op_overhead(device, reps)
         extra["eager_module_overhead_s"] = _module_call_overhead(device, reps)
         if not on_gpu:  # the CPU engine runs eager: skinny matmuls and unfused attention
-            extra["matmul_rate_by_rows"] = _matmul_rates(device, max(reps // 2, 3))
-            extra["eager_score_cost"] = _score_pass_cost(device, reps, extra["eager_op_overhead_s"])
+            extra["matmul_rate_by_rows"] = _matmul_rates(device, 3)
+            extra["matmul_rate_cached"] = _matmul_rates(device, 10, MATMUL_CACHED_WEIGHT)
+            extra["eager_score_cost"] = _score_pass_cost(device, 3, extra["eager_op_overhead_s"])
         if on_gpu:
             extra["kernel_overhead_s"], extra["step_overhead_s"] = _graph_overheads(device, reps)
         if tp_group is not None:
@@ -357,18 +367,31 @@ def _interpolate(points: tuple, x: float) -> float:
     return points[-1][1]
 
 
-def row_rate(hw: HardwareProfile, rows: int) -> float:
-    """FLOP/s of a matmul of `rows` activation rows: `matmul_rate_by_rows` interpolated in log(rows),
-    else `matmul_flops`."""
-    return _interpolate(hw.matmul_rate_by_rows, rows) if hw.matmul_rate_by_rows and rows > 0 else hw.matmul_flops
+def _weight_bytes(shape: tuple) -> int:
+    return 4 * shape[0] * shape[1]  # fp32, as measured
 
 
-def matmul_time(flops: float, rows: int, nbytes: float, hw: HardwareProfile) -> float:
-    """A matmul of `rows` activation rows: flops / (measured rate at that many rows) when the profile
-    has one (`matmul_rate_by_rows`, CPU: it includes streaming the weight), else the roofline
-    max(nbytes / bandwidth, flops / matmul rate)."""
+def row_rate(hw: HardwareProfile, rows: int, operand_bytes: Optional[float] = None) -> float:
+    """FLOP/s of a matmul of `rows` activation rows against `operand_bytes` of weight (or K / V):
+    `matmul_rate_by_rows` (streamed) interpolated in log(rows); with `matmul_rate_cached` and
+    `operand_bytes`, interpolated in log(bytes) between the cached weight's rate at
+    MATMUL_CACHED_WEIGHT bytes and the streamed one at MATMUL_WEIGHT bytes. No rates: `matmul_flops`."""
+    if not hw.matmul_rate_by_rows or rows <= 0:
+        return hw.matmul_flops
+    streamed = _interpolate(hw.matmul_rate_by_rows, rows)
+    if not hw.matmul_rate_cached or operand_bytes is None:
+        return streamed
+    cached = _interpolate(hw.matmul_rate_cached, rows)
+    return _interpolate(((_weight_bytes(MATMUL_CACHED_WEIGHT), cached), (_weight_bytes(MATMUL_WEIGHT), streamed)),
+                        max(operand_bytes, 1.0))
+
+
+def matmul_time(flops: float, rows: int, nbytes: float, hw: HardwareProfile, operand_bytes: Optional[float] = None) -> float:
+    """A matmul of `rows` activation rows: flops / (measured rate at that many rows and, if given, that
+    many `operand_bytes` per call, `row_rate`) when the profile has rates (CPU: they include reading
+    the weight), else the roofline max(nbytes / bandwidth, flops / matmul rate)."""
     if hw.matmul_rate_by_rows and rows > 0:
-        return flops / row_rate(hw, rows)
+        return flops / row_rate(hw, rows, operand_bytes)
     return max(nbytes / hw.mem_bandwidth, flops / hw.matmul_flops)
 
 
@@ -379,7 +402,7 @@ def eager_attention_time(cost: StepCost, hw: HardwareProfile) -> float:
         attn_flops / rate(G * n rows)                                   [QK^T and PV, K / V streamed]
       + n_layers * score_elems * eager_score_cost(4 * score_elems)      [mask, scale, softmax, ...]"""
     passes = cost.n_layers * cost.score_elems * _interpolate(hw.eager_score_cost, 4 * cost.score_elems)
-    return matmul_time(cost.attn_flops, cost.attn_rows, cost.attn_bytes, hw) + passes
+    return matmul_time(cost.attn_flops, cost.attn_rows, cost.attn_bytes, hw, cost.bytes) + passes
 
 
 def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:
@@ -388,7 +411,9 @@ def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = 
     A profile measured on CPU replaces the linear roofline by the rate at `cost.rows` rows
     (`matmul_time`) and, for eager steps, attention by `eager_attention_time`."""
     eager = not (hw.graphs if graphs is None else graphs)
-    linear = matmul_time(cost.flops - cost.attn_flops, cost.rows, cost.bytes - cost.attn_bytes, hw)
+    # A step reads every weight and its KV once, so what is still in cache at the next step is set by
+    # the step's whole working set (`cost.bytes`): that picks the cached or the streamed matmul rate.
+    linear = matmul_time(cost.flops - cost.attn_flops, cost.rows, cost.bytes - cost.attn_bytes, hw, cost.bytes)
     if eager and hw.eager_score_cost:
         attention = eager_attention_time(cost, hw)
     else:
