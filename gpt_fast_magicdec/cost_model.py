@@ -165,11 +165,9 @@ def _eager_op_overhead(device: torch.device, reps: int) -> float:
 # CPU generic shapes. The weight is 64 MiB of fp32, twice this machine's 32 MiB L3 (lscpu), so each call
 # streams it from memory as a model's layers do; the rows span decode (1) to verify at batch 16.
 MATMUL_WEIGHT = (8192, 2048)  # (out, in) features
+MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: stays within the 1 MiB L2 of a core between calls
 MATMUL_ROWS = (1, 4, 16, 64)
 SCORE_BYTES = (256 << 10, 2 << 20, 16 << 20)  # fp32 scores: within the 1 MiB L2 of a core, 2x it, half the L3
-
-
-MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: within the 1 MiB L2 of a core
 
 
 def _matmul_rates(device: torch.device, reps: int, weight: tuple = MATMUL_WEIGHT) -> tuple:
@@ -196,7 +194,8 @@ def _score_pass_cost(device: torch.device, reps: int, op_s: float) -> tuple:
     out = []
     for nbytes in SCORE_BYTES:
         rows, cols = 16, nbytes // 4 // 16
-        scores, a, b = torch.randn(1, 1, rows, cols, device=device), *(torch.empty(1, 1, rows, cols, device=device) for _ in range(2))
+        scores = torch.randn(1, 1, rows, cols, device=device)
+        a, b = torch.empty_like(scores), torch.empty_like(scores)  # outputs, reused: no allocation
         mask = (torch.arange(cols, device=device) <= cols // 2).expand(1, 1, 4, cols)  # [B, 1, T, S], G = 4
         m, not_m = (torch.empty(1, 1, 4, 4, cols, dtype=torch.bool, device=device) for _ in range(2))
 
@@ -526,19 +525,22 @@ class PredictedTimes:
 
 def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, gamma: int, budget: int,
                   dtype_bytes: int = 2, tp: int = 1, draft_args: Optional[ModelArgs] = None,
-                  draft_budget: Optional[int] = None, graphs: Optional[bool] = None) -> PredictedTimes:
+                  draft_budget: Optional[int] = None, graphs: Optional[bool] = None,
+                  kv_bucket: Optional[int] = None) -> PredictedTimes:
     """Roofline times of the three steps of a round. Self-speculation (`draft_args=None`): the
     target's weights reading `min(budget, context)` keys. Standalone draft: `draft_args` weights
     reading `draft_budget` keys (None: `budget`; -1: the full context), on the same `tp` ranks.
-    `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term."""
-    target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp)
-    verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp)
+    `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term.
+    `kv_bucket`: full-view steps attend over the bucketed key range (eager CPU steps, `eager_keys`)."""
+    target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp, kv_bucket=kv_bucket)
+    verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp, kv_bucket=kv_bucket)
     if draft_args is None:
         draft_args, draft_budget = args, budget
     elif draft_budget is None:
         draft_budget = budget
     draft_kv = context if draft_budget == -1 else min(draft_budget, context)
-    draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv)
+    draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv,
+                             kv_bucket=kv_bucket if draft_budget == -1 else None)
     return PredictedTimes(roofline_time(target, hw, graphs), roofline_time(verify, hw, graphs),
                           roofline_time(draft, hw, graphs), target, verify, draft)
 
