@@ -16,6 +16,14 @@ One speculation round with `gamma` draft steps then yields, for acceptance rate 
 `Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over plain decoding is
 `Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
 
+On CPU the engine runs eager and unfused, and `measure_hardware` adds what that costs (generic
+microbenchmarks, no model shape): the linear layers run at the measured rate of a matmul with
+B * n rows (`row_rate`: skinny matmuls are below both roofs; cached or streamed weight by the
+step's working set), and attention is `eager_attention_time`: QK^T and PV at the rate of G * n
+rows plus the passes over the fp32 scores that `kernels/reference.py` materialises, over the
+bucketed key range the eager path uses (`decode_step_cost(kv_bucket=)`). Not counted there: the
+page faults of score temporaries that glibc maps fresh (benchmarks/cost_model_validation_cpu.md).
+
 Everything counts bytes and FLOPs *per tensor-parallel rank*: attention heads, KV heads and MLP
 columns are sharded over `tp` ranks; norms and the output head are replicated (decision 9).
 Not counted: activations and logits (small next to weights and KV at the shapes that matter), and
