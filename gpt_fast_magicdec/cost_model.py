@@ -58,13 +58,13 @@ class HardwareProfile:
     link_bandwidth: float = math.inf  # bytes/s one GPU sends in one direction (collectives)
     allreduce_latency_s: float = 0.0  # fixed cost of one all-reduce, any size
     allreduce_hop_latency_s: float = 0.0  # per step of a ring all-reduce (2 (W - 1) steps)
-    # Measured on CPU (`measure_hardware`), empty in the presets: ((rows, FLOP/s), ...) of a matmul of
-    # `rows` activation rows against a weight streamed from memory (skinny matmuls run below both
-    # roofs; `matmul_rate_cached`: a weight of MATMUL_CACHED_WEIGHT that stays in cache), and ((score bytes, seconds per score element), ...) of the eager attention's passes over
-    # its fp32 scores (scale, mask, softmax, nan_to_num), which depend on whether the scores fit in cache.
+    # Measured on CPU (`measure_hardware`), empty in the presets. Skinny matmuls run below both roofs:
+    # ((rows, FLOP/s), ...) of `rows` activation rows against a weight streamed from memory
+    # (MATMUL_WEIGHT) and against one that stays in cache (MATMUL_CACHED_WEIGHT). The eager attention's
+    # passes over its fp32 scores (mask, scale, softmax, nan_to_num): ((score bytes, seconds per element), ...).
     matmul_rate_by_rows: tuple = ()
     eager_score_cost: tuple = ()
-    matmul_rate_cached: tuple = ()  # ((rows, FLOP/s), ...) against a weight that stays in cache
+    matmul_rate_cached: tuple = ()
 
 
 # Sources. Memory bandwidth and dense bf16 FLOP/s: the vendor data sheets (A100 80GB SXM, H100 SXM5,
@@ -143,14 +143,15 @@ def _op_mix(device: torch.device) -> list[tuple[int, Callable[[], object]]]:
     index, split, le, expand, bitwise_not, masked_fill, softmax, nan_to_num, silu), halved."""
     x, w = torch.ones(1, 1, 64, device=device), torch.ones(64, 64, device=device)
     q, cache = torch.ones(1, 2, 2, 16, device=device), torch.zeros(1, 2, 32, 16, device=device)
-    pos, mask = torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, 1, 2, 32, dtype=torch.bool, device=device)
-    batch = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = batch = torch.zeros(1, 1, dtype=torch.long, device=device)
+    mask = torch.ones(1, 1, 2, 32, dtype=torch.bool, device=device)
     return [(15, lambda: x.to(torch.float32)), (11, lambda: x * x), (9, lambda: x.unsqueeze(1)),
             (9, lambda: x + x), (7, lambda: q.transpose(1, 2)), (6, lambda: cache[:, :, :8]),
             (5, lambda: torch.nn.functional.linear(x, w)), (4, lambda: torch.arange(4, device=device)),
             (4, lambda: q.reshape(1, 4, 16)), (3, lambda: x.view(64)), (2, lambda: x.pow(2)),
             (2, lambda: x.mean(-1, keepdim=True)), (2, lambda: x.rsqrt()), (2, lambda: x.neg()),
-            (2, lambda: torch.cat([x, x], dim=-1)), (2, lambda: cache.__setitem__((batch, slice(None), pos), q[:, :, :1].transpose(1, 2))),
+            (2, lambda: torch.cat([x, x], dim=-1)),
+            (2, lambda: cache.__setitem__((batch, slice(None), pos), q[:, :, :1].transpose(1, 2))),  # index_put_
             (2, lambda: torch.matmul(q, cache.transpose(-1, -2))), (1, lambda: cache[batch]),
             (1, lambda: x.split([32, 32], dim=-1)), (1, lambda: pos <= pos), (1, lambda: mask.expand(1, 2, 2, 32)),
             (1, lambda: ~mask), (1, lambda: cache.masked_fill(cache > 0, 0.0)), (1, lambda: torch.softmax(q, -1)),
@@ -170,8 +171,9 @@ def _eager_op_overhead(device: torch.device, reps: int) -> float:
         return _time_op(run, device, reps) / sum(count for count, _ in mix)
 
 
-# CPU generic shapes. The weight is 64 MiB of fp32, twice this machine's 32 MiB L3 (lscpu), so each call
-# streams it from memory as a model's layers do; the rows span decode (1) to verify at batch 16.
+# CPU generic shapes. The streamed weight is 64 MiB of fp32, twice this machine's 32 MiB L3 (lscpu), so
+# each call reads it from memory as a large model's layers do; the rows span decode (1) to verify at
+# batch 16; L2 is 1 MiB per core (lscpu: 2 MiB, 2 instances).
 MATMUL_WEIGHT = (8192, 2048)  # (out, in) features
 MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: stays within the 1 MiB L2 of a core between calls
 MATMUL_ROWS = (1, 4, 16, 64)
@@ -374,7 +376,7 @@ def _interpolate(points: tuple, x: float) -> float:
     return points[-1][1]
 
 
-def _weight_bytes(shape: tuple) -> int:
+def _fp32_bytes(shape: tuple) -> int:
     return 4 * shape[0] * shape[1]  # fp32, as measured
 
 
@@ -389,11 +391,12 @@ def row_rate(hw: HardwareProfile, rows: int, operand_bytes: Optional[float] = No
     if not hw.matmul_rate_cached or operand_bytes is None:
         return streamed
     cached = _interpolate(hw.matmul_rate_cached, rows)
-    return _interpolate(((_weight_bytes(MATMUL_CACHED_WEIGHT), cached), (_weight_bytes(MATMUL_WEIGHT), streamed)),
-                        max(operand_bytes, 1.0))
+    points = ((_fp32_bytes(MATMUL_CACHED_WEIGHT), cached), (_fp32_bytes(MATMUL_WEIGHT), streamed))
+    return _interpolate(points, max(operand_bytes, 1.0))
 
 
-def matmul_time(flops: float, rows: int, nbytes: float, hw: HardwareProfile, operand_bytes: Optional[float] = None) -> float:
+def matmul_time(flops: float, rows: int, nbytes: float, hw: HardwareProfile,
+                operand_bytes: Optional[float] = None) -> float:
     """A matmul of `rows` activation rows: flops / (measured rate at that many rows and, if given, that
     many `operand_bytes` per call, `row_rate`) when the profile has rates (CPU: they include reading
     the weight), else the roofline max(nbytes / bandwidth, flops / matmul rate)."""
@@ -406,7 +409,7 @@ def eager_attention_time(cost: StepCost, hw: HardwareProfile) -> float:
     """The unfused attention of `kernels/reference.py` (eager steps), per layer over fp32 scores
     [B, H_kv, G * n, keys] (score_elems, 4 * score_elems bytes):
 
-        attn_flops / rate(G * n rows)                                   [QK^T and PV, K / V streamed]
+        attn_flops / row_rate(G * n rows, cost.bytes)                   [QK^T and PV]
       + n_layers * score_elems * eager_score_cost(4 * score_elems)      [mask, scale, softmax, ...]"""
     passes = cost.n_layers * cost.score_elems * _interpolate(hw.eager_score_cost, 4 * cost.score_elems)
     return matmul_time(cost.attn_flops, cost.attn_rows, cost.attn_bytes, hw, cost.bytes) + passes
