@@ -143,7 +143,8 @@ NOTES = """
   square-matmul roof (packing weight panels per call). The rate is the streamed one (64 MiB weight,
   twice the L3) or the cached one (512 KiB weight), interpolated in log(bytes) by the step's whole
   working set (`cost.bytes`): a step reads every weight and its KV once, so that decides what is
-  still in cache at the next step. The mid model (~390 MB) streams; the tiny ones stay cached.
+  still in cache at the next step. The mid model (~390 MB) streams. The tiny ones sit between
+  the two, from under 1 MB up to ~36 MB of KV at batch 16 x context 4096.
 - **Attention** (`eager_attention_time`) over the engine's bucketed key range S (context + T rounded
   up to 256, `bucketed_kv_limit`): QK^T and PV at the matmul rate of G x T rows, plus the passes
   `kernels/reference.py` makes over its fp32 scores [B, H_kv, G*T, S] (mask copy and negation,
