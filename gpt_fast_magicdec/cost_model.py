@@ -16,6 +16,14 @@ One speculation round with `gamma` draft steps then yields, for acceptance rate 
 `Omega = (1 - alpha^(gamma+1)) / (1 - alpha)` tokens per sequence, so the speedup over plain decoding is
 `Omega * T_T / (gamma * T_D + T_V)` (MagicDec, arXiv 2408.11049, section 3).
 
+On CPU the engine runs eager and unfused, and `measure_hardware` adds what that costs (generic
+microbenchmarks, no model shape): the linear layers run at the measured rate of a matmul with
+B * n rows (`row_rate`: skinny matmuls are below both roofs; cached or streamed weight by the
+step's working set), and attention is `eager_attention_time`: QK^T and PV at the rate of G * n
+rows plus the passes over the fp32 scores that `kernels/reference.py` materialises, over the
+bucketed key range the eager path uses (`decode_step_cost(kv_bucket=)`). Not counted there: the
+page faults of score temporaries that glibc maps fresh (benchmarks/cost_model_validation_cpu.md).
+
 Everything counts bytes and FLOPs *per tensor-parallel rank*: attention heads, KV heads and MLP
 columns are sharded over `tp` ranks; norms and the output head are replicated (decision 9).
 Not counted: activations and logits (small next to weights and KV at the shapes that matter), and
@@ -50,6 +58,13 @@ class HardwareProfile:
     link_bandwidth: float = math.inf  # bytes/s one GPU sends in one direction (collectives)
     allreduce_latency_s: float = 0.0  # fixed cost of one all-reduce, any size
     allreduce_hop_latency_s: float = 0.0  # per step of a ring all-reduce (2 (W - 1) steps)
+    # Measured on CPU (`measure_hardware`), empty in the presets. Skinny matmuls run below both roofs:
+    # ((rows, FLOP/s), ...) of `rows` activation rows against a weight streamed from memory
+    # (MATMUL_WEIGHT) and against one that stays in cache (MATMUL_CACHED_WEIGHT). The eager attention's
+    # passes over its fp32 scores (mask, scale, softmax, nan_to_num): ((score bytes, seconds per element), ...).
+    matmul_rate_by_rows: tuple = ()
+    eager_score_cost: tuple = ()
+    matmul_rate_cached: tuple = ()
 
 
 # Sources. Memory bandwidth and dense bf16 FLOP/s: the vendor data sheets (A100 80GB SXM, H100 SXM5,
@@ -83,11 +98,20 @@ _ALIASES = {"a100": "A100-80G", "h100": "H100-SXM", "l40": "L40S"}
 # Kernels of one forward step. Graph path (compiled, fused): per layer ~10 (norm, qkv, rope + cache
 # write, attention, wo, add + norm, w1/w3, silu * mul, w2, add), per step ~4 (embedding, final norm,
 # head, cast); the all-reduces are counted by the collective term. Eager path: aten ops, counted
-# with a TorchDispatchMode over this engine's `Transformer.forward` (views included): 102 per layer
-# at T = 1 (105 at T = 4), 18 per step; and nn.Module calls: 10 per layer, 4 per step.
+# with a TorchDispatchMode over this engine's `forward_step` under inference mode, as the engine
+# runs it (views included, composite ops such as linear counted once): 109 ops at 1 layer, 200 at 2,
+# 291 at 3, the same at T = 1 and T = 4 (tiny and tiny-llama3): 91 per layer, 18 per step; and
+# nn.Module calls: 10 per layer, 4 per step.
 GRAPH_KERNELS = (10, 4)  # (per layer, per step)
-EAGER_OPS = (102, 18)
+EAGER_OPS = (91, 18)
 EAGER_MODULES = (10, 4)
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """CPU with one thread: this process's CPU time, so that time spent preempted by the other jobs
+    of a shared machine does not count (benchmarks/validate_cost_model.py times steps the same way);
+    otherwise wall time."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
@@ -103,24 +127,98 @@ def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / reps
-    times = []
+    clock, times = _clock(device), []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def _eager_op_overhead(device: torch.device, reps: int) -> float:
-    """Seconds per eager aten op on tiny tensors, over a mix like the model's (views, pointwise,
-    small matmuls): what a step costs when its tensors are too small to matter."""
-    x, y = (torch.ones(8, 8, device=device) for _ in range(2))
+def _op_mix(device: torch.device) -> list[tuple[int, Callable[[], object]]]:
+    """(count, op) on tiny tensors, in the proportions of one layer of this engine's eager step: the
+    aten ops of `Transformer.forward` under inference mode, counted with a TorchDispatchMode (tiny
+    preset, 2 layers: to 31, mul 22, unsqueeze 19, add 18, transpose 14, slice 12, linear 11,
+    arange 9, reshape 8, view 6, pow / mean / rsqrt 5, neg / cat / index_put_ / matmul 4, 2 each of
+    index, split, le, expand, bitwise_not, masked_fill, softmax, nan_to_num, silu), halved."""
+    x, w = torch.ones(1, 1, 64, device=device), torch.ones(64, 64, device=device)
+    q, cache = torch.ones(1, 2, 2, 16, device=device), torch.zeros(1, 2, 32, 16, device=device)
+    pos = batch = torch.zeros(1, 1, dtype=torch.long, device=device)
+    mask = torch.ones(1, 1, 2, 32, dtype=torch.bool, device=device)
+    return [(15, lambda: x.to(torch.float32)), (11, lambda: x * x), (9, lambda: x.unsqueeze(1)),
+            (9, lambda: x + x), (7, lambda: q.transpose(1, 2)), (6, lambda: cache[:, :, :8]),
+            (5, lambda: torch.nn.functional.linear(x, w)), (4, lambda: torch.arange(4, device=device)),
+            (4, lambda: q.reshape(1, 4, 16)), (3, lambda: x.view(64)), (2, lambda: x.pow(2)),
+            (2, lambda: x.mean(-1, keepdim=True)), (2, lambda: x.rsqrt()), (2, lambda: x.neg()),
+            (2, lambda: torch.cat([x, x], dim=-1)),
+            (2, lambda: cache.__setitem__((batch, slice(None), pos), q[:, :, :1].transpose(1, 2))),  # index_put_
+            (2, lambda: torch.matmul(q, cache.transpose(-1, -2))), (1, lambda: cache[batch]),
+            (1, lambda: x.split([32, 32], dim=-1)), (1, lambda: pos <= pos), (1, lambda: mask.expand(1, 2, 2, 32)),
+            (1, lambda: ~mask), (1, lambda: cache.masked_fill(cache > 0, 0.0)), (1, lambda: torch.softmax(q, -1)),
+            (1, lambda: q.nan_to_num(0.0)), (1, lambda: torch.nn.functional.silu(x))]
 
-    def mix():  # 12 aten ops
-        a = (x * y + x).view(64).unsqueeze(0)
-        b = torch.mm(x, y.t()).transpose(0, 1).expand(2, 8, 8)
-        return torch.rsqrt(a.pow(2).mean(-1)), b.sum()
-    return _time_op(mix, device, 20 * reps) / 12
+
+def _eager_op_overhead(device: torch.device, reps: int) -> float:
+    """Seconds per eager aten op on tiny tensors, over `_op_mix` (the model's op proportions under
+    inference mode, as the engine runs them): what a step costs when its tensors are too small to matter."""
+    mix = _op_mix(device)
+
+    def run():
+        for count, op in mix:
+            for _ in range(count):
+                op()
+    with torch.inference_mode():
+        return _time_op(run, device, reps) / sum(count for count, _ in mix)
+
+
+# CPU generic shapes. The streamed weight is 64 MiB of fp32, twice this machine's 32 MiB L3 (lscpu), so
+# each call reads it from memory as a large model's layers do; the rows span decode (1) to verify at
+# batch 16; L2 is 1 MiB per core (lscpu: 2 MiB, 2 instances).
+MATMUL_WEIGHT = (8192, 2048)  # (out, in) features
+MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: stays within the 1 MiB L2 of a core between calls
+MATMUL_ROWS = (1, 4, 16, 64)
+SCORE_BYTES = (256 << 10, 2 << 20, 16 << 20)  # fp32 scores: within the 1 MiB L2 of a core, 2x it, half the L3
+
+
+def _matmul_rates(device: torch.device, reps: int, weight: tuple = MATMUL_WEIGHT) -> tuple:
+    """((rows, FLOP/s), ...): x [rows, in] @ W^T for a generic weight [out, in] (2 FLOPs per weight
+    element per row); the rate a skinny linear layer really runs at."""
+    out_f, in_f = weight
+    w = torch.full((out_f, in_f), 0.5, device=device)
+    rates = []
+    for rows in MATMUL_ROWS:
+        x = torch.full((rows, in_f), 0.5, device=device)
+        rates.append((rows, 2 * rows * in_f * out_f / _time_op(lambda: torch.nn.functional.linear(x, w), device, reps)))
+    return tuple(rates)
+
+
+def _score_pass_cost(device: torch.device, reps: int, op_s: float) -> tuple:
+    """((score bytes, seconds per score element), ...): the passes `kernels/reference.py` makes over
+    its fp32 scores, on generic scores [1, 1, G * T, S] (G * T = 16 rows) of each of SCORE_BYTES: the
+    bool mask expanded to the group's rows (a copy), its negation, scale, masked_fill, softmax,
+    nan_to_num. The 7 ops' fixed cost (`op_s` each) is subtracted: `overhead_time` counts it.
+    Outputs go to preallocated buffers: the reference allocates each temporary, and whether glibc
+    then hands back reused or freshly faulted pages depends on the process's history (its mmap
+    threshold is dynamic), so page faults are left out of this term (see
+    benchmarks/cost_model_validation_cpu.md)."""
+    out = []
+    for nbytes in SCORE_BYTES:
+        rows, cols = 16, nbytes // 4 // 16
+        scores = torch.randn(1, 1, rows, cols, device=device)
+        a, b = torch.empty_like(scores), torch.empty_like(scores)  # outputs, reused: no allocation
+        mask = (torch.arange(cols, device=device) <= cols // 2).expand(1, 1, 4, cols)  # [B, 1, T, S], G = 4
+        m, not_m = (torch.empty(1, 1, 4, 4, cols, dtype=torch.bool, device=device) for _ in range(2))
+
+        def passes():
+            m.copy_(mask.unsqueeze(2).expand(1, 1, 4, 4, cols))
+            torch.bitwise_not(m, out=not_m)
+            torch.mul(scores, 0.1, out=a).masked_fill_(not_m.view(1, 1, rows, cols), float("-inf"))
+            torch.ops.aten._softmax.out(a, -1, False, out=b)
+            torch.nan_to_num(b, 0.0, out=a)
+        with torch.inference_mode():
+            t = _time_op(passes, device, reps)
+        out.append((nbytes, max(t - 7 * op_s, 0.0) / (rows * cols)))
+    return tuple(out)
 
 
 def _module_call_overhead(device: torch.device, reps: int) -> float:
@@ -185,7 +283,8 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
     """Measure on `device`: copy bandwidth (bytes read + written per second), the matmul rate (bf16
     on GPU, fp32 on CPU), per-op eager overhead, per-kernel graph overhead and graph step cost (GPU),
     and with a `tp_group` of W > 1 ranks the all-reduce latency and link bandwidth (a collective:
-    every rank must call). CPU sizes are small so this takes well under a second."""
+    every rank must call). On CPU also the matmul rate at 1-64 rows (`_matmul_rates`) and the eager
+    attention's cost per score element (`_score_pass_cost`), all on generic shapes; ~1 s."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     # CPU: 64 MiB, twice this machine's 32 MiB L3, so the copy streams from memory.
@@ -200,6 +299,10 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
         mm_s = _time_op(lambda: torch.mm(a, b), device, reps)
         extra["eager_op_overhead_s"] = _eager_op_overhead(device, reps)
         extra["eager_module_overhead_s"] = _module_call_overhead(device, reps)
+        if not on_gpu:  # the CPU engine runs eager: skinny matmuls and unfused attention
+            extra["matmul_rate_by_rows"] = _matmul_rates(device, 3)
+            extra["matmul_rate_cached"] = _matmul_rates(device, 10, MATMUL_CACHED_WEIGHT)
+            extra["eager_score_cost"] = _score_pass_cost(device, 3, extra["eager_op_overhead_s"])
         if on_gpu:
             extra["kernel_overhead_s"], extra["step_overhead_s"] = _graph_overheads(device, reps)
         if tp_group is not None:
@@ -234,6 +337,9 @@ class StepCost:
     n_allreduce: int = 0  # all-reduces per step: 2 per layer (after wo and w2) when tp > 1
     tp: int = 1  # ranks taking part in each all-reduce
     n_layers: int = 0  # for the kernel count of the overhead term
+    rows: int = 0  # B * n: activation rows of every linear layer (sets the skinny-matmul rate)
+    attn_rows: int = 0  # G * n: query rows per KV head of the QK^T and PV matmuls
+    score_elems: float = 0.0  # B * H_q_local * n * keys: fp32 scores the eager path makes, per layer
 
 
 def allreduce_time(nbytes: float, world: int, hw: HardwareProfile) -> float:
@@ -259,11 +365,69 @@ def overhead_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = 
             + _count(EAGER_MODULES, cost.n_layers) * hw.eager_module_overhead_s)
 
 
+def _interpolate(points: tuple, x: float) -> float:
+    """y at x, linear in log(x) between the measured (x, y) points (sorted by x), flat beyond them."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return y0 + f * (y1 - y0)
+    return points[-1][1]
+
+
+def _fp32_bytes(shape: tuple) -> int:
+    return 4 * shape[0] * shape[1]  # fp32, as measured
+
+
+def row_rate(hw: HardwareProfile, rows: int, operand_bytes: Optional[float] = None) -> float:
+    """FLOP/s of a matmul of `rows` activation rows against `operand_bytes` of weight (or K / V):
+    `matmul_rate_by_rows` (streamed) interpolated in log(rows); with `matmul_rate_cached` and
+    `operand_bytes`, interpolated in log(bytes) between the cached weight's rate at
+    MATMUL_CACHED_WEIGHT bytes and the streamed one at MATMUL_WEIGHT bytes. No rates: `matmul_flops`."""
+    if not hw.matmul_rate_by_rows or rows <= 0:
+        return hw.matmul_flops
+    streamed = _interpolate(hw.matmul_rate_by_rows, rows)
+    if not hw.matmul_rate_cached or operand_bytes is None:
+        return streamed
+    cached = _interpolate(hw.matmul_rate_cached, rows)
+    points = ((_fp32_bytes(MATMUL_CACHED_WEIGHT), cached), (_fp32_bytes(MATMUL_WEIGHT), streamed))
+    return _interpolate(points, max(operand_bytes, 1.0))
+
+
+def matmul_time(flops: float, rows: int, nbytes: float, hw: HardwareProfile,
+                operand_bytes: Optional[float] = None) -> float:
+    """A matmul of `rows` activation rows: flops / (measured rate at that many rows and, if given, that
+    many `operand_bytes` per call, `row_rate`) when the profile has rates (CPU: they include reading
+    the weight), else the roofline max(nbytes / bandwidth, flops / matmul rate)."""
+    if hw.matmul_rate_by_rows and rows > 0:
+        return flops / row_rate(hw, rows, operand_bytes)
+    return max(nbytes / hw.mem_bandwidth, flops / hw.matmul_flops)
+
+
+def eager_attention_time(cost: StepCost, hw: HardwareProfile) -> float:
+    """The unfused attention of `kernels/reference.py` (eager steps), per layer over fp32 scores
+    [B, H_kv, G * n, keys] (score_elems, 4 * score_elems bytes):
+
+        attn_flops / row_rate(G * n rows, cost.bytes)                   [QK^T and PV]
+      + n_layers * score_elems * eager_score_cost(4 * score_elems)      [mask, scale, softmax, ...]"""
+    passes = cost.n_layers * cost.score_elems * _interpolate(hw.eager_score_cost, 4 * cost.score_elems)
+    return matmul_time(cost.attn_flops, cost.attn_rows, cost.attn_bytes, hw, cost.bytes) + passes
+
+
 def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = None) -> float:
     """Seconds of one step: max(bytes / bandwidth, flops / matmul rate) for the linear layers and for
-    attention separately, summed, + the all-reduces + the launch overheads (`overhead_time`)."""
-    linear = max((cost.bytes - cost.attn_bytes) / hw.mem_bandwidth, (cost.flops - cost.attn_flops) / hw.matmul_flops)
-    attention = max(cost.attn_bytes / hw.mem_bandwidth, cost.attn_flops / hw.matmul_flops)
+    attention separately, summed, + the all-reduces + the launch overheads (`overhead_time`).
+    A profile measured on CPU replaces the linear roofline by the rate at `cost.rows` rows
+    (`matmul_time`) and, for eager steps, attention by `eager_attention_time`."""
+    eager = not (hw.graphs if graphs is None else graphs)
+    # A step reads every weight and its KV once, so what is still in cache at the next step is set by
+    # the step's whole working set (`cost.bytes`): that picks the cached or the streamed matmul rate.
+    linear = matmul_time(cost.flops - cost.attn_flops, cost.rows, cost.bytes - cost.attn_bytes, hw, cost.bytes)
+    if eager and hw.eager_score_cost:
+        attention = eager_attention_time(cost, hw)
+    else:
+        attention = max(cost.attn_bytes / hw.mem_bandwidth, cost.attn_flops / hw.matmul_flops)
     comm = cost.n_allreduce * allreduce_time(cost.allreduce_bytes, cost.tp, hw)
     return linear + attention + comm + overhead_time(cost, hw, graphs)
 
@@ -316,26 +480,39 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, tp: int = 1) -> in
     return 2 * args.n_layers * _per_rank(args.n_kv_heads, tp) * args.head_dim * dtype_bytes
 
 
+def eager_keys(context: int, n_tokens: int, bucket: int) -> int:
+    """Keys the eager path attends over: context + n rounded up to `bucket` (`bucketed_kv_limit` in
+    engine.py; the engine also caps it at the cache length)."""
+    return -(-(context + n_tokens) // bucket) * bucket
+
+
 def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, dtype_bytes: int = 2,
-                     tp: int = 1, kv_tokens: Optional[int] = None) -> StepCost:
+                     tp: int = 1, kv_tokens: Optional[int] = None, kv_bucket: Optional[int] = None) -> StepCost:
     """One forward of `n_tokens` new tokens per sequence, attending to `kv_tokens` cached keys
-    (default `context`: the full view; a draft's budget for the sparse view).
+    (default `context`: the full view; a draft's budget for the sparse view). `kv_bucket` (eager
+    steps): attention reads `eager_keys(context, n_tokens, kv_bucket)` keys instead, the range the
+    engine's eager full view trims the cache to, masked keys included.
 
     bytes = weight_bytes + B * n * dim * dtype_bytes                       [embedding rows]
           + B * kv_tokens * kv_bytes_per_token + B * n * kv_bytes_per_token [KV read + written]
     flops = 2 * params_touched * B * n + 4 * B * n * kv_tokens * H_q_local * D * n_layers
     all-reduces (tp > 1): 2 * n_layers per step, each of B * n * dim * dtype_bytes"""
     kv_tokens = context if kv_tokens is None else kv_tokens
+    if kv_bucket is not None:
+        kv_tokens = eager_keys(context, n_tokens, kv_bucket)
     kv_tok = kv_bytes_per_token(args, dtype_bytes, tp)
     kv = batch * kv_tokens * kv_tok + batch * n_tokens * kv_tok
     nbytes = weight_bytes(args, dtype_bytes, tp) + batch * n_tokens * args.dim * dtype_bytes + kv
     # QK^T and PV: 2 FLOPs per multiply-add, each over kv_tokens x head_dim per query head; per KV
     # head that is G * n query rows, so attention turns compute bound at large G * n.
-    attn = 4 * batch * n_tokens * kv_tokens * _per_rank(args.n_heads, tp) * args.head_dim * args.n_layers
+    heads = _per_rank(args.n_heads, tp)
+    attn = 4 * batch * n_tokens * kv_tokens * heads * args.head_dim * args.n_layers
     return StepCost(bytes=float(nbytes), flops=float(2 * params_touched(args, tp) * batch * n_tokens + attn),
                     attn_bytes=float(kv), attn_flops=float(attn),
                     allreduce_bytes=float(batch * n_tokens * args.dim * dtype_bytes),
-                    n_allreduce=2 * args.n_layers if tp > 1 else 0, tp=tp, n_layers=args.n_layers)
+                    n_allreduce=2 * args.n_layers if tp > 1 else 0, tp=tp, n_layers=args.n_layers,
+                    rows=batch * n_tokens, attn_rows=heads // _per_rank(args.n_kv_heads, tp) * n_tokens,
+                    score_elems=float(batch * heads * n_tokens * kv_tokens))
 
 
 # ---- speculation -----------------------------------------------------------------------------------
@@ -359,19 +536,22 @@ class PredictedTimes:
 
 def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, gamma: int, budget: int,
                   dtype_bytes: int = 2, tp: int = 1, draft_args: Optional[ModelArgs] = None,
-                  draft_budget: Optional[int] = None, graphs: Optional[bool] = None) -> PredictedTimes:
+                  draft_budget: Optional[int] = None, graphs: Optional[bool] = None,
+                  kv_bucket: Optional[int] = None) -> PredictedTimes:
     """Roofline times of the three steps of a round. Self-speculation (`draft_args=None`): the
     target's weights reading `min(budget, context)` keys. Standalone draft: `draft_args` weights
     reading `draft_budget` keys (None: `budget`; -1: the full context), on the same `tp` ranks.
-    `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term."""
-    target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp)
-    verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp)
+    `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term.
+    `kv_bucket`: full-view steps attend over the bucketed key range (eager CPU steps, `eager_keys`)."""
+    target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp, kv_bucket=kv_bucket)
+    verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp, kv_bucket=kv_bucket)
     if draft_args is None:
         draft_args, draft_budget = args, budget
     elif draft_budget is None:
         draft_budget = budget
     draft_kv = context if draft_budget == -1 else min(draft_budget, context)
-    draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv)
+    draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv,
+                             kv_bucket=kv_bucket if draft_budget == -1 else None)
     return PredictedTimes(roofline_time(target, hw, graphs), roofline_time(verify, hw, graphs),
                           roofline_time(draft, hw, graphs), target, verify, draft)
 

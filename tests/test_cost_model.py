@@ -9,9 +9,9 @@ import torch
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
     EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth,
-    allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, expected_tokens, get_profile,
-    kv_bytes_per_token, measure_hardware, overhead_time, param_count, params_touched, predict_times,
-    predicted_speedup, roofline_time, weight_bytes,
+    allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, eager_attention_time, eager_keys,
+    expected_tokens, get_profile, kv_bytes_per_token, measure_hardware, overhead_time, param_count,
+    params_touched, predict_times, predicted_speedup, roofline_time, row_rate, weight_bytes,
 )
 from gpt_fast_magicdec.errors import UserError
 
@@ -254,11 +254,21 @@ def test_profiles():
 
 
 def test_measure_hardware_cpu_is_quick_and_sane():
-    t0 = time.perf_counter()
-    hw = measure_hardware("cpu")
-    assert time.perf_counter() - t0 < 2.0
+    # One thread, as benchmarks/validate_cost_model.py measures: on a loaded 2-core host two OpenMP
+    # threads can wait ~250 us per op for a descheduled peer, which times the host, not this code.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        hw = measure_hardware("cpu")
+        assert time.perf_counter() - t0 < 2.0
+    finally:
+        torch.set_num_threads(threads)
     for v in (hw.mem_bandwidth, hw.matmul_flops, hw.eager_op_overhead_s, hw.eager_module_overhead_s):
         assert math.isfinite(v) and v > 0
+    for table in (hw.matmul_rate_by_rows, hw.matmul_rate_cached, hw.eager_score_cost):  # CPU-only terms
+        xs = [x for x, _ in table]
+        assert len(xs) >= 3 and xs == sorted(xs) and all(math.isfinite(y) and y >= 0 for _, y in table)
     assert not hw.graphs and hw.link_bandwidth == math.inf  # eager on CPU; no group, no all-reduce
     assert get_profile("measure", "cpu").name == "measured-cpu"
 
@@ -286,3 +296,78 @@ def test_measure_hardware_all_reduce_under_process_group():
     torch.multiprocessing.start_processes(_measure_rank, args=(2, port, out), nprocs=2, start_method="spawn")
     latency, link = out.get(timeout=5)
     assert 0 < latency < 0.1 and 0 < link < math.inf
+
+
+# ---- CPU eager terms (measured profile) -------------------------------------------------------------
+TINY_L3 = ModelArgs.from_preset("tiny-llama3")  # dim 64, 2 layers, 8 heads, 2 KV heads, head_dim 16
+
+
+def test_eager_keys_round_up_to_bucket_by_hand():
+    # bucketed_kv_limit in engine.py: context + n rounded up to the bucket (256).
+    assert eager_keys(256, 1, 256) == 512 and eager_keys(255, 1, 256) == 256 and eager_keys(4096, 4, 256) == 4352
+    B, S, n = 2, 300, 4  # the eager path attends over 512 keys, masked ones included
+    cost = decode_step_cost(TINY_L3, B, S, n, dtype_bytes=4, kv_bucket=256)
+    kv_tok = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head_dim 16, fp32: 512 bytes
+    assert kv_bytes_per_token(TINY_L3, 4) == kv_tok
+    assert cost.attn_bytes == B * 512 * kv_tok + B * n * kv_tok
+    assert cost.attn_flops == 4 * B * n * 512 * 8 * 16 * 2
+    assert cost.score_elems == B * 8 * n * 512  # fp32 scores [B, H_kv, G * n, keys], per layer
+    assert cost.rows == B * n and cost.attn_rows == (8 // 2) * n
+    plain = decode_step_cost(TINY_L3, B, S, n, dtype_bytes=4)  # no bucket: the context as before
+    assert plain.attn_bytes == B * S * kv_tok + B * n * kv_tok and plain.score_elems == B * 8 * n * S
+
+
+def test_row_rate_interpolates_rows_and_working_set():
+    hw = HardwareProfile("toy", 1e10, 1e11, matmul_rate_by_rows=((1, 1e9), (4, 4e9), (16, 8e9)),
+                         matmul_rate_cached=((1, 3e9), (4, 6e9), (16, 12e9)))
+    assert row_rate(hw, 2) == pytest.approx(2.5e9)  # halfway in log(rows) between 1 and 4
+    assert row_rate(hw, 64) == 8e9 and row_rate(hw, 1) == 1e9  # flat beyond the measured rows
+    cached, streamed = 4 * 256 * 512, 4 * 8192 * 2048  # MATMUL_CACHED_WEIGHT, MATMUL_WEIGHT (fp32)
+    assert row_rate(hw, 4, cached) == 6e9 and row_rate(hw, 4, 100) == 6e9
+    assert row_rate(hw, 4, streamed) == 4e9 and row_rate(hw, 4, 10 * streamed) == 4e9
+    assert row_rate(hw, 4, math.sqrt(cached * streamed)) == pytest.approx(5e9)  # geometric middle
+    assert row_rate(PROFILES["H100-SXM"], 4, 1e6) == PROFILES["H100-SXM"].matmul_flops  # presets: no rates
+
+
+def test_eager_attention_and_cpu_roofline_by_hand():
+    hw = HardwareProfile("toy", 1e10, 1e11, graphs=False, eager_op_overhead_s=1e-6,
+                         matmul_rate_by_rows=((1, 1e9), (16, 4e9)), eager_score_cost=((1e3, 1e-9), (1e5, 3e-9)))
+    cost = StepCost(bytes=5e6, flops=3e9, attn_bytes=1e6, attn_flops=1e9, n_layers=2, rows=1, attn_rows=4,
+                    score_elems=2500.0)  # 10^4 bytes of scores: halfway in log between 1e3 and 1e5
+    attention = 1e9 / 2.5e9 + 2 * 2500 * 2e-9  # rate at 4 rows: halfway in log(rows) between 1 and 16
+    assert eager_attention_time(cost, hw) == pytest.approx(attention)
+    linear = 2e9 / 1e9  # (flops - attn_flops) at the 1-row rate
+    assert roofline_time(cost, hw) == pytest.approx(linear + attention + overhead_time(cost, hw))
+    # Graph steps (fused kernel) keep the attention roofline; the linear layers keep the row rate.
+    roof = max(1e6 / 1e10, 1e9 / 1e11)
+    assert roofline_time(cost, hw, graphs=True) == pytest.approx(linear + roof + overhead_time(cost, hw, True))
+
+
+def test_eager_op_count_matches_forward_step():
+    # EAGER_OPS counts aten ops as the engine runs an eager step: inference mode, top-level dispatch.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpt_fast_magicdec.engine import forward_step, random_model
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+    for layers in (1, 3):
+        args = dataclasses.replace(ModelArgs.from_preset("tiny"), n_layers=layers)
+        model = random_model(args, torch.device("cpu"), torch.float32)
+        model.setup_caches(2, 512, torch.float32, torch.device("cpu"))
+        for n in (1, 4):
+            tokens, cache_len = torch.zeros(2, n, dtype=torch.long), torch.full((2,), 100)
+            with torch.inference_mode(), Count() as count:
+                forward_step(model, tokens, cache_len, None, None, "torch", False, False, kv_limit=256)
+            assert count.n == layers * EAGER_OPS[0] + EAGER_OPS[1], (layers, n, count.n)
+
+
+def test_predict_times_kv_bucket():
+    t = predict_times(TINY_L3, H100, 2, 300, 3, 64, dtype_bytes=4, kv_bucket=256)
+    assert t.target == decode_step_cost(TINY_L3, 2, 300, 1, 4, kv_bucket=256)
+    assert t.verify == decode_step_cost(TINY_L3, 2, 300, 4, 4, kv_bucket=256)
+    assert t.draft == decode_step_cost(TINY_L3, 2, 300, 1, 4, kv_tokens=64)  # sparse view: not bucketed
