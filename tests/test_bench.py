@@ -128,6 +128,12 @@ def test_bench_sweep_end_to_end(tmp_path):
         assert r["speedup_pred_cost_model"] > 0 and r["speedup_pred_measured_T"] > 0
     base = [r for r in rows if r["draft"] == "baseline"]
     assert all(r["speedup"] == 1.0 and r["bandwidth_GBps"] > 0 for r in base)
+    # Paired timing: every speculative run between two plain ones (A B A C A), median within min..max.
+    assert all(r["timed_runs"] == (3 if r["draft"] == "baseline" else 1) for r in rows)
+    for r in rows:
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"] and "flags" in r
+        assert table[tuple("–" if r[k] is None else str(r[k]) for k in ("batch", "prompt_len", "draft", "gamma",
+                                                                        "budget"))]["flags"] == str(r["flags"] or "–")
 
     # --merge re-renders earlier runs (here: one) without running anything.
     merged = CliRunner().invoke(bench.main, ["--merge", str(out), "--out-dir", str(tmp_path / "merged")])
