@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
+from gpt_fast_magicdec import cuda_graphs
 from gpt_fast_magicdec.benchmarking.sweep import BASELINE, Config, interleaved, sanity_flags
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.timing import PhaseTimer, Spread, time_calls, time_op
@@ -45,3 +47,12 @@ def test_sanity_flags():
     # A budget covering the context reads as much as the target: a slow draft step is no surprise.
     assert sanity_flags(cfg, 100, steady, steady, T_T=1.0, T_V=1.5, T_D=1.2) is None
     assert sanity_flags(BASELINE, 200, steady, steady, T_T=1.0, T_V=None, T_D=None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_capture_replays_with_new_inputs():
+    x = torch.ones(4, device="cuda")
+    graph, out = cuda_graphs.capture(lambda: x * 2, finish=lambda y: y + 1)
+    x.fill_(3.0)
+    graph.replay()
+    assert out.tolist() == [7.0] * 4  # (3 * 2) + 1: finish is part of the graph
