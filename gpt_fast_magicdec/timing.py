@@ -19,10 +19,12 @@ UNSTABLE_SPREAD = 0.10  # (max - min) / median above this: the repeats disagree,
 
 
 class Interval:
-    """One timed interval: CUDA events on a GPU (read after a synchronize), perf_counter elsewhere."""
+    """One timed interval: CUDA events on a GPU (read after a synchronize), `clock` elsewhere
+    (perf_counter; time.process_time for a single-threaded CPU probe that must not count the time
+    a shared machine gives to other processes)."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
+    def __init__(self, cuda: bool, clock: Callable[[], float] = time.perf_counter):
+        self.cuda, self.clock = cuda, clock
         if cuda:
             self.start_event = torch.cuda.Event(enable_timing=True)
             self.end_event = torch.cuda.Event(enable_timing=True)
@@ -31,13 +33,13 @@ class Interval:
         if self.cuda:
             self.start_event.record()
         else:
-            self.t0 = time.perf_counter()
+            self.t0 = self.clock()
 
     def stop(self) -> None:
         if self.cuda:
             self.end_event.record()
         else:
-            self.t1 = time.perf_counter()
+            self.t1 = self.clock()
 
     def seconds(self) -> float:
         """Only after torch.cuda.synchronize() on a GPU."""
@@ -68,16 +70,16 @@ class PhaseTimer:
         return {name: sum(iv.seconds() for iv in ivs) for name, ivs in self.intervals.items()}
 
 
-def time_calls(fn: Callable[[], object], device, reps: int, before: Optional[Callable[[], object]] = None
-               ) -> list[float]:
+def time_calls(fn: Callable[[], object], device, reps: int, before: Optional[Callable[[], object]] = None,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds of each of `reps` calls of fn (no warm-up here). `before` runs ahead of every call,
-    outside its interval (the kernel benchmark evicts the L2 cache there)."""
+    outside its interval (the kernel benchmark evicts the L2 cache there); `clock`: see Interval."""
     cuda = torch.device(device).type == "cuda"
     intervals = []
     for _ in range(reps):
         if before is not None:
             before()
-        interval = Interval(cuda)
+        interval = Interval(cuda, clock)
         interval.start()
         fn()
         interval.stop()
@@ -87,11 +89,11 @@ def time_calls(fn: Callable[[], object], device, reps: int, before: Optional[Cal
     return [iv.seconds() for iv in intervals]
 
 
-def time_op(fn: Callable[[], object], device, reps: int) -> float:
+def time_op(fn: Callable[[], object], device, reps: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds per call of fn: one warm-up call, then the median of `reps` timed calls (the median,
     so that a shared machine's occasional preemption does not count)."""
     fn()
-    return statistics.median(time_calls(fn, device, reps))
+    return statistics.median(time_calls(fn, device, reps, clock=clock))
 
 
 @dataclasses.dataclass(frozen=True)

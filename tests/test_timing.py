@@ -24,6 +24,7 @@ def test_cpu_timers_measure_wall_time():
     times = time_calls(lambda: time.sleep(0.01), "cpu", 3, before=lambda: time.sleep(0.02))
     assert len(times) == 3 and all(0.009 < t < 0.1 for t in times)  # `before` is outside the interval
     assert 0.009 < time_op(lambda: time.sleep(0.01), "cpu", 2) < 0.1
+    assert time_op(lambda: time.sleep(0.01), "cpu", 2, clock=time.process_time) < 0.005  # sleeping is not CPU time
     timer = PhaseTimer("cpu")
     for _ in range(2):
         with timer("verify"):
