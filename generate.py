@@ -20,7 +20,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from gpt_fast_magicdec.cli import resolve_device
+from gpt_fast_magicdec.cli import model_options, resolve_device, resolve_dtype
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
 from gpt_fast_magicdec.cost_model import PROFILES, decode_step_cost, get_profile, measure_hardware
 from gpt_fast_magicdec.data import check_writable, read_jsonl_prompts, write_jsonl
@@ -28,6 +28,7 @@ from gpt_fast_magicdec.drafting import DEFAULT_BUDGET_FRACTION, DraftConfig, bud
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.sampling import SamplingParams
+from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
 from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 from gpt_fast_magicdec.tp import (TensorParallel, env_world_size, fail_together, is_main_process,
                                   run_cli)
@@ -35,7 +36,6 @@ from gpt_fast_magicdec.tp import (TensorParallel, env_world_size, fail_together,
 PLAIN = "plain decoding"
 DEFAULT_PROMPT = "Once upon a time"
 DRAFT_VIEW_OPTIONS = ("draft_kv", "draft_budget", "sink", "draft_window")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def read_prompts(prompt: tuple, prompt_file: Optional[Path]) -> list[str]:
@@ -133,15 +133,7 @@ def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, r
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (with --temperature > 0).")
 @click.option("--top-k", type=int, default=None, help="Keep only the k most likely tokens (with --temperature > 0).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling, random weights).")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu... Default: cuda if available.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
-              help="Weights and KV cache dtype. Default: bfloat16 on CUDA, float32 on CPU.")
-@click.option("--compile/--no-compile", default=None,
-              help="torch.compile the decode steps. Default: on for CUDA (with CUDA graphs), off on CPU.")
-@click.option("--attention", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
-              help="Decode attention: Triton kernels (auto on CUDA) or the plain-torch reference.")
-@click.option("--prefill-chunk", type=int, default=2048, show_default=True,
-              help="Prefill this many prompt tokens per forward pass (bounds activation memory).")
+@model_options
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
               help="Longest prompt + new tokens allowed. Default: the model's max_position_embeddings.")
 @click.option("--draft", type=click.Choice(["none", "self", "model"]), default=None,
@@ -169,6 +161,9 @@ def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, r
               help="Tensor parallel only: comma-separated ranks that hold the standalone draft (e.g. 0,1,2,3).")
 @click.option("--compare", is_flag=True,
               help="Run plain decoding and the chosen speculative decoding on the same prompts; print the speedup.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --compare: warm both up once, then run plain and speculative decoding alternately this "
+                   "many times each; the speedup is the ratio of median tokens/s, printed with the spread.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one JSON line per prompt: prompt, completion, token counts, finish reason.")
 @click.option("--simulate-acceptance", type=float, default=None, hidden=True,
@@ -208,7 +203,8 @@ def _one_line_warning(message, *args, **kwargs):
 
 def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max_new_tokens, ignore_eos, temperature,
         top_p, top_k, seed, device, dtype, compile, attention, prefill_chunk, max_seq_len, draft, draft_checkpoint,
-        draft_kv, draft_budget, sink, draft_window, gamma, hardware, draft_ranks, compare, out, simulate_acceptance,
+        draft_kv, draft_budget, sink, draft_window, gamma, hardware, draft_ranks, compare, repeats, out,
+        simulate_acceptance,
         progress, verbose, explicit=frozenset()):
     # Every check before TensorParallel.start runs on every rank and needs no collective, so a bad
     # flag fails everywhere instead of hanging; and all of them come before loading anything.
@@ -226,7 +222,7 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if compare and not draft_cfg.enabled:
         raise UserError("--compare runs plain decoding against speculation: drop --draft none / --gamma 0")
     device = resolve_device(device)
-    dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype, device)
     if draft_ranks is not None and env_world_size() == 1:
         raise UserError("--draft-ranks needs tensor parallelism: launch with torchrun --nproc_per_node N")
     if draft_ranks is not None and draft_cfg.kind != "model":
@@ -306,10 +302,12 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
             results.append((batch, res, batch_cfg, controller))
         return results
 
-    runs = []
+    runs, timing = [], None
     if compare:
-        runs.append((PLAIN, generate_all(DraftConfig(kind="none"))))
-    final = generate_all(draft_cfg)
+        plain, final, timing = paired_runs(generate_all, draft_cfg, repeats)
+        runs.append((PLAIN, plain))
+    else:
+        final = generate_all(draft_cfg)
     runs.append((describe_run(final), final))
 
     for batch, res, _, _ in final:
@@ -324,8 +322,10 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     for line in auto_gamma_lines(final):
         echo(line)
     if compare:
-        tps = [sum(r.stats.tokens_per_s for _, r, _, _ in results) / len(results) for _, results in runs]
-        echo(f"== speedup over plain decoding: {tps[1] / tps[0]:.2f}x")
+        plain_tps, spec_tps = timing
+        echo(f"== speedup over plain decoding: {spec_tps.median / plain_tps.median:.2f}x")
+        if repeats > 1:
+            echo(timing_line(plain_tps, spec_tps, repeats))
         if sampling.greedy:  # identical, or the first divergence and whether it is a near-tie
             from gpt_fast_magicdec.lossless import compare_greedy
 
@@ -343,6 +343,39 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if out is not None and is_main_process():
         write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, stop_ids))
         echo(f"wrote {out}")
+
+
+def tokens_per_s(results) -> float:
+    """Decode tokens/s of one generate_all run, averaged over its batches."""
+    return sum(res.stats.tokens_per_s for _, res, _, _ in results) / len(results)
+
+
+def paired_runs(generate_all, draft_cfg: DraftConfig, repeats: int):
+    """--compare: -> (plain results, speculative results, (plain tok/s Spread, speculative tok/s Spread)).
+
+    repeats 1: one run of each, plain first. repeats N > 1 (issue 14: whichever mode runs first pays
+    for first-seen shapes): one untimed warm-up of each, then N alternating pairs; the results shown
+    are each mode's median run."""
+    plain_cfg = DraftConfig(kind="none")
+    if repeats > 1:
+        generate_all(plain_cfg)
+        generate_all(draft_cfg)
+    pairs = [(generate_all(plain_cfg), generate_all(draft_cfg)) for _ in range(repeats)]
+    shown, spreads = [], []
+    for mode in (0, 1):
+        results = sorted((pair[mode] for pair in pairs), key=tokens_per_s)
+        shown.append(results[(len(results) - 1) // 2])
+        spreads.append(Spread.of([tokens_per_s(r) for r in results]))
+    return shown[0], shown[1], tuple(spreads)
+
+
+def timing_line(plain: Spread, spec: Spread, repeats: int) -> str:
+    def say(s: Spread) -> str:
+        return f"{s.median:.1f} (min {s.lo:.1f}, max {s.hi:.1f})"
+
+    unstable = plain.unstable or spec.unstable
+    return (f"== tokens/s, median of {repeats} alternating runs after warm-up: plain {say(plain)}, speculative "
+            f"{say(spec)}" + (f" [unstable: spread > {UNSTABLE_SPREAD:.0%}]" if unstable else ""))
 
 
 def describe_run(results) -> str:

@@ -1,8 +1,10 @@
-"""Checks shared by the command-line scripts (generate.py, bench.py), run before any real work."""
+"""What the command-line scripts (generate.py, bench.py) share: the options that place and run the
+model, and the checks of them that run before any real work."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import click
 import torch
 
 from .errors import UserError
@@ -27,3 +29,34 @@ def resolve_device(name: Optional[str]) -> torch.device:
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """--dtype as a torch.dtype: bfloat16 on CUDA and float32 on CPU when none is given."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def model_options(command: Callable) -> Callable:
+    """--device, --dtype, --attention, --compile/--no-compile and --prefill-chunk: one definition for
+    every script that runs the engine, so their names, defaults and help never drift apart."""
+    options = [
+        click.option("--device", default=None, help="cuda, cuda:1, cpu... Default: cuda if available."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+                     help="Weights and KV cache dtype. Default: bfloat16 on CUDA, float32 on CPU."),
+        click.option("--attention", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+                     show_default=True,
+                     help="Decode attention: Triton kernels (auto on CUDA) or the plain-torch reference."),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile the decode steps. Default: on for CUDA (with CUDA graphs), off on CPU."),
+        # int, not IntRange: the scripts refuse a bad value with their own one-line error.
+        click.option("--prefill-chunk", type=int, default=2048, show_default=True,
+                     help="Prefill this many prompt tokens per forward pass (bounds activation memory)."),
+    ]
+    for option in reversed(options):  # decorators apply bottom-up: keep the listed order in --help
+        command = option(command)
+    return command

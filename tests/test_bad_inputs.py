@@ -2,15 +2,14 @@
 error), a non-zero exit, no traceback, and nothing run or written first. Plus the defaults a user
 relies on: the plain command speculates, ignored options are said, outputs are written atomically.
 (The converter's matrix is in test_convert.py and test_convert_safety.py.)"""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+import bench
 import generate
 from convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.data import looks_like_jsonl, read_jsonl_prompts
@@ -20,10 +19,6 @@ from hf_fixtures import make_hf_checkpoint
 from tokenizer_fixtures import SAMPLE_TEXT, make_sentencepiece_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
-bench = sys.modules.setdefault("bench", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(bench)
-
 VOCAB = 400
 
 

@@ -1,24 +1,20 @@
 """bench.py end to end on a tiny random-weight model (CPU), and the prompt sources of data.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+import bench
+
+from gpt_fast_magicdec.benchmarking import sweep
 from gpt_fast_magicdec.cost_model import alpha_from_tokens_per_round, expected_tokens
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts, read_jsonl_prompts, write_jsonl
 from gpt_fast_magicdec.errors import UserError
 from tokenizer_fixtures import SAMPLE_TEXT, make_sentencepiece_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
-bench = sys.modules.setdefault("bench", importlib.util.module_from_spec(_spec))  # a script, not a package
-_spec.loader.exec_module(bench)
 
 ALPHA = 0.8
 SWEEP = ["--random-weights", "tiny", "--batch-sizes", "1,4", "--prompt-lengths", "32", "--gammas", "2",
@@ -76,7 +72,7 @@ def test_prompt_files_and_random_prompts(tmp_path):
 # ---- simulated acceptance ---------------------------------------------------------------------------
 def test_simulated_acceptance_is_iid_per_token():
     gamma = 3
-    n = bench.simulated_acceptance(ALPHA, gamma, "cpu", seed=0)(torch.zeros(200_000, dtype=torch.long))
+    n = sweep.simulated_acceptance(ALPHA, gamma, "cpu", seed=0)(torch.zeros(200_000, dtype=torch.long))
     assert 0 <= int(n.min()) and int(n.max()) == gamma
     # P(n >= k) = alpha^k; tokens per round = Omega(gamma, alpha).
     for k in range(1, gamma + 1):
@@ -132,6 +128,12 @@ def test_bench_sweep_end_to_end(tmp_path):
         assert r["speedup_pred_cost_model"] > 0 and r["speedup_pred_measured_T"] > 0
     base = [r for r in rows if r["draft"] == "baseline"]
     assert all(r["speedup"] == 1.0 and r["bandwidth_GBps"] > 0 for r in base)
+    # Paired timing: every speculative run between two plain ones (A B A C A), median within min..max.
+    assert all(r["timed_runs"] == (3 if r["draft"] == "baseline" else 1) for r in rows)
+    for r in rows:
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"] and "flags" in r
+        assert table[tuple("–" if r[k] is None else str(r[k]) for k in ("batch", "prompt_len", "draft", "gamma",
+                                                                        "budget"))]["flags"] == str(r["flags"] or "–")
 
     # --merge re-renders earlier runs (here: one) without running anything.
     merged = CliRunner().invoke(bench.main, ["--merge", str(out), "--out-dir", str(tmp_path / "merged")])

@@ -43,6 +43,16 @@ def test_generate_writes_jsonl_and_summary(checkpoint, tmp_path):
         assert r["finish_reason"] in ("eos", "length")
 
 
+
+def test_compare_repeats_alternates_and_reports_the_spread(checkpoint):
+    result = run("--checkpoint", checkpoint, "--prompt", "The old house", "--max-new-tokens", 6, "--draft", "self",
+                 "--draft-budget", 8, "--sink", 2, "--gamma", 2, "--compare", "--repeats", 2, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("== plain decoding") == 1  # the median run of each mode is shown once
+    assert "== speedup over plain decoding: " in result.output
+    assert "== tokens/s, median of 2 alternating runs after warm-up: plain " in result.output
+    assert "greedy outputs identical: yes" in result.output
+
 def test_prompt_file_jsonl_and_batches(checkpoint, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"text": t}) for t in ["one", "two two", "three three three"]) + "\n")

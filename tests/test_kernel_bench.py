@@ -1,23 +1,22 @@
-"""kernels/benchmark.py (issue 5's measurement) on tiny shapes, and bench.py --kernels wiring.
+"""The decode-attention micro-benchmark (issue 5's measurement) on tiny shapes, and bench.py --kernels wiring.
 
 Without a GPU the Triton rows run in the interpreter (tests/conftest.py sets TRITON_INTERPRET).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from kernels import benchmark as kb
+import bench
+from gpt_fast_magicdec.benchmarking import kernel_report as kr
+from gpt_fast_magicdec.benchmarking import kernels as kb
+from gpt_fast_magicdec.benchmarking.report import sig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: interpreter (tests/conftest.py)
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(head_dim=16, n_heads=4, n_kv_heads=2, budget=16, sink=4)  # G = 2, window = 12
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -57,7 +56,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     r = by[2, 64, 4, "triton_full"]
     want = 2 * 68 * 2 * 16 * 2 * 4 + 2 * (2 * 4 * 4 * 16 * 4)
     assert r["keys_per_seq"] == 68 and r["bytes"] == want
-    assert r["bandwidth_GBps"] == kb._sig(want / (r["time_us"] * 1e-6) / 1e9, 4) or \
+    assert r["bandwidth_GBps"] == sig(want / (r["time_us"] * 1e-6) / 1e9, 4) or \
         abs(r["bandwidth_GBps"] / (want / (r["time_us"] * 1e-6) / 1e9) - 1) < 2e-3  # time_us is rounded
     assert abs(r["frac_copy_bw"] - r["bandwidth_GBps"] * 1e9 / copy_bw) <= 0.01 * r["frac_copy_bw"]
     # Sparse view: sink 4 + window 12 + T - 1 keys at both contexts; the full view grows with context.
@@ -74,8 +73,8 @@ def test_kernel_benchmark_smoke(tmp_path):
             assert r["max_abs_err"] is not None and r["max_abs_err"] < 1e-4, r
         assert r["meets_target"] is None  # batch < 8: outside issue 5's target region
 
-    meta = kb.kernel_meta(DEVICE, torch.float32, command="pytest", copy_bandwidth=copy_bw, **SHAPE)
-    paths = kb.write_kernel_report(rows, tmp_path, meta)
+    meta = kr.kernel_meta(DEVICE, torch.float32, command="pytest", copy_bandwidth=copy_bw, **SHAPE)
+    paths = kr.write_kernel_report(rows, tmp_path, meta)
     assert set(paths) == {"json", "md", "png"} and all(p.exists() for p in paths.values())
     data = json.loads(paths["json"].read_text())
     assert data["rows"] == rows and data["meta"]["command"] == "pytest"
@@ -88,14 +87,14 @@ def test_kernel_benchmark_smoke(tmp_path):
 
     md = paths["md"].read_text()
     table = _table(md, "## All measured rows")
-    keys = [k for k, _ in kb.COLUMNS]
+    keys = [k for k, _ in kr.COLUMNS]
     assert len(table) == len(rows)
     for cells in table:
         assert len(cells) == len(keys)
         row = by[int(cells[0]), int(cells[1]), int(cells[2]), cells[3]]
-        assert cells == [kb._cell(k, row[k]) for k in keys]
+        assert cells == [kr._cell(k, row[k]) for k in keys]
         assert cells[keys.index("time_us")] == str(row["time_us"])
-        assert cells[keys.index("MB")] == str(kb._sig(row["bytes"] / 1e6))
+        assert cells[keys.index("MB")] == str(sig(row["bytes"] / 1e6))
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
 
 
@@ -107,8 +106,8 @@ def _fake_rows(frac_ok: float, frac_low: float) -> list[dict]:
         keys = kb.keys_read(L, 1, 496, range(16)) if "sparse" in method else kb.keys_read(L, 1)
         nbytes = kb.bytes_moved(B, keys, 1, 32, 8, 128, 2)
         row = dict(batch=B, context=L, n_queries=1, method=method, view=kb.METHODS[method][0], keys_per_seq=keys,
-                   bytes=nbytes, MB=kb._sig(nbytes / 1e6), time_us=kb._sig(nbytes / (frac * 3e12) * 1e6),
-                   bandwidth_GBps=kb._sig(frac * 3e3), frac_copy_bw=frac, reps=10, graphed=True, num_splits=2,
+                   bytes=nbytes, MB=sig(nbytes / 1e6), time_us=sig(nbytes / (frac * 3e12) * 1e6),
+                   bandwidth_GBps=sig(frac * 3e3), frac_copy_bw=frac, reps=10, graphed=True, num_splits=2,
                    max_abs_err=None, meets_target=None, skipped=None)
         row["meets_target"] = kb.meets_target(row)
         rows.append(row)
@@ -120,28 +119,24 @@ def _fake_rows(frac_ok: float, frac_low: float) -> list[dict]:
 def test_report_marks_target_rows(tmp_path):
     rows = _fake_rows(0.85, 0.7)
     assert [r["meets_target"] for r in rows] == [True, False, None, None, None, None, None]
-    meta = kb.kernel_meta("cpu", torch.bfloat16, command="x", copy_bandwidth=3e12, **SHAPE)
-    paths = kb.write_kernel_report(rows, tmp_path, meta)
+    meta = kr.kernel_meta("cpu", torch.bfloat16, command="x", copy_bandwidth=3e12, **SHAPE)
+    paths = kr.write_kernel_report(rows, tmp_path, meta)
     md = paths["md"].read_text()
     assert ("❌ full view (triton_full) ≥ 80% of copy bandwidth at batch ≥ 8 and context ≥ 16384: "
             "1 of 2 rows") in md
     table = _table(md, "## All measured rows")
-    target = [k for k, _ in kb.COLUMNS].index("meets_target")
+    target = [k for k, _ in kr.COLUMNS].index("meets_target")
     assert [c[target] for c in table] == ["✅", "❌", "–", "–", "–", "–"]
     assert "- triton_full: out of memory: 64/131072/1" in md
     summary = json.loads(paths["json"].read_text())["summary"]
     assert summary["target"] == dict(rows=2, meeting=1, lowest_frac=0.7)
     assert [s["flat"] for s in summary["sparse_flat"]] == [True]  # same time at both contexts
-    md_ok = kb.write_kernel_report(_fake_rows(0.85, 0.81), tmp_path / "ok", meta)["md"].read_text()
+    md_ok = kr.write_kernel_report(_fake_rows(0.85, 0.81), tmp_path / "ok", meta)["md"].read_text()
     assert "✅ full view (triton_full)" in md_ok and "2 of 2 rows" in md_ok
 
 
 def test_bench_kernels_flag(tmp_path, monkeypatch):
     """bench.py --kernels passes the sweep to run_kernel_benchmark and writes the report."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
-    bench = sys.modules.setdefault("bench", importlib.util.module_from_spec(spec))
-    if not hasattr(bench, "main"):
-        spec.loader.exec_module(bench)
     seen = {}
 
     def fake(device, dtype, batch_sizes, contexts, **kw):

@@ -18,7 +18,6 @@ import datetime
 import json
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -27,6 +26,7 @@ from pathlib import Path
 import click
 import torch
 
+from gpt_fast_magicdec.benchmarking.report import git_commit
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model
 from gpt_fast_magicdec.errors import UserError
@@ -51,18 +51,6 @@ def cut_prompts(book_tokens: list[int], bos: int, lengths: list[int], batch: int
         raise UserError(f"the book has {len(book_tokens)} tokens, too few for {batch} prompts of {longest}")
     ends = [longest + (b * room) // batch for b in range(batch)]
     return {L: [[bos] + book_tokens[e - (L - 1):e] for e in ends] for L in lengths}
-
-
-def git_commit() -> str:
-    try:
-        root = repo_root()
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return head + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def draft_label(r: dict) -> str:
@@ -262,7 +250,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
     meta = {
         "command": "python -m tools.tiny_model.measure_acceptance "
                    + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "git_commit": git_commit(),
+        "git_commit": git_commit() or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": "CPU", "cpu": platform.processor() or platform.machine(), "threads": threads,
         "torch": torch.__version__, "dtype": "float32",
