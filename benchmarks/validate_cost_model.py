@@ -26,7 +26,7 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import HardwareProfile, decode_step_cost, measure_hardware, roofline_time
-from gpt_fast_magicdec.engine import KV_BUCKET, bucketed_kv_limit, forward_step, random_model
+from gpt_fast_magicdec.engine import KV_BUCKET, StepSpec, bucketed_kv_limit, forward_step, random_model
 
 # A mid-size shape whose weights (~390 MB fp32) and KV cache make memory traffic matter on CPU.
 MID = ModelArgs(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, intermediate_size=2816,
@@ -49,9 +49,10 @@ def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device
     tokens = torch.randint(model.args.vocab_size, (batch, n_tokens), device=device)
     cache_len = torch.full((batch,), context, dtype=torch.long, device=device)
     kv_limit = bucketed_kv_limit(cache_len, n_tokens, model.max_seq_len, KV_BUCKET)
+    spec = StepSpec("target", n_tokens, greedy=False)  # plain decoding / verification, full fp32 logits
 
     def step():
-        forward_step(model, tokens, cache_len, None, None, "torch", False, False, kv_limit=kv_limit)
+        forward_step(model, spec, tokens, cache_len, kv_limit=kv_limit)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return step

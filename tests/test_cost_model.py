@@ -347,7 +347,7 @@ def test_eager_op_count_matches_forward_step():
     # EAGER_OPS counts aten ops as the engine runs an eager step: inference mode, top-level dispatch.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from gpt_fast_magicdec.engine import forward_step, random_model
+    from gpt_fast_magicdec.engine import StepSpec, forward_step, random_model
 
     class Count(TorchDispatchMode):
         n = 0
@@ -362,7 +362,7 @@ def test_eager_op_count_matches_forward_step():
         for n in (1, 4):
             tokens, cache_len = torch.zeros(2, n, dtype=torch.long), torch.full((2,), 100)
             with torch.inference_mode(), Count() as count:
-                forward_step(model, tokens, cache_len, None, None, "torch", False, False, kv_limit=256)
+                forward_step(model, StepSpec("target", n, greedy=False), tokens, cache_len, kv_limit=256)
             assert count.n == layers * EAGER_OPS[0] + EAGER_OPS[1], (layers, n, count.n)
 
 
