@@ -27,6 +27,7 @@ from gpt_fast_magicdec.data import check_writable, read_jsonl_prompts, write_jso
 from gpt_fast_magicdec.drafting import DEFAULT_BUDGET_FRACTION, DraftConfig, budget_for_context
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
 from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.policies import POLICIES, policy_help
 from gpt_fast_magicdec.sampling import SamplingParams
 from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
 from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
@@ -97,11 +98,12 @@ def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, r
         unused += [(o, "with plain decoding") for o in DRAFT_VIEW_OPTIONS if o in explicit]
         if "gamma" in explicit and cfg.gamma != 0:
             unused.append(("gamma", "with --draft none"))
-    elif cfg.full:
-        unused += [(o, "with --draft-budget -1 (full cache)") for o in ("draft_kv", "sink", "draft_window")
-                   if o in explicit]
-    elif cfg.kv == "snapkv" and "sink" in explicit:
-        unused.append(("sink", "with --draft-kv snapkv (it selects positions; --sink is the streaming view's)"))
+    elif cfg.full:  # chosen by --draft-kv full, or by its older spelling --draft-budget -1
+        chosen_by = ("draft_budget", "--draft-budget -1") if cfg.budget == -1 else ("draft_kv", "--draft-kv full")
+        unused += [(o, f"with {chosen_by[1]} (full cache)") for o in ("draft_kv", "draft_budget", "sink", "draft_window")
+                   if o in explicit and o != chosen_by[0]]
+    elif cfg.kv != "streaming" and "sink" in explicit:
+        unused.append(("sink", f"with --draft-kv {cfg.kv} (--sink is the streaming view's)"))
     if sampling.greedy:
         unused += [(o, "with greedy decoding (--temperature 0)") for o in ("top_p", "top_k") if o in explicit]
     if "prompt_length" in explicit and not random_weights:
@@ -142,8 +144,9 @@ def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, r
                    "with --draft-checkpoint, else self (StreamingLLM view, budget 512, sink 16, gamma 3).")
 @click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Converted checkpoint of a standalone draft model sharing the target's tokenizer.")
-@click.option("--draft-kv", type=click.Choice(["streaming", "snapkv"]), default="streaming", show_default=True,
-              help="Which keys the draft reads besides its sliding window: StreamingLLM sink or SnapKV picks.")
+@click.option("--draft-kv", type=click.Choice(list(POLICIES)), default="streaming", show_default=True,
+              help="KV selection policy: which keys the draft reads besides its sliding window. "
+                   + policy_help() + ".")
 @click.option("--draft-budget", type=int, default=512, show_default=True,
               help="Keys the draft reads per query (selected + window); -1 = full cache (standalone draft only). "
                    f"When not given (nor --draft-window), each batch clips it to 1/{DEFAULT_BUDGET_FRACTION} of its "

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import statistics
 import time
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -42,6 +41,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import UserError
+from .timing import time_op
 
 
 # ---- hardware --------------------------------------------------------------------------------
@@ -115,24 +115,9 @@ def _clock(device: torch.device) -> Callable[[], float]:
 
 
 def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
-    """Seconds per call of `fn`, after one warm-up call: CUDA events around `reps` calls on GPU; on
-    CPU the median of `reps` calls, so that a shared machine's occasional preemption does not count."""
-    fn()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3 / reps
-    clock, times = _clock(device), []
-    for _ in range(reps):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    """Seconds per call of `fn` (timing.time_op: warm-up, then the median of `reps` calls), with this
+    module's clock: CPU time on a single-threaded CPU, so a shared machine's preemption does not count."""
+    return time_op(fn, device, reps, clock=_clock(device))
 
 
 def _op_mix(device: torch.device) -> list[tuple[int, Callable[[], object]]]:

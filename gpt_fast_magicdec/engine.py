@@ -9,11 +9,9 @@ On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import resource
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -28,6 +26,7 @@ from .errors import UserError
 from .model import Transformer
 from .sampling import SamplingParams, select_tokens
 from .speculative import DecodeState, speculative_round
+from .timing import PhaseTimer
 # Re-exported: bench.py and the tests import these from the engine.
 from .steps import (CAPTURE_SCRATCH, KV_BUCKET, CapturedStep, StepGraphs, StepRunner, StepSpec,  # noqa: F401
                     bucketed_kv_limit, copy_into_shared, forward_step, step_output)
@@ -89,35 +88,6 @@ def load_model(checkpoint: Path, device, dtype, shard: Optional[Callable] = None
 
 
 # ---- statistics -----------------------------------------------------------------------------------
-class PhaseTimer:
-    """Time named phases without host syncs: CUDA events on GPU, read once at the end."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.events = defaultdict(list)
-        self.seconds = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events[name].append((start, end))
-        else:
-            t = time.perf_counter()
-            yield
-            self.seconds[name] += time.perf_counter() - t
-
-    def totals(self) -> dict:
-        if self.cuda:
-            torch.cuda.synchronize()
-            for name, pairs in self.events.items():
-                self.seconds[name] = sum(s.elapsed_time(e) for s, e in pairs) / 1e3
-        return dict(self.seconds)
-
-
 @dataclasses.dataclass
 class GenerationStats:
     batch_size: int

@@ -8,10 +8,12 @@ cache_len, selection buffers) are passed alongside.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch
 
+from . import cuda_graphs
 from .attention import MAX_KERNEL_QUERIES, AttentionView
 from .model import Transformer
 
@@ -74,18 +76,12 @@ class CapturedStep:
         self.tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
         # Warm-up and capture write their K/V into scratch slots no real token ever uses.
         self.cache_len = torch.full((batch,), scratch_pos, dtype=torch.long, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # compile + autotune outside the graph
-                step(self.tokens, self.cache_len)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local (as inductor's own graphs): under tensor parallelism the NCCL watchdog thread
-        # may query events of earlier collectives while this thread captures.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            out = step(self.tokens, self.cache_len)
-            self.output = copy_into_shared(out, logits)
+        # Three warm-ups compile and autotune outside the graph. thread_local (as inductor's own
+        # graphs): under tensor parallelism the NCCL watchdog thread may query events of earlier
+        # collectives while this thread captures.
+        self.graph, self.output = cuda_graphs.capture(
+            functools.partial(step, self.tokens, self.cache_len), pool=pool, warmup=3,
+            error_mode="thread_local", finish=functools.partial(copy_into_shared, logits=logits))
 
     def __call__(self, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

@@ -92,6 +92,7 @@ BAD_INPUTS = {
     "simulated acceptance refused": (["--simulate-acceptance", "0.8"], "benchmark-only"),
     "draft vocabulary differs": (["--draft-checkpoint", "{other}"], "vocabulary"),
     "full budget self draft": (["--draft", "self", "--draft-budget", "-1"], "standalone draft"),
+    "full policy self draft": (["--draft-kv", "full"], "standalone draft"),
 }
 
 
@@ -112,3 +113,15 @@ def test_partial_checkpoint_is_one_line_error(checkpoint, tmp_path):
     (broken / "model.safetensors").unlink()
     result = run("--checkpoint", broken, "--prompt", "hi")
     assert result.exit_code == 1 and result.output.count("error:") == 1, result.output
+
+
+def test_draft_kv_choices_and_help_come_from_the_policy_registry(checkpoint):
+    from gpt_fast_magicdec.policies import POLICIES
+
+    help_text = " ".join(run("--help").output.split())
+    for name, policy in POLICIES.items():
+        assert name in help_text and " ".join(policy.help.split()) in help_text
+    result = run("--checkpoint", checkpoint, "--prompt", "The old house", "--max-new-tokens", 8, "--draft-kv", "recent",
+                 "--draft-budget", 8, "--gamma", 2, "--compare")
+    assert result.exit_code == 0, result.output
+    assert "recent, budget 8" in result.output and "greedy outputs identical: yes" in result.output

@@ -27,20 +27,17 @@ from ..cost_model import (
     HardwareProfile, alpha_from_tokens_per_round, decode_step_cost, expected_tokens, predict_times, predicted_speedup,
 )
 from ..drafting import DraftConfig
-from ..engine import CAPTURE_SCRATCH, Engine, GenerationStats
+from ..engine import Engine, GenerationStats
+from ..policies import POLICIES, SPARSE_POLICIES
 from ..errors import UserError
 from ..profiling import profile_rounds as profile_round_counts
 from ..timing import Spread
 from .report import sig
 
 # --drafts names -> (DraftConfig.kind, DraftConfig.kv, full cache?)
-DRAFTS = {
-    "self-streaming": ("self", "streaming", False),
-    "self-snapkv": ("self", "snapkv", False),
-    "model-streaming": ("model", "streaming", False),
-    "model-snapkv": ("model", "snapkv", False),
-    "model-full": ("model", "streaming", True),
-}
+# --drafts names, "<drafter>-<policy>", read from the policy registry: a self-draft can use every
+# sparse policy, a standalone draft every policy (full: classic speculative decoding) -> (kind, kv).
+DRAFTS = {f"self-{kv}": ("self", kv) for kv in SPARSE_POLICIES} | {f"model-{kv}": ("model", kv) for kv in POLICIES}
 WARMUP_TOKENS = 4  # new tokens of a warm-up run: enough for a few full rounds of every captured step
 
 
@@ -66,8 +63,8 @@ def build_configs(drafts: list[str], gammas: list[int], budgets: list[int], sink
     """Every speculative configuration of the sweep; DraftConfig validates each one up front."""
     configs = []
     for name in drafts:
-        kind, kv, full = DRAFTS[name]
-        for budget in [-1] if full else budgets:
+        kind, kv = DRAFTS[name]
+        for budget in [-1] if POLICIES[kv].full else budgets:  # a full view has no budget to sweep
             for gamma in gammas:
                 try:
                     draft = DraftConfig(kind=kind, kv=kv, budget=budget, sink=sink, gamma=gamma)
@@ -149,21 +146,6 @@ def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config]
 
 def _lengthen(prompt: list, length: int) -> list:
     return (prompt * (length // len(prompt) + 1))[:length]
-
-
-def fits_in_memory(engine: Engine, batch: int, seq_len: int) -> Optional[str]:
-    """None, or why a (batch, seq_len) KV cache cannot fit on the GPU (checked before allocating)."""
-    if engine.device.type != "cuda":
-        return None
-    models = [m for m in (engine.model, engine.draft_model) if m is not None]
-    slots = -(-seq_len // 256) * 256 + CAPTURE_SCRATCH  # as Engine allocates them
-    kv = sum(m.args.n_layers * 2 * m.args.n_kv_heads * m.args.head_dim for m in models) * batch * slots
-    kv *= engine.dtype.itemsize
-    weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    total = torch.cuda.get_device_properties(engine.device).total_memory
-    if weights + kv > 0.92 * total:  # leave room for activations, logits and graph pools
-        return f"KV cache {kv / 2**30:.1f} GiB + weights {weights / 2**30:.1f} GiB > 92% of {total / 2**30:.0f} GiB"
-    return None
 
 
 # ---- one result row ------------------------------------------------------------------------------------
@@ -249,7 +231,7 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
                 done += 1
 
             try:
-                reason = fits_in_memory(engine, batch, length + max_new + max(c.draft.gamma for c in configs) + 1)
+                reason = engine.why_not_fits(batch, length + max_new + max(c.draft.gamma for c in configs) + 1)
                 if reason:
                     raise MemoryError(reason)
                 point = run_point(engine, pool[:batch], max_new, configs, warmup, repeats, alpha, seed,

@@ -12,8 +12,8 @@ class Full(SelectionPolicy):
 
     def validate(self, config) -> None:
         if config.kind == "self":
-            raise UserError("--draft-budget -1 (full cache) needs a standalone draft: a full-view "
-                            "self-draft is the target itself; give a positive budget")
+            raise UserError("the full-cache view (--draft-kv full, or --draft-budget -1) needs a standalone draft: "
+                            "a full-view self-draft is the target itself; pick a sparse --draft-kv and a positive budget")
 
     def smallest_budget(self, config) -> int:
         return config.budget
