@@ -182,6 +182,34 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         set_compiler_flags()
     hw = get_profile(hardware, device)  # before the weights, while the memory is free
 
+    engine = load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype,
+                               attention, compile, seed)
+    args, draft_args = engine.model.args, (engine.draft_model.args if engine.draft_model is not None else None)
+
+    tokenizer = None
+    if prompts_file is not None:
+        if tokenizer_dir is None and checkpoint is None:
+            raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
+        tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
+        check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
+    prompts_desc = (f"windows of {prompts_file.name} (seed {seed})" if tokenizer else f"random tokens (seed {seed})")
+
+    meta = run_metadata(command_line(opts), engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
+                        draft_random_weights, alpha, prompts_desc, max_new_tokens, warmup, repeats)
+
+    def prompt_pool(length: int) -> list:
+        if tokenizer:
+            return long_document_prompts(prompts_file, tokenizer, max(batch_sizes), length, seed)
+        return random_prompts(args.vocab_size, max(batch_sizes), length, seed)
+
+    rows, skipped = sweep(engine, configs, prompt_pool, batch_sizes, prompt_lengths, max_new_tokens, warmup, repeats,
+                          alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
+    write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir)
+
+
+def load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype, attention,
+                      compile, seed: int) -> Engine:
+    """The target (a checkpoint or random weights of a preset) and the optional standalone draft."""
     if random_weights:
         model = random_model(ModelArgs.from_preset(random_weights), device, dtype, seed)
     else:
@@ -193,20 +221,14 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         draft_model = load_model(draft_checkpoint, device, dtype)
     elif draft_random_weights is not None:
         draft_model = random_model(ModelArgs.from_preset(draft_random_weights), device, dtype, seed + 1)
-    engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile)
-    args, draft_args = model.args, (draft_model.args if draft_model is not None else None)
+    return Engine(model, draft_model=draft_model, attention=attention, compile=compile)
 
-    tokenizer = None
-    if prompts_file is not None:
-        if tokenizer_dir is None and checkpoint is None:
-            raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
-        tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
-        check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
-    prompts_desc = (f"windows of {prompts_file.name} (seed {seed})" if tokenizer else f"random tokens (seed {seed})")
 
-    meta = dict(command=command_line(opts), git_commit=git_commit(), device=str(device),
-                device_name=device_name(device), torch_version=torch.__version__,
-                date=utc_now(),
+def run_metadata(command: str, engine: Engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
+                 draft_random_weights, alpha, prompts_desc: str, max_new_tokens: int, warmup: int, repeats: int) -> dict:
+    """What results.json records beside the rows: command, commit, device, date, setup."""
+    return dict(command=command, git_commit=git_commit(), device=str(device),
+                device_name=device_name(device), torch_version=torch.__version__, date=utc_now(),
                 model=f"{random_weights} (random weights)" if random_weights else checkpoint.name,
                 draft_model=(f"{draft_random_weights} (random weights)" if draft_random_weights
                              else draft_checkpoint.name if draft_checkpoint else None),
@@ -214,15 +236,6 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
                 cuda_graphs=engine.use_graphs, hardware=hw.name, hardware_profile=dataclasses.asdict(hw),
                 simulated_acceptance=alpha, prompts=prompts_desc, max_new_tokens=max_new_tokens,
                 warmup=warmup, repeats=repeats)
-
-    def prompt_pool(length: int) -> list:
-        if tokenizer:
-            return long_document_prompts(prompts_file, tokenizer, max(batch_sizes), length, seed)
-        return random_prompts(args.vocab_size, max(batch_sizes), length, seed)
-
-    rows, skipped = sweep(engine, configs, prompt_pool, batch_sizes, prompt_lengths, max_new_tokens, warmup, repeats,
-                          alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
-    write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir)
 
 
 if __name__ == "__main__":

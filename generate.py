@@ -10,11 +10,12 @@ Under torchrun only rank 0 prints and writes --out.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 import torch
@@ -204,13 +205,89 @@ def _one_line_warning(message, *args, **kwargs):
     echo(f"warning: {message}", err=True)
 
 
+@dataclasses.dataclass
+class Job:
+    """Everything one generation pass over all prompts needs; `run(cfg)` is that pass."""
+
+    engine: Engine
+    prompt_ids: list  # token-id lists, ragged
+    bsz: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: tuple
+    prefill_chunk: int
+    max_seq_len: Optional[int]
+    progress: bool
+    clip_budget: bool  # clip the draft budget per batch (the user chose neither budget nor window)
+    auto_gamma: Optional[Callable[[DraftConfig], object]] = None  # batch config -> AutoGamma
+
+    def run(self, cfg: DraftConfig) -> list:
+        """-> [(prompt indices, GenerationResult, the batch's draft config, its AutoGamma or None)]"""
+        results = []
+        for batch in batches(list(range(len(self.prompt_ids))), self.bsz):
+            ids = [self.prompt_ids[i] for i in batch]
+            batch_cfg = budget_for_context(cfg, min(map(len, ids))) if self.clip_budget else cfg
+            controller = self.auto_gamma(batch_cfg) if self.auto_gamma is not None and cfg.enabled else None
+            res = self.engine.generate(ids, self.max_new_tokens, self.sampling, batch_cfg, self.stop_ids,
+                                       self.prefill_chunk, self.max_seq_len, self.progress,
+                                       gamma_controller=controller)
+            results.append((batch, res, batch_cfg, controller))
+        return results
+
+
 def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max_new_tokens, ignore_eos, temperature,
         top_p, top_k, seed, device, dtype, compile, attention, prefill_chunk, max_seq_len, draft, draft_checkpoint,
         draft_kv, draft_budget, sink, draft_window, gamma, hardware, draft_ranks, compare, repeats, out,
-        simulate_acceptance,
-        progress, verbose, explicit=frozenset()):
-    # Every check before TensorParallel.start runs on every rank and needs no collective, so a bad
-    # flag fails everywhere instead of hanging; and all of them come before loading anything.
+        simulate_acceptance, progress, verbose, explicit=frozenset()):
+    """The CLI's stages: check every option, start TP, load, tokenize, generate, report."""
+    draft_cfg, sampling, gamma_auto = check_options(
+        simulate_acceptance, bsz, prefill_chunk, checkpoint, random_weights, draft, draft_checkpoint, draft_kv,
+        draft_budget, sink, draft_window, gamma, temperature, top_k, top_p, compare, draft_ranks, explicit)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if out is not None:
+        check_writable(out)  # now, not after the whole generation has run
+    texts = read_prompts(prompt, prompt_file)
+    if random_weights and texts:
+        raise UserError("--random-weights has no tokenizer: use --prompt-length instead of prompt text")
+
+    tp = TensorParallel.start(device, draft_ranks)  # tensor parallel under torchrun (None otherwise)
+    if tp is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
+    torch.manual_seed(seed)  # the same seed on every rank: sampling stays in lock-step (see tp.py)
+    if device.type == "cuda":
+        set_compiler_flags()
+    with fail_together(tp):  # one rank failing to load makes every rank fail with its message
+        engine, tokenizer, target_args = load_engine(checkpoint, random_weights, draft_cfg, draft_checkpoint,
+                                                     device, dtype, attention, compile, seed, tp)
+    prompt_ids = tokenize(tokenizer, texts, engine.model.args.vocab_size, prompt_length, bsz, seed)
+    job = Job(engine, prompt_ids, bsz, max_new_tokens, sampling,
+              () if ignore_eos or tokenizer is None else tokenizer.eos_ids, prefill_chunk, max_seq_len,
+              progress and is_main_process(), clip_budget=not explicit & {"draft_budget", "draft_window"})
+    if gamma_auto:
+        job.auto_gamma = auto_gamma_factory(hardware, device, tp, target_args, draft_cfg, draft_checkpoint, dtype)
+
+    runs, timing = [], None
+    if compare:
+        plain, final, timing = paired_runs(job.run, draft_cfg, repeats)
+        runs.append((PLAIN, plain))
+    else:
+        final = job.run(draft_cfg)
+    runs.append((describe_run(final), final))
+    report(runs, timing, repeats, job, tokenizer, engine)
+    plain = [results for name, results in runs if name == PLAIN]
+    if plain and (compare or verbose) and is_main_process():
+        echo(bandwidth_line(target_args, plain[0], dtype, tp.world_size if tp else 1, device))
+    if out is not None and is_main_process():
+        write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, job.stop_ids))
+        echo(f"wrote {out}")
+
+
+def check_options(simulate_acceptance, bsz, prefill_chunk, checkpoint, random_weights, draft, draft_checkpoint,
+                  draft_kv, draft_budget, sink, draft_window, gamma, temperature, top_k, top_p, compare, draft_ranks,
+                  explicit) -> tuple[DraftConfig, SamplingParams, bool]:
+    """Every check that needs no model. They run before TensorParallel.start, on every rank and with
+    no collective, so a bad flag fails everywhere instead of hanging, and before loading anything."""
     if simulate_acceptance is not None:
         raise UserError("--simulate-acceptance is a benchmark-only mode (bench.py): generate.py never fakes acceptance")
     if bsz < 1 or prefill_chunk < 1:
@@ -224,95 +301,73 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
         echo(line, err=True)
     if compare and not draft_cfg.enabled:
         raise UserError("--compare runs plain decoding against speculation: drop --draft none / --gamma 0")
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     if draft_ranks is not None and env_world_size() == 1:
         raise UserError("--draft-ranks needs tensor parallelism: launch with torchrun --nproc_per_node N")
     if draft_ranks is not None and draft_cfg.kind != "model":
         raise UserError("--draft-ranks places a standalone draft (--draft-checkpoint); it does not apply to "
                         f"--draft {draft_cfg.kind}")
-    if out is not None:
-        check_writable(out)  # now, not after the whole generation has run
-    texts = read_prompts(prompt, prompt_file)
-    if random_weights and texts:
-        raise UserError("--random-weights has no tokenizer: use --prompt-length instead of prompt text")
-    # Clip the budget per batch only when the user chose neither the budget nor the window.
-    clip_budget = not explicit & {"draft_budget", "draft_window"}
+    return draft_cfg, sampling, gamma_auto
 
-    tp = TensorParallel.start(device, draft_ranks)  # tensor parallel under torchrun (None otherwise)
-    if tp is not None and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
-    progress = progress and is_main_process()
-    torch.manual_seed(seed)  # the same seed on every rank: sampling stays in lock-step (see tp.py)
-    if device.type == "cuda":
-        set_compiler_flags()
 
-    with fail_together(tp):  # one rank failing to load makes every rank fail with its message
-        tokenizer = None
-        if random_weights:
-            echo(f"random weights ({random_weights}): the generated text is noise; use this for speed only")
-            target_args = ModelArgs.from_preset(random_weights)
-            model = (tp.random_model(target_args, device, dtype, seed) if tp
-                     else random_model(target_args, device, dtype, seed))
-        else:
-            if checkpoint is None:
-                from gpt_fast_magicdec.tiny import bundled_checkpoint
+def load_engine(checkpoint, random_weights, draft_cfg: DraftConfig, draft_checkpoint, device, dtype, attention,
+                compile, seed: int, tp) -> tuple[Engine, Optional[object], ModelArgs]:
+    """-> (Engine, tokenizer or None for random weights, the target's full (unsharded) ModelArgs).
+    Under TP each rank loads its own shard (and the draft only where --draft-ranks puts it)."""
+    tokenizer = None
+    if random_weights:
+        echo(f"random weights ({random_weights}): the generated text is noise; use this for speed only")
+        target_args = ModelArgs.from_preset(random_weights)
+        model = (tp.random_model(target_args, device, dtype, seed) if tp
+                 else random_model(target_args, device, dtype, seed))
+    else:
+        if checkpoint is None:
+            from gpt_fast_magicdec.tiny import bundled_checkpoint
 
-                checkpoint = bundled_checkpoint()
-            target_args = ModelArgs.load(checkpoint)  # the full shape (model.args is this rank's shard)
-            tokenizer = load_tokenizer(checkpoint)
-            check_tokenizer_fits(tokenizer, target_args.vocab_size, checkpoint)
-            model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
-        draft_model = None
-        if draft_cfg.kind == "model":
-            if tokenizer is not None:
-                check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), draft_checkpoint)
-            if tp is None:
-                draft_model = load_model(draft_checkpoint, device, dtype)
-            elif tp.holds_draft:
-                draft_model = tp.load_model(draft_checkpoint, device, dtype, draft=True)
-        engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp)
+            checkpoint = bundled_checkpoint()
+        target_args = ModelArgs.load(checkpoint)  # the full shape (model.args is this rank's shard)
+        tokenizer = load_tokenizer(checkpoint)
+        check_tokenizer_fits(tokenizer, target_args.vocab_size, checkpoint)
+        model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
+    draft_model = None
+    if draft_cfg.kind == "model":
+        if tokenizer is not None:
+            check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), draft_checkpoint)
+        if tp is None:
+            draft_model = load_model(draft_checkpoint, device, dtype)
+        elif tp.holds_draft:
+            draft_model = tp.load_model(draft_checkpoint, device, dtype, draft=True)
+    return Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp), tokenizer, target_args
 
+
+def tokenize(tokenizer, texts: list, vocab_size: int, prompt_length: int, bsz: int, seed: int) -> list:
+    """Prompt token ids: the texts encoded, or (random weights, no tokenizer) bsz random prompts."""
     if tokenizer is None:
         gen = torch.Generator().manual_seed(seed)
-        prompt_ids = [torch.randint(model.args.vocab_size, (prompt_length,), generator=gen).tolist()
-                      for _ in range(bsz)]
-    else:
-        texts = texts or [DEFAULT_PROMPT]
-        prompt_ids = [tokenizer.encode(t) for t in texts]
-    stop_ids = () if ignore_eos or tokenizer is None else tokenizer.eos_ids
-    hw = None
-    if gamma_auto:  # under TP every rank uses rank 0's profile, so all ranks pick the same gamma
-        hw = get_profile(hardware, device)
-        hw = tp.broadcast_object(hw) if tp else hw
-        draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
+        return [torch.randint(vocab_size, (prompt_length,), generator=gen).tolist() for _ in range(bsz)]
+    return [tokenizer.encode(t) for t in texts or [DEFAULT_PROMPT]]
 
-    def generate_all(cfg: DraftConfig):
-        """-> [(prompt indices, GenerationResult, the batch's draft config, its AutoGamma or None)]"""
-        results = []
-        for batch in batches(list(range(len(prompt_ids))), bsz):
-            ids = [prompt_ids[i] for i in batch]
-            batch_cfg = budget_for_context(cfg, min(map(len, ids))) if clip_budget else cfg
-            controller = None
-            if hw is not None and cfg.enabled:
-                from gpt_fast_magicdec.autogamma import AutoGamma
 
-                # Full (unsharded) shapes, and this batch's budget.
-                controller = AutoGamma(target_args, hw, batch_cfg, dtype.itemsize, tp.world_size if tp else 1,
-                                       draft_args)
-            res = engine.generate(ids, max_new_tokens, sampling, batch_cfg, stop_ids, prefill_chunk, max_seq_len,
-                                  progress, gamma_controller=controller)
-            results.append((batch, res, batch_cfg, controller))
-        return results
+def auto_gamma_factory(hardware: str, device, tp, target_args: ModelArgs, draft_cfg: DraftConfig, draft_checkpoint,
+                       dtype) -> Callable[[DraftConfig], object]:
+    """--gamma auto: batch draft config -> a fresh AutoGamma over the full (unsharded) shapes. Under
+    TP every rank uses rank 0's hardware profile, so all ranks pick the same gamma every round."""
+    from gpt_fast_magicdec.autogamma import AutoGamma
 
-    runs, timing = [], None
-    if compare:
-        plain, final, timing = paired_runs(generate_all, draft_cfg, repeats)
-        runs.append((PLAIN, plain))
-    else:
-        final = generate_all(draft_cfg)
-    runs.append((describe_run(final), final))
+    hw = get_profile(hardware, device)  # every rank calls it: measuring may run a collective
+    hw = tp.broadcast_object(hw) if tp else hw
+    draft_args = ModelArgs.load(draft_checkpoint) if draft_cfg.kind == "model" else None
+    world = tp.world_size if tp else 1
 
+    def for_batch(batch_cfg: DraftConfig) -> AutoGamma:  # the batch's own (possibly clipped) budget
+        return AutoGamma(target_args, hw, batch_cfg, dtype.itemsize, world, draft_args)
+
+    return for_batch
+
+
+def report(runs: list, timing, repeats: int, job: Job, tokenizer, engine: Engine) -> None:
+    """Completions, each run's statistics, --gamma auto's choices and, with --compare, the speedup
+    and the lossless check (identical, or the first divergence and whether it is a near-tie)."""
+    final = runs[-1][1]
     for batch, res, _, _ in final:
         for i, toks in zip(batch, res.tokens):
             shown = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks[:32])) + " ..."
@@ -324,28 +379,24 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
                 echo("   " + line)
     for line in auto_gamma_lines(final):
         echo(line)
-    if compare:
-        plain_tps, spec_tps = timing
-        echo(f"== speedup over plain decoding: {spec_tps.median / plain_tps.median:.2f}x")
-        if repeats > 1:
-            echo(timing_line(plain_tps, spec_tps, repeats))
-        if sampling.greedy:  # identical, or the first divergence and whether it is a near-tie
-            from gpt_fast_magicdec.lossless import compare_greedy
+    if timing is None:
+        return
+    plain_tps, spec_tps = timing
+    echo(f"== speedup over plain decoding: {spec_tps.median / plain_tps.median:.2f}x")
+    if repeats > 1:
+        echo(timing_line(plain_tps, spec_tps, repeats))
+    if not job.sampling.greedy:
+        return
+    from gpt_fast_magicdec.lossless import compare_greedy
 
-            report = compare_greedy(engine.model, [prompt_ids[i] for batch, _, _, _ in final for i in batch],
-                                    [t for _, res, _, _ in runs[0][1] for t in res.tokens],
-                                    [t for _, res, _, _ in final for t in res.tokens])
-            for line in report.lines:
-                echo(f"   {line}")
-            if not report.ok:
-                raise UserError("greedy speculative output diverged from plain decoding where the target "
-                                "has no near-tie: speculative decoding is not lossless here (a bug)")
-    plain = [results for name, results in runs if name == PLAIN]
-    if plain and (compare or verbose) and is_main_process():
-        echo(bandwidth_line(target_args, plain[0], dtype, tp.world_size if tp else 1, device))
-    if out is not None and is_main_process():
-        write_jsonl(out, completion_rows(texts, prompt_ids, final, tokenizer, stop_ids))
-        echo(f"wrote {out}")
+    report = compare_greedy(engine.model, [job.prompt_ids[i] for batch, _, _, _ in final for i in batch],
+                            [t for _, res, _, _ in runs[0][1] for t in res.tokens],
+                            [t for _, res, _, _ in final for t in res.tokens])
+    for line in report.lines:
+        echo(f"   {line}")
+    if not report.ok:
+        raise UserError("greedy speculative output diverged from plain decoding where the target "
+                        "has no near-tie: speculative decoding is not lossless here (a bug)")
 
 
 def tokens_per_s(results) -> float:

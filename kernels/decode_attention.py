@@ -19,7 +19,8 @@ sparse views). Layout of the work:
 * any head_dim in 16..256: the d axis of the tile is padded to the next power of two (BLOCK_D)
   with masked loads and stores, so Phi-3's 96 costs a 128-wide tile and nothing else;
 * `launch_plan` maps one call to its grid, constexprs, num_warps and num_stages (`choose_tile`) and
-  split count (`choose_num_splits` from occupancy). The launch, kernels/benchmark.py and the
+  split count (`choose_num_splits` from occupancy). The launch, the kernel benchmark
+  (gpt_fast_magicdec/benchmarking/kernels.py) and the
   ahead-of-time compile test (tests/test_kernel_compile.py) all go through it.
 
 All softmax arithmetic is in fp32 and in base 2 (scores pre-multiplied by log2(e)).
