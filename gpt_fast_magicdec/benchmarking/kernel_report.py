@@ -115,6 +115,69 @@ def kernels_markdown(rows: list, meta: dict, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LINE_STYLES = ["-", "--", ":", "-."]  # one per T when a panel shows several
+
+
+def _plot_lines(ax, measured: list, colour: dict, method: str, key: str, t_list: Sequence[int],
+                style: Optional[str] = None, label_fmt: str = "B={b}{t}", alpha: float = 1.0) -> None:
+    """One line of row[key] vs context per (batch, T in t_list) of method; colour by batch, and the
+    style by T unless one is given."""
+    for b in colour:
+        for j, T in enumerate(t_list):
+            pts = sorted((r["context"], r[key]) for r in measured
+                         if r["method"] == method and r["batch"] == b and r["n_queries"] == T)
+            if pts:
+                tl = f", T={T}" if len(t_list) > 1 else ""
+                ax.plot(*zip(*pts), style or _LINE_STYLES[j % len(_LINE_STYLES)], color=colour[b], marker="o",
+                        ms=3, alpha=alpha, label=label_fmt.format(b=b, t=tl))
+
+
+def _plot_fractions(axes_row, measured: list, colour: dict, ts: list, contexts: list, meta: dict) -> None:
+    """Top row: fraction of the copy bandwidth vs context, Triton full view | sparse view."""
+    for ax, method, title in ((axes_row[0], "triton_full", "Triton full view"),
+                              (axes_row[1], "triton_sparse", "Triton sparse view")):
+        _plot_lines(ax, measured, colour, method, "frac_copy_bw", ts)
+        ax.axhline(TARGET_FRAC, color="grey", ls="--", lw=0.8)
+        ax.set_ylabel(f"achieved / copy bandwidth ({meta['copy_bandwidth_GBps']} GB/s)")
+        ax.set_title(f"{title}: fraction of copy bandwidth" + (f" (solid T={ts[0]}, dashed T={ts[1]})"
+                                                               if len(ts) > 1 else ""), fontsize=9)
+    if contexts and contexts[-1] >= TARGET_MIN_CONTEXT:
+        axes_row[0].axvspan(TARGET_MIN_CONTEXT, contexts[-1] * 1.2, color="green", alpha=0.05,
+                            label=f"target region (batch ≥ {TARGET_MIN_BATCH})")
+    for ax in axes_row:
+        top = max([r["frac_copy_bw"] for r in measured if r["method"].startswith("triton")] + [1.0])
+        ax.set_ylim(0, 1.05 * top)
+
+
+def _plot_times(axes_row, measured: list, colour: dict, ts: list) -> None:
+    """Bottom row at the smallest T: full-view time, Triton vs the torch paths | sparse kernels' time."""
+    t0 = ts[:1]
+    _plot_lines(axes_row[0], measured, colour, "triton_full", "time_us", t0, "-", "B={b} triton")
+    _plot_lines(axes_row[0], measured, colour, "torch_sdpa", "time_us", t0, "--", "B={b} sdpa", alpha=0.6)
+    _plot_lines(axes_row[0], measured, colour, "torch_reference", "time_us", t0, ":", "B={b} reference", alpha=0.6)
+    axes_row[0].set_title(f"Full view time, T={t0[0] if t0 else '?'} (solid Triton, dashed SDPA, dotted reference)",
+                          fontsize=9)
+    _plot_lines(axes_row[1], measured, colour, "triton_sparse", "time_us", t0, "-", "B={b}")
+    _plot_lines(axes_row[1], measured, colour, "triton_sparse_compact", "time_us", t0, "--", "B={b} compact",
+                alpha=0.6)
+    axes_row[1].set_title(f"Sparse view time, T={t0[0] if t0 else '?'}: flat in context "
+                          "(solid cache, dashed compact)", fontsize=9)
+    for ax in axes_row:
+        ax.set_yscale("log")
+        ax.set_ylabel("µs per call (median)")
+
+
+def _context_axes(axes, contexts: list) -> None:
+    """Every panel: log2 context axis ticked at the measured contexts (as 4K, 16K, ...), grid, legend."""
+    for ax in (a for row in axes for a in row):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 and c % 1024 == 0 else str(c) for c in contexts])
+        ax.set_xlabel("context (tokens)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, ncol=2)
+
+
 def plot_kernels(rows: list, meta: dict, path: Path) -> None:
     """2 x 2: fraction of copy bandwidth vs context (full | sparse, Triton), time vs context (full:
     Triton vs torch paths at the smallest T | sparse kernels: flat). One colour per batch size."""
@@ -126,54 +189,12 @@ def plot_kernels(rows: list, meta: dict, path: Path) -> None:
     measured = [r for r in rows if r["time_us"] is not None]
     batches = sorted({r["batch"] for r in measured})
     ts = sorted({r["n_queries"] for r in measured})
-    styles = ["-", "--", ":", "-."]
-    colour = {b: f"C{i % 10}" for i, b in enumerate(batches)}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
-
-    def lines(ax, method, key, t_list, style=None, label_fmt="B={b}{t}", alpha=1.0):
-        for b in batches:
-            for j, T in enumerate(t_list):
-                pts = sorted((r["context"], r[key]) for r in measured
-                             if r["method"] == method and r["batch"] == b and r["n_queries"] == T)
-                if pts:
-                    tl = f", T={T}" if len(t_list) > 1 else ""
-                    ax.plot(*zip(*pts), style or styles[j % len(styles)], color=colour[b], marker="o", ms=3,
-                            alpha=alpha, label=label_fmt.format(b=b, t=tl))
-
-    for ax, method, title in ((axes[0][0], "triton_full", "Triton full view"),
-                              (axes[0][1], "triton_sparse", "Triton sparse view")):
-        lines(ax, method, "frac_copy_bw", ts)
-        ax.axhline(TARGET_FRAC, color="grey", ls="--", lw=0.8)
-        ax.set_ylabel(f"achieved / copy bandwidth ({meta['copy_bandwidth_GBps']} GB/s)")
-        ax.set_title(f"{title}: fraction of copy bandwidth" + (f" (solid T={ts[0]}, dashed T={ts[1]})"
-                                                               if len(ts) > 1 else ""), fontsize=9)
     contexts = sorted({r["context"] for r in measured})
-    if contexts and contexts[-1] >= TARGET_MIN_CONTEXT:
-        axes[0][0].axvspan(TARGET_MIN_CONTEXT, contexts[-1] * 1.2, color="green", alpha=0.05,
-                           label=f"target region (batch ≥ {TARGET_MIN_BATCH})")
-    for ax in axes[0]:
-        top = max([r["frac_copy_bw"] for r in measured if r["method"].startswith("triton")] + [1.0])
-        ax.set_ylim(0, 1.05 * top)
-    t0 = ts[:1]
-    lines(axes[1][0], "triton_full", "time_us", t0, "-", "B={b} triton")
-    lines(axes[1][0], "torch_sdpa", "time_us", t0, "--", "B={b} sdpa", alpha=0.6)
-    lines(axes[1][0], "torch_reference", "time_us", t0, ":", "B={b} reference", alpha=0.6)
-    axes[1][0].set_title(f"Full view time, T={t0[0] if t0 else '?'} (solid Triton, dashed SDPA, dotted reference)",
-                         fontsize=9)
-    lines(axes[1][1], "triton_sparse", "time_us", t0, "-", "B={b}")
-    lines(axes[1][1], "triton_sparse_compact", "time_us", t0, "--", "B={b} compact", alpha=0.6)
-    axes[1][1].set_title(f"Sparse view time, T={t0[0] if t0 else '?'}: flat in context "
-                         "(solid cache, dashed compact)", fontsize=9)
-    for ax in axes[1]:
-        ax.set_yscale("log")
-        ax.set_ylabel("µs per call (median)")
-    for ax in (a for row in axes for a in row):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 and c % 1024 == 0 else str(c) for c in contexts])
-        ax.set_xlabel("context (tokens)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, ncol=2)
+    colour = {b: f"C{i % 10}" for i, b in enumerate(batches)}  # batch -> colour, in batch order
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False)
+    _plot_fractions(axes[0], measured, colour, ts, contexts, meta)
+    _plot_times(axes[1], measured, colour, ts)
+    _context_axes(axes, contexts)
     title = (f"Decode attention: {meta['device_name']}, {meta['dtype']}, H={meta.get('n_heads')} "
              f"H_kv={meta.get('n_kv_heads')} D={meta.get('head_dim')}, budget {meta.get('budget')} "
              f"(sink {meta.get('sink')})")

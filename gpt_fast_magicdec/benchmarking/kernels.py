@@ -36,6 +36,8 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -169,6 +171,243 @@ def _launch_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len:
         return None
 
 
+@dataclass
+class _Sweep:
+    """What every point of one sweep shares: shapes, options, the Triton entry point, the L2 flush
+    buffer, the RNG and the progress bar (set once the rest is ready, as the sweep then starts)."""
+    device: torch.device
+    dtype: torch.dtype
+    methods: tuple[str, ...]
+    n_queries: Sequence[int]
+    H: int
+    H_kv: int
+    D: int
+    sink: int
+    window: int  # budget - sink: the sparse view's sliding window
+    scale: float
+    dtype_bytes: int
+    copy_bandwidth: float  # bytes/s the fractions refer to
+    has_triton: bool
+    triton_fn: Optional[Callable[..., torch.Tensor]]  # None when no Triton method can run
+    num_splits: Optional[int]
+    flush: Optional[torch.Tensor]  # [FLUSH_BYTES / 4] fp32 on GPU, read before every timed rep; None on CPU
+    gen: torch.Generator
+    warmup: int
+    reps: Optional[int]
+    time_budget_s: float
+    max_reps: int
+    use_graphs: bool
+    deadline_s: Optional[float]
+    t_start: float  # time.monotonic() when the sweep began, for deadline_s
+    bar: object = None  # tqdm
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class _Caches:
+    """The tensors of one (batch B, context L) point, shared by all its T and methods."""
+    k: torch.Tensor  # [B, H_kv, L + SLACK, D]
+    v: torch.Tensor  # [B, H_kv, L + SLACK, D]
+    cache_len: torch.Tensor  # [B] int64, all L
+    sparse: dict  # sel_pos [B, H_kv, sink] int64 (= arange(sink), as cache.py) and window
+    compact: dict  # sparse + sel_k, sel_v [B, H_kv, sink, D]: the selected keys in compact buffers
+    free_after: Optional[int]  # free GPU bytes once the caches are allocated (None on CPU)
+
+
+def _checked_methods(methods: Optional[Sequence[str]], n_heads: int, n_kv_heads: int, budget: int, sink: int,
+                     n_queries: Sequence[int]) -> tuple[str, ...]:
+    """The methods to time (DEFAULT_METHODS if none given); ValueError on unknown ones or bad shapes."""
+    methods = tuple(methods or DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if n_heads % n_kv_heads or not 0 <= sink < budget or max(n_queries) > SLACK or min(n_queries) < 1:
+        raise ValueError(f"need n_heads % n_kv_heads == 0, 0 <= sink < budget, 1 <= T <= {SLACK}")
+    return methods
+
+
+def _measured_copy_bandwidth(device: torch.device) -> float:
+    from gpt_fast_magicdec.cost_model import measure_hardware  # the cost model is only needed here
+    return measure_hardware(device).mem_bandwidth
+
+
+def _triton_entry(has_triton: bool, methods: Sequence[str]) -> Optional[Callable[..., torch.Tensor]]:
+    """decode_attention_triton when some Triton method will run; None otherwise (triton may be absent)."""
+    if has_triton and any(m.startswith("triton") for m in methods):
+        from kernels import decode_attention_triton  # needs triton: imported only here
+        return decode_attention_triton
+    return None
+
+
+def _flush_buffer(device: torch.device) -> Optional[torch.Tensor]:
+    """[FLUSH_BYTES / 4] fp32 on GPU, whose read before each rep evicts L2; None on CPU (nothing to evict)."""
+    return torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if device.type == "cuda" else None
+
+
+def _base_row(sw: _Sweep, B: int, L: int, T: int, method: str) -> dict:
+    """The row of (B, L, T, method) before timing: the bytes its view moves, every result None."""
+    view = METHODS[method][0]
+    keys = keys_read(L, T, sw.window, range(sw.sink)) if view == "sparse" else keys_read(L, T)
+    nbytes = bytes_moved(B, keys, T, sw.H, sw.H_kv, sw.D, sw.dtype_bytes)
+    return dict(batch=B, context=L, n_queries=T, method=method, view=view, keys_per_seq=keys, bytes=nbytes,
+                MB=sig(nbytes / 1e6), time_us=None, bandwidth_GBps=None, frac_copy_bw=None, reps=None,
+                graphed=None, num_splits=None, max_abs_err=None, meets_target=None, skipped=None)
+
+
+def _skipped_point(sw: _Sweep, B: int, L: int, reason: str) -> list[dict]:
+    """Every (T, method) row of a point that is not run, each with skipped = reason."""
+    sw.bar.write(f"skipped batch {B}, context {L}: {reason}", file=sys.stderr)
+    return [dict(_base_row(sw, B, L, T, m), skipped=reason) for T in sw.n_queries for m in sw.methods]
+
+
+def _point_skip_reason(sw: _Sweep, B: int, L: int) -> Optional[str]:
+    """Why the point (B, L) is not started (past the deadline, caches too big for the GPU), or None."""
+    if sw.deadline_s is not None and time.monotonic() - sw.t_start > sw.deadline_s:
+        return f"time limit: {sw.deadline_s:.0f} s had passed before this point"
+    cache_bytes = 2 * B * sw.H_kv * (L + SLACK) * sw.D * sw.dtype_bytes
+    if sw.on_gpu:
+        torch.cuda.empty_cache()  # the previous point's caches: give them back before asking what is free
+        free = torch.cuda.mem_get_info(sw.device)[0]
+        if cache_bytes > MEMORY_FRACTION * free:
+            return (f"K+V caches {cache_bytes / 2**30:.1f} GiB > {MEMORY_FRACTION:.0%} of "
+                    f"{free / 2**30:.1f} GiB free")
+    return None
+
+
+def _alloc_kv(sw: _Sweep, B: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random K and V caches [B, H_kv, L + SLACK, D] (may raise OutOfMemoryError: the point is skipped)."""
+    S_max = L + SLACK
+    k = torch.randn(B, sw.H_kv, S_max, sw.D, generator=sw.gen, device=sw.device, dtype=sw.dtype)
+    v = torch.randn(B, sw.H_kv, S_max, sw.D, generator=sw.gen, device=sw.device, dtype=sw.dtype)
+    return k, v
+
+
+def _make_caches(sw: _Sweep, k: torch.Tensor, v: torch.Tensor, B: int, L: int) -> _Caches:
+    """The point's caches with cache_len = L and the sparse views over them."""
+    cache_len = torch.full((B,), L, dtype=torch.long, device=sw.device)
+    sel_pos = torch.arange(sw.sink, device=sw.device).expand(B, sw.H_kv, sw.sink).contiguous()  # as cache.py
+    sparse = dict(sel_pos=sel_pos, window=sw.window)
+    # Compact buffers: the selected (sink) keys, gathered once after prefill in the engine.
+    compact = dict(sparse, sel_k=k[:, :, :sw.sink].contiguous(), sel_v=v[:, :, :sw.sink].contiguous())
+    free_after = torch.cuda.mem_get_info(sw.device)[0] if sw.on_gpu else None
+    return _Caches(k, v, cache_len, sparse, compact, free_after)
+
+
+def _run_point(sw: _Sweep, B: int, L: int) -> list[dict]:
+    """Every (T, method) row of one (batch, context): the caches are allocated once for all."""
+    reason = _point_skip_reason(sw, B, L)
+    if reason is not None:
+        return _skipped_point(sw, B, L, reason)
+    try:
+        k, v = _alloc_kv(sw, B, L)
+    except torch.cuda.OutOfMemoryError:
+        return _skipped_point(sw, B, L, "out of memory allocating the K+V caches")
+    caches = _make_caches(sw, k, v, B, L)
+    out_rows = []
+    for T in sw.n_queries:
+        out_rows += _run_queries(sw, caches, B, L, T)
+    return out_rows
+
+
+def _run_queries(sw: _Sweep, caches: _Caches, B: int, L: int, T: int) -> list[dict]:
+    """The rows of every method at (B, L, T), with their errors against each other."""
+    sw.bar.set_postfix_str(f"B={B} L={L} T={T}")
+    q = torch.randn(B, sw.H, T, sw.D, generator=sw.gen, device=sw.device, dtype=sw.dtype)  # [B, H, T, D]
+    outs: dict[str, torch.Tensor] = {}  # method -> its output [B, H, T, D], for the accuracy column
+    t_rows = [_time_method(sw, caches, q, B, L, T, method, outs) for method in sw.methods]
+    _fill_errors(t_rows, outs)
+    return t_rows
+
+
+def _triton_view(caches: _Caches, method: str) -> dict:
+    """The view arguments decode_attention_triton gets for a Triton method ({} for the full view)."""
+    if method.endswith("compact"):
+        return caches.compact
+    return caches.sparse if METHODS[method][0] == "sparse" else {}
+
+
+def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len: torch.Tensor, T: int, live: int,
+                 scale: float) -> torch.Tensor:
+    """torch_sdpa: SDPA over the live keys [B, H_kv, live, D]; the bool mask [B, 1, T, live] is built
+    here so that the timed call pays for it, as a caller would."""
+    return F.scaled_dot_product_attention(q, k[:, :, :live], v[:, :, :live],
+                                          attn_mask=full_view_mask(cache_len, T, live)[:, None],
+                                          scale=scale, enable_gqa=True)
+
+
+def _method_call(sw: _Sweep, caches: _Caches, q: torch.Tensor, L: int, T: int,
+                 method: str) -> Callable[[], torch.Tensor]:
+    """The no-argument call that `_measure` times for method at (q [B, H, T, D], the caches)."""
+    k, v, cache_len, live = caches.k, caches.v, caches.cache_len, L + T  # keys 0 .. L + T - 1 hold data
+    if method.startswith("triton"):
+        return partial(sw.triton_fn, q, k, v, cache_len, scale=sw.scale, num_splits=sw.num_splits,
+                       **_triton_view(caches, method))
+    if method == "torch_sdpa":
+        return partial(_sdpa_masked, q, k, v, cache_len, T, live, sw.scale)
+    # torch_reference(_sparse): kv_limit = L + T, as the eager engine passes it
+    view = caches.sparse if method == "torch_reference_sparse" else {}
+    return partial(decode_attention_reference, q, k, v, cache_len, scale=sw.scale, kv_limit=live, **view)
+
+
+def _method_skip_reason(sw: _Sweep, caches: _Caches, row: dict, q: torch.Tensor) -> Optional[str]:
+    """Why row's method is not timed (no Triton, working memory too big), or None; sets num_splits
+    of a Triton row as a side effect, since it needs the same inputs."""
+    method, B, T = row["method"], row["batch"], row["n_queries"]
+    if method.startswith("triton"):
+        if not sw.has_triton:
+            return f"triton unavailable on {sw.device.type} (needs CUDA, or TRITON_INTERPRET=1)"
+        row["num_splits"] = _launch_splits(q, caches.k, caches.v, caches.cache_len, _triton_view(caches, method),
+                                           sw.num_splits)
+    live = row["context"] + T  # keys 0 .. L + T - 1 hold data
+    need = _working_bytes(method, B, sw.H, sw.H_kv, T, live, sw.D, sw.dtype_bytes)
+    if sw.on_gpu and need > MEMORY_FRACTION * caches.free_after:
+        return (f"working memory ~{need / 2**30:.1f} GiB > {MEMORY_FRACTION:.0%} of "
+                f"{caches.free_after / 2**30:.1f} GiB free")
+    return None
+
+
+def _time_method(sw: _Sweep, caches: _Caches, q: torch.Tensor, B: int, L: int, T: int, method: str,
+                 outs: dict) -> dict:
+    """The row of one method at (B, L, T): timed, or skipped with the reason; its output goes to outs."""
+    row = _base_row(sw, B, L, T, method)
+    row["skipped"] = _method_skip_reason(sw, caches, row, q)
+    if row["skipped"] is not None:
+        return row
+    try:
+        t, n, graphed, outs[method] = _measure(_method_call(sw, caches, q, L, T, method), sw.device, sw.warmup,
+                                               sw.reps, sw.time_budget_s, sw.max_reps, sw.flush, sw.use_graphs)
+    except torch.cuda.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+        torch.cuda.empty_cache()
+        return row
+    except Exception as err:  # e.g. no SDPA kernel for these inputs: note it, go on
+        row["skipped"] = f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        sw.bar.write(f"batch {B}, context {L}, T {T}, {method}: {row['skipped']}", file=sys.stderr)
+        return row
+    bw = row["bytes"] / t
+    row.update(time_us=sig(t * 1e6), bandwidth_GBps=sig(bw / 1e9),
+               frac_copy_bw=sig(bw / sw.copy_bandwidth, 3), reps=n, graphed=graphed)
+    row["meets_target"] = meets_target(row)
+    return row
+
+
+def _fill_errors(t_rows: list[dict], outs: dict) -> None:
+    """max_abs_err of each row of one (B, L, T) whose method and comparison base both ran."""
+    # Sanity check: full view against torch_sdpa (else the reference); the sparse kernel against
+    # the sparse reference when it ran; the compact form against the cache-reading kernel.
+    full_base = outs.get("torch_sdpa", outs.get("torch_reference"))
+    bases = {"triton_full": full_base, "torch_reference": outs.get("torch_sdpa"),
+             "triton_sparse": outs.get("torch_reference_sparse"),
+             "triton_sparse_compact": outs.get("triton_sparse", outs.get("torch_reference_sparse"))}
+    for row in t_rows:
+        out, base = outs.get(row["method"]), bases.get(row["method"])
+        if out is not None and base is not None:
+            row["max_abs_err"] = sig((out.float() - base.float()).abs().max().item(), 3)
+
+
 def run_kernel_benchmark(device, dtype: torch.dtype, batch_sizes: Sequence[int], contexts: Sequence[int],
                          n_queries: Sequence[int] = (1, 4), head_dim: int = 128, n_heads: int = 32,
                          n_kv_heads: int = 8, budget: int = 512, sink: int = 16, reps: Optional[int] = None,
@@ -189,134 +428,26 @@ def run_kernel_benchmark(device, dtype: torch.dtype, batch_sizes: Sequence[int],
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    methods = tuple(methods or DEFAULT_METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if n_heads % n_kv_heads or not 0 <= sink < budget or max(n_queries) > SLACK or min(n_queries) < 1:
-        raise ValueError(f"need n_heads % n_kv_heads == 0, 0 <= sink < budget, 1 <= T <= {SLACK}")
-    H, H_kv, D = n_heads, n_kv_heads, head_dim
-    window, scale = budget - sink, head_dim ** -0.5
+    methods = _checked_methods(methods, n_heads, n_kv_heads, budget, sink, n_queries)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     if copy_bandwidth is None:
-        from gpt_fast_magicdec.cost_model import measure_hardware
-        copy_bandwidth = measure_hardware(device).mem_bandwidth
+        copy_bandwidth = _measured_copy_bandwidth(device)
     has_triton = triton_available(device)
-    triton_fn = None
-    if has_triton and any(m.startswith("triton") for m in methods):
-        from kernels import decode_attention_triton as triton_fn  # needs triton: imported only here
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32, device=device) if on_gpu else None
-    gen = torch.Generator(device=device).manual_seed(seed)
-    t_start = time.monotonic()
-
-    def base_row(B: int, L: int, T: int, method: str) -> dict:
-        view = METHODS[method][0]
-        keys = keys_read(L, T, window, range(sink)) if view == "sparse" else keys_read(L, T)
-        nbytes = bytes_moved(B, keys, T, H, H_kv, D, dtype_bytes)
-        return dict(batch=B, context=L, n_queries=T, method=method, view=view, keys_per_seq=keys, bytes=nbytes,
-                    MB=sig(nbytes / 1e6), time_us=None, bandwidth_GBps=None, frac_copy_bw=None, reps=None,
-                    graphed=None, num_splits=None, max_abs_err=None, meets_target=None, skipped=None)
-
-    def skipped_point(B: int, L: int, reason: str) -> list[dict]:
-        bar.write(f"skipped batch {B}, context {L}: {reason}", file=sys.stderr)
-        return [dict(base_row(B, L, T, m), skipped=reason) for T in n_queries for m in methods]
-
-    def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, int, bool, torch.Tensor]:
-        return _measure(fn, device, warmup, reps, time_budget_s, max_reps, flush, use_graphs)
-
-    def point(B: int, L: int) -> list[dict]:
-        """Every (T, method) row of one (batch, context): the caches are allocated once for all."""
-        S_max = L + SLACK
-        if deadline_s is not None and time.monotonic() - t_start > deadline_s:
-            return skipped_point(B, L, f"time limit: {deadline_s:.0f} s had passed before this point")
-        cache_bytes = 2 * B * H_kv * S_max * D * dtype_bytes
-        if on_gpu:
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(device)[0]
-            if cache_bytes > MEMORY_FRACTION * free:
-                return skipped_point(B, L, f"K+V caches {cache_bytes / 2**30:.1f} GiB > {MEMORY_FRACTION:.0%} of "
-                                           f"{free / 2**30:.1f} GiB free")
-        try:
-            k = torch.randn(B, H_kv, S_max, D, generator=gen, device=device, dtype=dtype)
-            v = torch.randn(B, H_kv, S_max, D, generator=gen, device=device, dtype=dtype)
-        except torch.cuda.OutOfMemoryError:
-            return skipped_point(B, L, "out of memory allocating the K+V caches")
-        cache_len = torch.full((B,), L, dtype=torch.long, device=device)
-        sel_pos = torch.arange(sink, device=device).expand(B, H_kv, sink).contiguous()  # as cache.py
-        sparse = dict(sel_pos=sel_pos, window=window)
-        # Compact buffers: the selected (sink) keys, gathered once after prefill in the engine.
-        compact = dict(sparse, sel_k=k[:, :, :sink].contiguous(), sel_v=v[:, :, :sink].contiguous())
-        free_after = torch.cuda.mem_get_info(device)[0] if on_gpu else None
-        out_rows = []
-        for T in n_queries:
-            bar.set_postfix_str(f"B={B} L={L} T={T}")
-            q = torch.randn(B, H, T, D, generator=gen, device=device, dtype=dtype)
-            live = L + T  # keys 0 .. L + T - 1 hold data
-            calls = {
-                "triton_full": lambda: triton_fn(q, k, v, cache_len, scale=scale, num_splits=num_splits),
-                "torch_reference": lambda: decode_attention_reference(q, k, v, cache_len, scale=scale,
-                                                                      kv_limit=live),
-                "torch_sdpa": lambda: F.scaled_dot_product_attention(
-                    q, k[:, :, :live], v[:, :, :live], attn_mask=full_view_mask(cache_len, T, live)[:, None],
-                    scale=scale, enable_gqa=True),
-                "triton_sparse": lambda: triton_fn(q, k, v, cache_len, scale=scale, num_splits=num_splits, **sparse),
-                "triton_sparse_compact": lambda: triton_fn(q, k, v, cache_len, scale=scale, num_splits=num_splits,
-                                                           **compact),
-                "torch_reference_sparse": lambda: decode_attention_reference(q, k, v, cache_len, scale=scale,
-                                                                             kv_limit=live, **sparse),
-            }
-            outs, t_rows = {}, []
-            for method in methods:
-                row = base_row(B, L, T, method)
-                t_rows.append(row)
-                is_sparse = row["view"] == "sparse"
-                if method.startswith("triton"):
-                    if not has_triton:
-                        row["skipped"] = f"triton unavailable on {device.type} (needs CUDA, or TRITON_INTERPRET=1)"
-                        continue
-                    view = compact if method.endswith("compact") else sparse if is_sparse else {}
-                    row["num_splits"] = _launch_splits(q, k, v, cache_len, view, num_splits)
-                need = _working_bytes(method, B, H, H_kv, T, live, D, dtype_bytes)
-                if on_gpu and need > MEMORY_FRACTION * free_after:
-                    row["skipped"] = (f"working memory ~{need / 2**30:.1f} GiB > {MEMORY_FRACTION:.0%} of "
-                                      f"{free_after / 2**30:.1f} GiB free")
-                    continue
-                try:
-                    t, n, graphed, outs[method] = measure(calls[method])
-                except torch.cuda.OutOfMemoryError:
-                    row["skipped"] = "out of memory"
-                    torch.cuda.empty_cache()
-                    continue
-                except Exception as err:  # e.g. no SDPA kernel for these inputs: note it, go on
-                    row["skipped"] = f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-                    bar.write(f"batch {B}, context {L}, T {T}, {method}: {row['skipped']}", file=sys.stderr)
-                    continue
-                bw = row["bytes"] / t
-                row.update(time_us=sig(t * 1e6), bandwidth_GBps=sig(bw / 1e9),
-                           frac_copy_bw=sig(bw / copy_bandwidth, 3), reps=n, graphed=graphed)
-                row["meets_target"] = meets_target(row)
-            # Sanity check: full view against torch_sdpa (else the reference); the sparse kernel against
-            # the sparse reference when it ran; the compact form against the cache-reading kernel.
-            full_base = outs.get("torch_sdpa", outs.get("torch_reference"))
-            bases = {"triton_full": full_base, "torch_reference": outs.get("torch_sdpa"),
-                     "triton_sparse": outs.get("torch_reference_sparse"),
-                     "triton_sparse_compact": outs.get("triton_sparse", outs.get("torch_reference_sparse"))}
-            for row in t_rows:
-                out, base = outs.get(row["method"]), bases.get(row["method"])
-                if out is not None and base is not None:
-                    row["max_abs_err"] = sig((out.float() - base.float()).abs().max().item(), 3)
-            out_rows += t_rows
-        return out_rows
-
+    sw = _Sweep(device=device, dtype=dtype, methods=methods, n_queries=n_queries, H=n_heads, H_kv=n_kv_heads,
+                D=head_dim, sink=sink, window=budget - sink, scale=head_dim ** -0.5, dtype_bytes=dtype_bytes,
+                copy_bandwidth=copy_bandwidth, has_triton=has_triton, triton_fn=_triton_entry(has_triton, methods),
+                num_splits=num_splits, flush=_flush_buffer(device),
+                gen=torch.Generator(device=device).manual_seed(seed), warmup=warmup, reps=reps,
+                time_budget_s=time_budget_s, max_reps=max_reps, use_graphs=use_graphs, deadline_s=deadline_s,
+                t_start=time.monotonic())
+    sw.bar = tqdm(total=len(batch_sizes) * len(contexts) * len(n_queries), desc="kernels", unit="point",
+                  disable=not progress)
     rows: list[dict] = []
-    bar = tqdm(total=len(batch_sizes) * len(contexts) * len(n_queries), desc="kernels", unit="point",
-               disable=not progress)
     for L in contexts:
         for B in batch_sizes:
-            rows += point(B, L)
-            bar.update(len(n_queries))
+            rows += _run_point(sw, B, L)
+            sw.bar.update(len(n_queries))
             if checkpoint_path is not None:
                 Path(checkpoint_path).write_text(json.dumps(rows, indent=1) + "\n")
-    bar.close()
+    sw.bar.close()
     return rows
