@@ -153,7 +153,7 @@ def compare_with_transformers(hf_dir: Path, tokens: torch.Tensor) -> float:
 
     from convert.convert_hf_checkpoint import convert_hf_checkpoint
 
-    from ..engine import load_model
+    from gpt_fast_magicdec.engine import load_model
 
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,16 @@ def plot_losses(log: dict, path: Path) -> None:
 @click.option("--vocab-size", type=int, default=4096, help="SentencePiece BPE vocabulary size.")
 @click.option("--tokenizer-sample-mb", type=float, default=4.0,
               help="Megabytes (millions of characters) of training-book text the tokenizer learns from.")
+@click.option("--tokenizer-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Reuse the tokenizer of this Hugging Face directory (its tokenizer.model, "
+                   "tokenizer.json and tokenizer_config.json are copied) instead of training one: a "
+                   "draft model must produce the same token ids as its target. --vocab-size and "
+                   "--tokenizer-sample-mb are then ignored.")
+@click.option("--name", default="gpt-fast-magicdec-tiny",
+              help="Model name written to config.json (_name_or_path); the engine names converted "
+                   "checkpoints after it.")
+@click.option("--tie-embeddings/--no-tie-embeddings", default=False,
+              help="Share the input embedding and the output head (tie_word_embeddings).")
 @click.option("--dim", type=int, default=256, help="Model width (hidden_size).")
 @click.option("--n-layers", type=int, default=6, help="Transformer blocks.")
 @click.option("--n-heads", type=int, default=8, help="Query heads.")
@@ -220,7 +231,8 @@ def plot_losses(log: dict, path: Path) -> None:
 @click.option("--check-hf/--no-check-hf", default=True,
               help="After export, check transformers' LlamaForCausalLM loads it and matches the engine's "
                    "logits (skipped when transformers is not installed).")
-def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, dim, n_layers,
+def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, name,
+        tie_embeddings, dim, n_layers,
          n_heads, n_kv_heads, intermediate_size, rope_base, context, max_position_embeddings, curriculum,
          tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
          final_val_windows, save_dtype, log_every, check_hf):
@@ -236,7 +248,8 @@ def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_s
         sys.exit(1)
 
 
-def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, dim, n_layers,
+def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, name,
+        tie_embeddings, dim, n_layers,
         n_heads, n_kv_heads, intermediate_size, rope_base, context, max_position_embeddings, curriculum,
         tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
         final_val_windows, save_dtype, log_every, check_hf) -> dict:
@@ -257,10 +270,20 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
 
     # 1. data and tokenizer
     train_books, val_books = split_books(read_books(corpus))
-    lines = tokenizer_sample(train_books, int(tokenizer_sample_mb * 1e6))
-    (out_dir / "tokenizer.model").write_bytes(train_tokenizer(lines, vocab_size))
-    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
-    say(f"tokenizer: {sp.vocab_size()} pieces from {sum(map(len, lines)) / 1e6:.1f}M characters")
+    if tokenizer_from is not None:
+        src = Path(tokenizer_from) / "tokenizer.model"
+        if not src.is_file():
+            raise UserError(f"--tokenizer-from: no tokenizer.model in {tokenizer_from}")
+        lines = []
+        (out_dir / "tokenizer.model").write_bytes(src.read_bytes())
+        sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+        vocab_size = sp.vocab_size()
+        say(f"tokenizer: {sp.vocab_size()} pieces, reused from {src}")
+    else:
+        lines = tokenizer_sample(train_books, int(tokenizer_sample_mb * 1e6))
+        (out_dir / "tokenizer.model").write_bytes(train_tokenizer(lines, vocab_size))
+        sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+        say(f"tokenizer: {sp.vocab_size()} pieces from {sum(map(len, lines)) / 1e6:.1f}M characters")
     train_tokens = tokenize_books(sp, train_books)
     val_tokens = tokenize_books(sp, val_books)
     n_train = sum(len(t) for t in train_tokens)
@@ -270,15 +293,15 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         f"{chars_per_token:.2f} characters/token)")
 
     # 2. model
-    args = ModelArgs(name="gpt-fast-magicdec-tiny", vocab_size=sp.vocab_size(), dim=dim, n_layers=n_layers,
+    args = ModelArgs(name=name, vocab_size=sp.vocab_size(), dim=dim, n_layers=n_layers,
                      n_heads=n_heads, n_kv_heads=n_kv_heads, intermediate_size=intermediate_size,
                      norm_eps=1e-5, rope_base=rope_base, max_position_embeddings=max_position_embeddings,
-                     bos_id=BOS_ID, eos_ids=(EOS_ID,))
+                     bos_id=BOS_ID, eos_ids=(EOS_ID,), tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     model = Transformer(args)
     init_weights(model)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
     n_embed = model.tok_embeddings.weight.numel()
     say(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the embedding)")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -389,7 +412,8 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             "betas": [0.9, 0.95], "grad_clip": grad_clip, "schedule": "linear warmup + cosine",
             "precision": "float32", "save_dtype": save_dtype, "vocab_size": vocab_size,
             "tokenizer": "SentencePiece BPE, byte_fallback, unk=0 bos=1 eos=2",
-            "tokenizer_sample_chars": sum(map(len, lines)), "val_windows_per_book": val_windows,
+            "tokenizer_from": (None if tokenizer_from is None else Path(tokenizer_from).name),
+            "tokenizer_sample_chars": sum(map(len, lines)) or None, "val_windows_per_book": val_windows,
             "final_val_windows_per_book": final_val_windows, "train_books": len(train_books),
             "train_tokens_available": n_train,
         },
@@ -418,9 +442,15 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             diff = compare_with_transformers(out_dir, with_bos(val_w[:1, :256])[0])
             log["hf_max_abs_logit_diff"] = diff
             say(f"transformers LlamaForCausalLM vs engine: max |logit diff| {diff:.2e}")
-            log["tokenizer_json"] = write_tokenizer_json(out_dir, [b["text"] for b in val_books])
+            if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer.json").is_file():
+                shutil.copyfile(Path(tokenizer_from) / "tokenizer.json", out_dir / "tokenizer.json")
+                log["tokenizer_json"] = True
+            else:
+                log["tokenizer_json"] = write_tokenizer_json(out_dir, [b["text"] for b in val_books])
             say("tokenizer.json " + ("written: encodes the held-out books exactly as tokenizer.model"
                                      if log["tokenizer_json"] else "NOT written: it disagreed with tokenizer.model"))
+    if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").is_file():
+        shutil.copyfile(Path(tokenizer_from) / "tokenizer_config.json", out_dir / "tokenizer_config.json")
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     plot_losses(log, out_dir / "loss_curve.png")
     say(f"wrote {out_dir} ({sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20:.1f} MiB)")
