@@ -35,6 +35,7 @@ from gpt_fast_magicdec.cost_model import PROFILES, get_profile
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts
 from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
 from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
 from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 
 
@@ -66,8 +67,9 @@ def _draft_list(ctx, param, value):
               help="Converted target checkpoint directory. Give this or --random-weights.")
 @click.option("--random-weights", type=click.Choice(sorted(PRESETS)), default=None,
               help="Benchmark a preset shape with random weights (pair with --simulate-acceptance).")
-@click.option("--draft-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Standalone draft checkpoint: adds model-streaming and model-full to the default --drafts.")
+@click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Standalone draft checkpoint: adds model-streaming and model-full to the default --drafts. "
+                   "'bundled-draft' names the bundled tiny draft model.")
 @click.option("--draft-random-weights", type=click.Choice(sorted(PRESETS)), default=None,
               help="A standalone draft of this preset shape with random weights (e.g. llama-3.2-1b); "
                    "like --draft-checkpoint.")
@@ -166,6 +168,9 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         raise UserError("give exactly one of --checkpoint DIR or --random-weights PRESET")
     if draft_checkpoint is not None and draft_random_weights is not None:
         raise UserError("give at most one of --draft-checkpoint and --draft-random-weights")
+    draft_checkpoint = resolve_draft_checkpoint(draft_checkpoint)  # 'bundled-draft' -> its directory
+    if draft_checkpoint is not None and not draft_checkpoint.is_dir():
+        raise UserError(f"--draft-checkpoint {draft_checkpoint}: no such directory")
     if alpha is not None and random_weights is None:
         raise UserError("--simulate-acceptance is for --random-weights runs; a checkpoint's acceptance is real, "
                         "measure it")

@@ -31,6 +31,7 @@ from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.policies import POLICIES, policy_help
 from gpt_fast_magicdec.sampling import SamplingParams
 from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
+from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
 from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 from gpt_fast_magicdec.tp import (TensorParallel, env_world_size, fail_together, is_main_process,
                                   run_cli)
@@ -144,7 +145,9 @@ def ignored_options(explicit: set, cfg: DraftConfig, sampling: SamplingParams, r
                    "standalone draft (--draft-checkpoint); none: plain decoding (as --gamma 0). Default: model "
                    "with --draft-checkpoint, else self (StreamingLLM view, budget 512, sink 16, gamma 3).")
 @click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Converted checkpoint of a standalone draft model sharing the target's tokenizer.")
+              help="Converted checkpoint of a standalone draft model sharing the target's tokenizer; "
+                   "'bundled-draft' names the bundled tiny draft model (~1.2M parameters, the bundled "
+                   "target's tokenizer), converted on first use.")
 @click.option("--draft-kv", type=click.Choice(list(POLICIES)), default="streaming", show_default=True,
               help="KV selection policy: which keys the draft reads besides its sliding window. "
                    + policy_help() + ".")
@@ -258,6 +261,7 @@ def run(checkpoint, random_weights, prompt, prompt_file, prompt_length, bsz, max
     if device.type == "cuda":
         set_compiler_flags()
     with fail_together(tp):  # one rank failing to load makes every rank fail with its message
+        draft_checkpoint = resolve_draft_checkpoint(draft_checkpoint)  # 'bundled-draft' -> its directory
         engine, tokenizer, target_args = load_engine(checkpoint, random_weights, draft_cfg, draft_checkpoint,
                                                      device, dtype, attention, compile, seed, tp)
     prompt_ids = tokenize(tokenizer, texts, engine.model.args.vocab_size, prompt_length, bsz, seed)
