@@ -55,7 +55,9 @@ def cut_prompts(book_tokens: list[int], bos: int, lengths: list[int], batch: int
 
 def draft_label(r: dict) -> str:
     if r["draft"] == "full":
-        return "standalone full-KV (yardstick)"
+        if r.get("draft_model", "itself") == "itself":
+            return "standalone full-KV (yardstick)"
+        return f"standalone draft `{r['draft_model']}`, full KV"
     return f"self {r['draft']} {r['budget']}"
 
 
@@ -132,7 +134,8 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
                     ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
         full = [r["acceptance_rate"] for r in results if r["prompt_len"] == L and r["draft"] == "full"]
         if full:
-            ax.axhline(min(full), color="gray", ls=":", lw=1, label="full-KV draft")
+            ax.axhline(min(full), color="gray", ls=":", lw=1,
+                       label=f"full-KV draft ({meta.get('draft_model', 'itself')})")
         ax.set_xscale("log", base=2)
         ax.set_xticks(meta["budgets"], [str(b) for b in meta["budgets"]])
         ax.set_title(f"prompt {L} tokens")
@@ -166,26 +169,29 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
 @click.option("--batch", type=int, default=8, help="Prompts per length (one batch).")
 @click.option("--new-tokens", type=int, default=64, help="Tokens generated per prompt.")
 @click.option("--full-draft/--no-full-draft", default=True,
-              help="Also run the full-KV standalone draft (the same weights as their own draft, budget -1).")
+              help="Also run the full-KV standalone draft (budget -1): the target as its own draft, or --draft-checkpoint.")
+@click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Standalone draft for the full-KV runs ('bundled-draft': the bundled tiny draft model). "
+                   "Default: the target itself (acceptance 1, the yardstick).")
 @click.option("--threads", type=int, default=1, help="torch.set_num_threads.")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path),
               default=Path("benchmarks/tiny_model_acceptance"),
               help="Output prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
 def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
-         threads, out_prefix):
+         draft_checkpoint, threads, out_prefix):
     """Acceptance rate of MagicDec drafts (streaming / SnapKV self-speculation, full-KV standalone
     draft) for the bundled tiny model on held-out text, at several prompt lengths, budgets and gammas."""
     try:
         run(checkpoint, corpus, book, _ints(prompt_lens), _ints(budgets),
             [k.strip() for k in kv_kinds.split(",") if k.strip()], _ints(gammas), sink, batch, new_tokens,
-            full_draft, threads, out_prefix)
+            full_draft, threads, out_prefix, draft_checkpoint)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
 
 def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
-        threads, out_prefix) -> dict:
+        threads, out_prefix, draft_checkpoint=None) -> dict:
     t0 = time.perf_counter()
     unknown = [k for k in kv_kinds if k not in SPARSE_POLICIES]
     if unknown:
@@ -210,10 +216,17 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
     # Separate model objects: each engine attaches its own KV caches to the layers it runs.
     target = load_model(checkpoint, "cpu", torch.float32)
     self_engine = Engine(target)
-    full_engine = None
+    full_engine, draft_model_name = None, "itself"
     if full_draft:
+        from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
+        from gpt_fast_magicdec.tokenizer import check_same_tokenizer
+
+        draft_ckpt = resolve_draft_checkpoint(draft_checkpoint) or checkpoint
+        if draft_checkpoint is not None:
+            check_same_tokenizer(tok, load_tokenizer(draft_ckpt), draft_ckpt)
+            draft_model_name = str(draft_checkpoint)
         full_engine = Engine(load_model(checkpoint, "cpu", torch.float32),
-                             draft_model=load_model(checkpoint, "cpu", torch.float32))
+                             draft_model=load_model(draft_ckpt, "cpu", torch.float32))
     results = []
 
     def record(L, draft_name, budget, cfg, engine, reference):
@@ -223,6 +236,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
             out = engine.generate(prompts[L], new_tokens, draft=cfg)
         s = out.stats
         r = {"prompt_len": L, "draft": draft_name, "budget": budget, "gamma": cfg.gamma,
+             "draft_model": draft_model_name if cfg.kind == "model" else None,
              "acceptance_rate": round(s.acceptance_rate, 4),
              "mean_accepted_per_round": round(s.mean_accepted_per_round, 4),
              "accepted": s.accepted, "drafted": s.drafted, "rounds": s.rounds,
@@ -257,7 +271,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
         "params": sum(p.numel() for p in target.parameters()), "train_context": train_context,
         "book": {"id": book["id"], "title": book["title"], "tokens": len(book_tokens)},
         "prompt_lens": lengths, "budgets": budgets, "kv": kv_kinds, "gammas": gammas, "sink": sink,
-        "batch": batch, "new_tokens": new_tokens, "plot": str(out_prefix.with_suffix(".png")),
+        "batch": batch, "new_tokens": new_tokens, "draft_model": draft_model_name, "plot": str(out_prefix.with_suffix(".png")),
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
     report = {"meta": meta, "results": results}
