@@ -169,7 +169,8 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
 @click.option("--batch", type=int, default=8, help="Prompts per length (one batch).")
 @click.option("--new-tokens", type=int, default=64, help="Tokens generated per prompt.")
 @click.option("--full-draft/--no-full-draft", default=True,
-              help="Also run the full-KV standalone draft (budget -1): the target as its own draft, or --draft-checkpoint.")
+              help="Also run the full-KV standalone draft (budget -1): the target as its own draft, or "
+                   "--draft-checkpoint.")
 @click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
               help="Standalone draft for the full-KV runs ('bundled-draft': the bundled tiny draft model). "
                    "Default: the target itself (acceptance 1, the yardstick).")
