@@ -297,4 +297,10 @@ def test_every_exit_path_leaves_the_process_group_cleanly(ckpts):
 
 
 if __name__ == "__main__":
-    _driver(*sys.argv[1:])
+    import functools
+
+    from gpt_fast_magicdec.tp import run_cli
+
+    # Leave the process group the way generate.py does (barrier, destroy, os._exit): the draft
+    # subgroups created by the driven runs would otherwise abort the driver at interpreter exit.
+    run_cli(functools.partial(_driver, *sys.argv[1:]))
