@@ -45,7 +45,8 @@ def model_options(command: Callable) -> Callable:
     """--device, --dtype, --attention, --compile/--no-compile and --prefill-chunk: one definition for
     every script that runs the engine, so their names, defaults and help never drift apart."""
     options = [
-        click.option("--device", default=None, help="cuda, cuda:1, cpu... Default: cuda if available."),
+        click.option("--device", default=None, envvar="GPT_FAST_MAGICDEC_DEVICE",
+                     help="cuda, cuda:1, cpu... Default: $GPT_FAST_MAGICDEC_DEVICE, else cuda if available."),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
                      help="Weights and KV cache dtype. Default: bfloat16 on CUDA, float32 on CPU."),
         click.option("--attention", type=click.Choice(["auto", "torch", "triton"]), default="auto",
