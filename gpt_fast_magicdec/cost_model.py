@@ -68,14 +68,14 @@ class HardwareProfile:
 
 
 # Sources. Memory bandwidth and dense bf16 FLOP/s: the vendor data sheets (A100 80GB SXM, H100 SXM5,
-# H200 SXM, L40S). Link bandwidth: NVLink3 on A100 is 600 GB/s total per GPU (both directions),
-# NVLink4 on H100/H200 900 GB/s (A100 / H100 / H200 data sheets); L40S has no NVLink, PCIe Gen4 x16
-# is 64 GB/s both directions (L40S data sheet). A ring all-reduce is limited by one direction: half.
+# H200 SXM, L40S, L40). Link bandwidth: NVLink3 on A100 is 600 GB/s total per GPU (both directions),
+# NVLink4 on H100/H200 900 GB/s (A100 / H100 / H200 data sheets); L40S and L40 have no NVLink, PCIe Gen4
+# x16 is 64 GB/s both directions (L40S / L40 data sheets). A ring all-reduce is limited by one direction: half.
 # All-reduce latency: NVIDIA/nccl-tests issue #123 measured a ring all-reduce of 8-128 B on a DGX
 # A100 at 10 us on 2 GPUs and 33.7 us on 8 (single channel): 5.8 us + 2.0 us per ring step, the
 # A100 figures below. NVIDIA/nccl issue #1259 measured ~6 us on 2 H100s (NVLS, CUDA graphs) and
 # says it grows with GPUs, without the 8-GPU figure: H100/H200 take 4 us + 1 us per step (6 us at 2
-# GPUs; the per-step figure is an assumption). L40S over PCIe: no published figure found; 10 us +
+# GPUs; the per-step figure is an assumption). L40S / L40 over PCIe: no published figure found; 10 us +
 # 5 us per step is an assumption. Kernel overheads are not vendor figures: ~1 us per kernel in a
 # graph, ~10 us per eager PyTorch op and ~2 us per nn.Module call are the usual orders of
 # magnitude. Measured copy bandwidth is typically ~80-90% of peak, so all these presets are
@@ -91,9 +91,10 @@ PROFILES: dict[str, HardwareProfile] = {
         HardwareProfile("H100-SXM", 3.35e12, 989e12, **_GRAPH_GPU, **_NVLINK4),
         HardwareProfile("H200", 4.8e12, 989e12, **_GRAPH_GPU, **_NVLINK4),
         HardwareProfile("L40S", 0.864e12, 362e12, **_GRAPH_GPU, **_PCIE4),
+        HardwareProfile("L40", 0.864e12, 181e12, **_GRAPH_GPU, **_PCIE4),  # L40 data sheet: half the L40S's tensor rate
     )
 }
-_ALIASES = {"a100": "A100-80G", "h100": "H100-SXM", "l40": "L40S"}
+_ALIASES = {"a100": "A100-80G", "h100": "H100-SXM"}
 
 # Kernels of one forward step. Graph path (compiled, fused): per layer ~10 (norm, qkv, rope + cache
 # write, attention, wo, add + norm, w1/w3, silu * mul, w2, add), per step ~4 (embedding, final norm,
@@ -298,7 +299,7 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
 
 
 def get_profile(name: str, device: Union[str, torch.device, None] = None, tp_group=None) -> HardwareProfile:
-    """A preset by name (case-insensitive; `a100`, `h100`, `l40` also accepted) or `measure`.
+    """A preset by name (case-insensitive; `a100`, `h100` also accepted) or `measure`.
     `measure` under an initialised process group of W > 1 ranks (torchrun) also measures the
     all-reduce on it (`tp_group`, default the whole world): then every rank must call this."""
     if name.lower() == "measure":

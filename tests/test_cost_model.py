@@ -246,8 +246,9 @@ def test_best_gamma_from_measured_times():
 
 # ---- hardware -------------------------------------------------------------------------------------
 def test_profiles():
-    assert set(PROFILES) == {"A100-80G", "H100-SXM", "H200", "L40S"}
+    assert set(PROFILES) == {"A100-80G", "H100-SXM", "H200", "L40S", "L40"}
     assert get_profile("h100") is PROFILES["H100-SXM"] and get_profile("l40s") is PROFILES["L40S"]
+    assert get_profile("l40") is PROFILES["L40"]  # not the L40S: half its tensor-core rate
     assert PROFILES["H200"].mem_bandwidth == 4.8e12 and PROFILES["A100-80G"].matmul_flops == 312e12
     with pytest.raises(UserError, match="measure"):
         get_profile("tpu-v9")
