@@ -146,6 +146,27 @@ def write_tokenizer_json(hf_dir: Path, check_texts: Iterable[str] = ()) -> bool:
     return True
 
 
+def load_hf_model(hf_dir: Path, max_position_embeddings: Optional[int] = None) -> Transformer:
+    """The Hugging Face Llama in `hf_dir` as a float32 engine `Transformer` with trainable
+    parameters, read through the project's own converter (so training continues from exactly the
+    weights the engine serves). `max_position_embeddings` replaces the config's value."""
+    import dataclasses
+
+    from convert.convert_hf_checkpoint import convert_hf_checkpoint
+
+    from gpt_fast_magicdec.checkpoint import load_engine_checkpoint
+    from gpt_fast_magicdec.engine import model_from_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args, state_dict = load_engine_checkpoint(convert_hf_checkpoint(hf_dir, Path(tmp) / "engine"))
+    if max_position_embeddings is not None:
+        args = dataclasses.replace(args, max_position_embeddings=max_position_embeddings)
+    model = model_from_state_dict(args, state_dict, "cpu", torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train()
+
+
 def compare_with_transformers(hf_dir: Path, tokens: torch.Tensor) -> float:
     """Max |logit difference| between transformers' LlamaForCausalLM and the engine (both fp32,
     weights read from `hf_dir` and converted with the project's converter) on `tokens` [B, T]."""

@@ -6,9 +6,10 @@ Prompts are cut from a held-out book (never seen in training). For every prompt 
 prompts *end* at the same fixed positions of the book, so every length continues the same text
 and only the amount of context differs. Greedy decoding; for each length it runs plain decoding
 once, then self-speculation with the StreamingLLM view (sink + window) and the SnapKV view at
-each budget, and a full-KV standalone draft (the model as its own draft, budget -1: acceptance 1
-is the yardstick), for each gamma. It records the acceptance rate and the mean tokens emitted per
-round, and checks that every speculative output equals the plain greedy output token for token.
+each budget, and the standalone draft model (the bundled draft by default) with its full cache and
+with a StreamingLLM view of its own cache, for each gamma. It records the acceptance rate and the
+mean tokens emitted per round, and checks that every speculative output equals the plain greedy
+output token for token.
 
 Writes a JSON file with every run, a Markdown table (command, git commit, date, hardware) and a
 plot of acceptance against budget per prompt length."""
@@ -22,6 +23,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import click
 import torch
@@ -54,11 +56,27 @@ def cut_prompts(book_tokens: list[int], bos: int, lengths: list[int], batch: int
 
 
 def draft_label(r: dict) -> str:
-    if r["draft"] == "full":
-        if r.get("draft_model", "itself") == "itself":
-            return "standalone full-KV (yardstick)"
-        return f"standalone draft `{r['draft_model']}`, full KV"
+    if r.get("draft_model"):
+        view = "full KV" if r["draft"] == "full" else f"{r['draft']} {r['budget']}"
+        return f"standalone `{r['draft_model']}`, {view}"
     return f"self {r['draft']} {r['budget']}"
+
+
+def find(results: list[dict], L: int, draft: str, budget: int, gamma: int, model: bool = False) -> Optional[dict]:
+    return next((r for r in results if r["prompt_len"] == L and r["draft"] == draft and r["budget"] == budget
+                 and r["gamma"] == gamma and bool(r.get("draft_model")) == model), None)
+
+
+def headline(meta: dict, results: list[dict]) -> list[str]:
+    """The long-context claim in two numbers: self streaming 512, gamma 3, at the longest prompt,
+    and its drop from the shortest."""
+    lo, hi = min(meta["prompt_lens"]), max(meta["prompt_lens"])
+    a, b = find(results, lo, "streaming", 512, 3), find(results, hi, "streaming", 512, 3)
+    if a is None or b is None:
+        return []
+    return [f"Self-speculation, streaming budget 512, gamma 3: acceptance **{b['acceptance_rate']:.3f}** at "
+            f"{hi} tokens, a drop of **{a['acceptance_rate'] - b['acceptance_rate']:.3f}** from {lo} tokens "
+            f"({a['acceptance_rate']:.3f}).", ""]
 
 
 def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
@@ -67,7 +85,9 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
         "# Tiny model: MagicDec draft acceptance on held-out text",
         "",
         f"Model: the bundled tiny Llama (`gpt_fast_magicdec/tiny/model`, {meta['params'] / 1e6:.1f}M parameters, "
-        f"trained at context {meta['train_context']}). Text: held-out book {meta['book']['id']} "
+        f"trained at context {meta['train_context']})"
+        + (f"; standalone draft `{meta['draft_model']}` ({meta['draft_params'] / 1e6:.2f}M parameters)"
+           if meta["draft_model"] else "") + ". Text: held-out book {meta['book']['id']} "
         f"*{meta['book']['title']}* ({meta['book']['tokens']} tokens), never seen in training.",
         f"Batch of {meta['batch']} prompts per length, ending at the same {meta['batch']} positions of the book "
         f"for every length; greedy; {meta['new_tokens']} new tokens per prompt; streaming sink "
@@ -77,6 +97,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
         "token; the ceiling is gamma + 1). `*`: the budget covers the whole context, so the draft sees "
         "everything.",
         "",
+        *headline(meta, results),
         "| prompt | draft | " + " | ".join(f"gamma {g}" for g in gammas) + " |",
         "| ---: | --- | " + " | ".join("---:" for _ in gammas) + " |",
     ]
@@ -116,6 +137,23 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
     path.write_text("\n".join(lines))
 
 
+def by_length(ax, meta: dict, results: list[dict], gamma: int = 3) -> None:
+    """Last panel: acceptance against prompt length at one gamma, one line per draft."""
+    lines = [(kv, b, False) for kv in meta["kv"] for b in meta["budgets"]]
+    lines += [("full", -1, True), ("streaming", meta["draft_budget"], True)] if meta["draft_model"] else []
+    for kv, budget, model in lines:
+        pts = [(L, r["acceptance_rate"]) for L in meta["prompt_lens"]
+               if (r := find(results, L, kv, budget, gamma, model)) is not None]
+        if pts:
+            label = draft_label({"draft": kv, "budget": budget, "draft_model": "draft" if model else None})
+            ax.plot(*zip(*pts), "--" if model else "-", marker="o", ms=3.5, lw=1.2, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(meta["prompt_lens"], [str(L) for L in meta["prompt_lens"]])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_title(f"gamma {gamma}, by prompt length")
+    ax.grid(alpha=0.3)
+
+
 def plot(path: Path, meta: dict, results: list[dict]) -> None:
     import matplotlib
 
@@ -123,27 +161,31 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     lengths, gammas = meta["prompt_lens"], meta["gammas"]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths) + 1.6, 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(3.6 * (len(lengths) + 1) + 1.6, 3.8), sharey=True,
+                             squeeze=False)
     colors = plt.cm.viridis([i / max(1, len(gammas) - 1) * 0.85 for i in range(len(gammas))])
-    for ax, L in zip(axes[0], lengths):
+    for ax, L in zip(axes[0][:-1], lengths):
         for kv, style in (("streaming", "-o"), ("snapkv", "--s")):
             for g, c in zip(gammas, colors):
                 pts = sorted((r["budget"], r["acceptance_rate"]) for r in results
                              if r["prompt_len"] == L and r["draft"] == kv and r["gamma"] == g)
                 if pts:
                     ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
-        full = [r["acceptance_rate"] for r in results if r["prompt_len"] == L and r["draft"] == "full"]
-        if full:
-            ax.axhline(min(full), color="gray", ls=":", lw=1,
-                       label=f"full-KV draft ({meta.get('draft_model', 'itself')})")
+        for kv, style in (("full", ":"), ("streaming", "-.")):
+            r = find(results, L, kv, -1 if kv == "full" else meta["draft_budget"], 3, model=True)
+            if r is not None:
+                ax.axhline(r["acceptance_rate"], color="gray", ls=style, lw=1.2,
+                           label=f"standalone draft, {draft_label(r).split(', ')[1]}, gamma 3")
         ax.set_xscale("log", base=2)
         ax.set_xticks(meta["budgets"], [str(b) for b in meta["budgets"]])
         ax.set_title(f"prompt {L} tokens")
         ax.set_xlabel("draft KV budget (tokens)")
         ax.grid(alpha=0.3)
+    by_length(axes[0][-1], meta, results)
     lowest = min([r["acceptance_rate"] for r in results] + [1.0])
-    axes[0][0].set_ylim(max(0.0, min(0.9, lowest) - 0.05), 1.01)
+    axes[0][0].set_ylim(max(0.0, min(0.9, lowest) - 0.05), 1.01)  # standalone-draft rows set the floor
     axes[0][0].set_ylabel("acceptance rate")
+    axes[0][-2].legend(fontsize=7, loc="lower left")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"tiny model, held-out book {meta['book']['id']}, greedy, batch {meta['batch']}, "
                  f"{meta['new_tokens']} new tokens (CPU)", fontsize=10)
@@ -160,7 +202,7 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
                    "the repository root.")
 @click.option("--book", type=int, default=VALIDATION_BOOK_IDS[0],
               help=f"Held-out book id to cut prompts from (one of {VALIDATION_BOOK_IDS}).")
-@click.option("--prompt-lens", default="512,1024,2048", help="Prompt lengths in tokens (<s> included).")
+@click.option("--prompt-lens", default="1024,2048,4096,8192", help="Prompt lengths in tokens (<s> included).")
 @click.option("--budgets", default="128,256,512", help="Draft KV budgets (keys the draft reads per query).")
 @click.option("--kv", "kv_kinds", default="streaming,snapkv",
               help=f"Self-speculation KV selection policies to measure ({policy_help(SPARSE_POLICIES)}).")
@@ -168,31 +210,32 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
 @click.option("--sink", type=int, default=16, help="StreamingLLM attention-sink tokens.")
 @click.option("--batch", type=int, default=8, help="Prompts per length (one batch).")
 @click.option("--new-tokens", type=int, default=64, help="Tokens generated per prompt.")
-@click.option("--full-draft/--no-full-draft", default=True,
-              help="Also run the full-KV standalone draft (budget -1): the target as its own draft, or "
-                   "--draft-checkpoint.")
-@click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Standalone draft for the full-KV runs ('bundled-draft': the bundled tiny draft model). "
-                   "Default: the target itself (acceptance 1, the yardstick).")
+@click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=Path("bundled-draft"),
+              help="Standalone draft model to measure beside self-speculation ('bundled-draft': the bundled "
+                   "tiny draft), with its full cache and with a --draft-budget streaming view of it.")
+@click.option("--draft-budget", type=int, default=512,
+              help="Keys the standalone draft reads through its streaming view (sink --sink).")
+@click.option("--standalone/--no-standalone", default=True, help="Measure the standalone draft model at all.")
 @click.option("--threads", type=int, default=1, help="torch.set_num_threads.")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path),
               default=Path("benchmarks/tiny_model_acceptance"),
               help="Output prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
-def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
-         draft_checkpoint, threads, out_prefix):
+def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink, batch, new_tokens,
+         draft_checkpoint, draft_budget, standalone, threads, out_prefix):
     """Acceptance rate of MagicDec drafts (streaming / SnapKV self-speculation, full-KV standalone
-    draft) for the bundled tiny model on held-out text, at several prompt lengths, budgets and gammas."""
+    draft, full and sparse) for the bundled tiny model on held-out text, at several prompt lengths,
+    budgets and gammas."""
     try:
         run(checkpoint, corpus, book, _ints(prompt_lens), _ints(budgets),
             [k.strip() for k in kv_kinds.split(",") if k.strip()], _ints(gammas), sink, batch, new_tokens,
-            full_draft, threads, out_prefix, draft_checkpoint)
+            draft_checkpoint if standalone else None, draft_budget, threads, out_prefix)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
 
-def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens, full_draft,
-        threads, out_prefix, draft_checkpoint=None) -> dict:
+def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens,
+        draft_checkpoint, draft_budget, threads, out_prefix) -> dict:
     t0 = time.perf_counter()
     unknown = [k for k in kv_kinds if k not in SPARSE_POLICIES]
     if unknown:
@@ -217,17 +260,17 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
     # Separate model objects: each engine attaches its own KV caches to the layers it runs.
     target = load_model(checkpoint, "cpu", torch.float32)
     self_engine = Engine(target)
-    full_engine, draft_model_name = None, "itself"
-    if full_draft:
+    model_engine, draft_model_name, draft_params = None, None, 0
+    if draft_checkpoint is not None:
         from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
         from gpt_fast_magicdec.tokenizer import check_same_tokenizer
 
-        draft_ckpt = resolve_draft_checkpoint(draft_checkpoint) or checkpoint
-        if draft_checkpoint is not None:
-            check_same_tokenizer(tok, load_tokenizer(draft_ckpt), draft_ckpt)
-            draft_model_name = str(draft_checkpoint)
-        full_engine = Engine(load_model(checkpoint, "cpu", torch.float32),
-                             draft_model=load_model(draft_ckpt, "cpu", torch.float32))
+        draft_ckpt = resolve_draft_checkpoint(draft_checkpoint)
+        check_same_tokenizer(tok, load_tokenizer(draft_ckpt), draft_ckpt)
+        draft_model_name = str(draft_checkpoint)
+        draft = load_model(draft_ckpt, "cpu", torch.float32)
+        draft_params = sum(p.numel() for p in draft.parameters())
+        model_engine = Engine(load_model(checkpoint, "cpu", torch.float32), draft_model=draft)
     results = []
 
     def record(L, draft_name, budget, cfg, engine, reference):
@@ -244,7 +287,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
              "budget_covers_context": budget >= L + new_tokens,
              "matches_greedy": out.tokens == reference, "seconds": round(time.perf_counter() - t, 2)}
         results.append(r)
-        click.echo(f"prompt {L:5d}  {draft_name:9s} budget {budget:5d} gamma {cfg.gamma}: acceptance "
+        click.echo(f"prompt {L:5d}  {'model ' if cfg.kind == 'model' else 'self '}{draft_name:9s} budget {budget:5d} gamma {cfg.gamma}: acceptance "
                    f"{r['acceptance_rate']:.3f}, {r['mean_accepted_per_round']:.2f} tokens/round"
                    f"{'' if r['matches_greedy'] else '  (OUTPUT DIFFERS FROM GREEDY)'} [{r['seconds']:.1f}s]",
                    err=True)
@@ -256,9 +299,11 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
                 for g in gammas:
                     cfg = DraftConfig(kind="self", kv=kv, budget=budget, sink=sink, gamma=g)
                     record(L, kv, budget, cfg, self_engine, reference)
-        if full_engine is not None:
+        if model_engine is not None:
             for g in gammas:
-                record(L, "full", -1, DraftConfig(kind="model", kv="full", gamma=g), full_engine, reference)
+                record(L, "full", -1, DraftConfig(kind="model", kv="full", gamma=g), model_engine, reference)
+                cfg = DraftConfig(kind="model", kv="streaming", budget=draft_budget, sink=sink, gamma=g)
+                record(L, "streaming", draft_budget, cfg, model_engine, reference)
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +317,8 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
         "params": sum(p.numel() for p in target.parameters()), "train_context": train_context,
         "book": {"id": book["id"], "title": book["title"], "tokens": len(book_tokens)},
         "prompt_lens": lengths, "budgets": budgets, "kv": kv_kinds, "gammas": gammas, "sink": sink,
-        "batch": batch, "new_tokens": new_tokens, "draft_model": draft_model_name, "plot": str(out_prefix.with_suffix(".png")),
+        "batch": batch, "new_tokens": new_tokens, "draft_model": draft_model_name, "draft_params": draft_params,
+        "draft_budget": draft_budget, "plot": str(out_prefix.with_suffix(".png")),
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
     report = {"meta": meta, "results": results}

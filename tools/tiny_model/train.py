@@ -16,6 +16,7 @@ logged, and re-running with `--steps N` and the same seed repeats the run exactl
 build and thread count)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -24,6 +25,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 import torch
@@ -34,7 +36,7 @@ from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.model import Transformer
 from .corpus import (BOS_ID, DEFAULT_CORPUS, EOS_ID, read_books, repo_root,
                      split_books, tokenizer_sample, train_tokenizer)
-from .export import export_hf
+from .export import export_hf, load_hf_model
 
 FINAL_RESERVE_S = 30.0  # time kept back for the final evaluation, plot and export, on top of its estimate
 SAFETY = 0.88  # fraction of the remaining time the step count is planned to fill (the CPU is shared)
@@ -74,6 +76,12 @@ def validation_windows(books: list[torch.Tensor], per_book: int, seq_len: int) -
     return torch.stack(rows)
 
 
+def copy_unless_same(src: Path, dst: Path) -> None:
+    """Copy a tokenizer file, doing nothing when a model is continued in place (src is dst)."""
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+
+
 # ---- model ----------------------------------------------------------------------------------------
 def init_weights(model: Transformer, std: float = 0.02) -> None:
     """GPT-2 style: N(0, std) matrices, residual-output projections scaled by 1/sqrt(2 n_layers),
@@ -103,10 +111,20 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch: int = 2) -> float
     return total / count
 
 
-def train_step_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+def train_step_loss(model: Transformer, batch: torch.Tensor, teacher: Optional[Transformer] = None,
+                    distill_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the plain next-token cross-entropy). With a `teacher` the loss mixes
+    cross-entropy against the teacher's next-token distribution (weight `distill_weight`; forward
+    KL plus the teacher's entropy, a constant) with cross-entropy against the text: a draft that
+    imitates its target's distribution proposes what the target accepts."""
     inputs, targets = with_bos(batch)
-    logits = model(inputs)  # [B, L, V]
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    logits = model(inputs).flatten(0, 1)  # [B * L, V]
+    ce = F.cross_entropy(logits, targets.flatten())
+    if teacher is None:
+        return ce, ce
+    with torch.no_grad():
+        soft = torch.softmax(teacher(inputs).flatten(0, 1), dim=-1)
+    return distill_weight * F.cross_entropy(logits, soft) + (1 - distill_weight) * ce, ce
 
 
 def parse_curriculum(spec: str, context: int) -> list[tuple[int, float]]:
@@ -158,13 +176,16 @@ def plot_losses(log: dict, path: Path) -> None:
     va = log["val_history"]
     ax.plot([t / 1e6 for t in va["tokens"]], va["loss"], "o-", color="tab:red", ms=3.5,
             label=f"validation, held-out books {', '.join(str(b['id']) for b in log['validation_books'])} "
-                  f"@ {log['config']['context']} tokens")
+                  f"@ {log['config'].get('val_context', log['config']['context'])} tokens")
     for start, seq in zip(log["phase_start_tokens"], log["config"]["curriculum_seq_lens"]):
         ax.axvline(start / 1e6, color="gray", ls=":", lw=0.8)
         ax.text(start / 1e6, ax.get_ylim()[1], f" ctx {seq}", va="top", fontsize=8, color="gray")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(f"tiny Llama ({log['params']['total'] / 1e6:.1f}M params), {log['hardware']}")
+    cfg = log["config"]
+    stage = "".join([f", continued from {cfg['init_from']}/" if cfg.get("init_from") else "",
+                     f", distilled from {cfg['distill_from']}/" if cfg.get("distill_from") else ""])
+    ax.set_title(f"tiny Llama ({log['params']['total'] / 1e6:.1f}M params){stage}, {log['hardware']}", fontsize=9)
     ax.set_ylim(top=min(ax.get_ylim()[1], max(smooth[min(len(smooth) - 1, 5):] + va["loss"][1:] or [10]) + 0.5))
     ax.legend(loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
@@ -196,6 +217,17 @@ def plot_losses(log: dict, path: Path) -> None:
                    "tokenizer.json and tokenizer_config.json are copied) instead of training one: a "
                    "draft model must produce the same token ids as its target. --vocab-size and "
                    "--tokenizer-sample-mb are then ignored.")
+@click.option("--init-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Continue training the Hugging Face model in this directory (its weights, shape and "
+                   "tokenizer) instead of starting from random weights: the model-shape options, "
+                   "--tie-embeddings and --tokenizer-from are then ignored. Used to extend a model's "
+                   "context with a longer curriculum.")
+@click.option("--distill-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Teacher model (Hugging Face directory with the same tokenizer): train against its "
+                   "next-token distribution as well as the text (see --distill-weight). For a draft "
+                   "model, the teacher is its target.")
+@click.option("--distill-weight", type=click.FloatRange(0.0, 1.0), default=1.0,
+              help="With --distill-from: weight of the teacher term; the text cross-entropy gets 1 minus it.")
 @click.option("--name", default="gpt-fast-magicdec-tiny",
               help="Model name written to config.json (_name_or_path); the engine names converted "
                    "checkpoints after it.")
@@ -208,6 +240,8 @@ def plot_losses(log: dict, path: Path) -> None:
 @click.option("--intermediate-size", type=int, default=704, help="SwiGLU hidden width.")
 @click.option("--rope-base", type=float, default=10000.0, help="RoPE theta.")
 @click.option("--context", type=int, default=2048, help="Training context of the last curriculum phase.")
+@click.option("--val-context", type=int, default=0,
+              help="Length of the held-out validation windows; 0 = --context.")
 @click.option("--max-position-embeddings", type=int, default=4096,
               help="Written to config.json: the longest sequence the engine will accept. Positions past "
                    "--context were never trained on.")
@@ -231,9 +265,9 @@ def plot_losses(log: dict, path: Path) -> None:
 @click.option("--check-hf/--no-check-hf", default=True,
               help="After export, check transformers' LlamaForCausalLM loads it and matches the engine's "
                    "logits (skipped when transformers is not installed).")
-def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, name,
-        tie_embeddings, dim, n_layers,
-         n_heads, n_kv_heads, intermediate_size, rope_base, context, max_position_embeddings, curriculum,
+def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, init_from,
+         distill_from, distill_weight, name, tie_embeddings, dim, n_layers,
+         n_heads, n_kv_heads, intermediate_size, rope_base, context, val_context, max_position_embeddings, curriculum,
          tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
          final_val_windows, save_dtype, log_every, check_hf):
     """Train the bundled tiny Llama (a SentencePiece tokenizer and the engine's own Transformer) on
@@ -248,9 +282,9 @@ def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_s
         sys.exit(1)
 
 
-def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, name,
-        tie_embeddings, dim, n_layers,
-        n_heads, n_kv_heads, intermediate_size, rope_base, context, max_position_embeddings, curriculum,
+def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, init_from,
+        distill_from, distill_weight, name, tie_embeddings, dim, n_layers,
+        n_heads, n_kv_heads, intermediate_size, rope_base, context, val_context, max_position_embeddings, curriculum,
         tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
         final_val_windows, save_dtype, log_every, check_hf) -> dict:
     import sentencepiece as spm
@@ -259,6 +293,12 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
     deadline = t0 + minutes * 60
     torch.set_num_threads(threads)
     phases = parse_curriculum(curriculum, context)
+    val_context = val_context or context
+    # a draft copies its target's tokenizer_config.json; a continued model writes its own (the
+    # context it now handles is its model_max_length)
+    copy_tokenizer_config = tokenizer_from is not None
+    if init_from is not None:
+        tokenizer_from = tokenizer_from or init_from
     if max_position_embeddings < context:
         raise UserError("--max-position-embeddings must be at least --context")
     corpus = Path(corpus) if corpus is not None else repo_root() / DEFAULT_CORPUS
@@ -275,7 +315,7 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         if not src.is_file():
             raise UserError(f"--tokenizer-from: no tokenizer.model in {tokenizer_from}")
         lines = []
-        (out_dir / "tokenizer.model").write_bytes(src.read_bytes())
+        copy_unless_same(src, out_dir / "tokenizer.model")
         sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
         vocab_size = sp.vocab_size()
         say(f"tokenizer: {sp.vocab_size()} pieces, reused from {src}")
@@ -293,14 +333,26 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         f"{chars_per_token:.2f} characters/token)")
 
     # 2. model
-    args = ModelArgs(name=name, vocab_size=sp.vocab_size(), dim=dim, n_layers=n_layers,
-                     n_heads=n_heads, n_kv_heads=n_kv_heads, intermediate_size=intermediate_size,
-                     norm_eps=1e-5, rope_base=rope_base, max_position_embeddings=max_position_embeddings,
-                     bos_id=BOS_ID, eos_ids=(EOS_ID,), tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
-    model = Transformer(args)
-    init_weights(model)
+    if init_from is not None:
+        model = load_hf_model(init_from, max_position_embeddings)
+        model.args = args = dataclasses.replace(model.args, name=name)
+        say(f"continuing from {init_from} (max_position_embeddings {max_position_embeddings})")
+    else:
+        args = ModelArgs(name=name, vocab_size=sp.vocab_size(), dim=dim, n_layers=n_layers,
+                         n_heads=n_heads, n_kv_heads=n_kv_heads, intermediate_size=intermediate_size,
+                         norm_eps=1e-5, rope_base=rope_base, max_position_embeddings=max_position_embeddings,
+                         bos_id=BOS_ID, eos_ids=(EOS_ID,), tie_word_embeddings=tie_embeddings)
+        model = Transformer(args)
+        init_weights(model)
     model.train()
+    teacher = None
+    if distill_from is not None:
+        teacher = load_hf_model(distill_from).eval().requires_grad_(False)
+        if teacher.args.vocab_size != args.vocab_size:
+            raise UserError(f"--distill-from {distill_from}: vocabulary {teacher.args.vocab_size} is not "
+                            f"the model's {args.vocab_size}")
+        say(f"distilling from {distill_from} (weight {distill_weight})")
     n_params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
     n_embed = model.tok_embeddings.weight.numel()
     say(f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the embedding)")
@@ -308,8 +360,8 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    val_w = validation_windows(val_tokens, val_windows, context)
-    final_w = validation_windows(val_tokens, final_val_windows, context)
+    val_w = validation_windows(val_tokens, val_windows, val_context)
+    final_w = validation_windows(val_tokens, final_val_windows, val_context)
 
     # 3. the first evaluation, timed; then time one step per phase and plan the step count
     t = time.perf_counter()
@@ -325,7 +377,7 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             for _ in range(2):
                 x = torch.randint(0, args.vocab_size, (batch, seq), generator=probe, dtype=torch.int16)
                 t = time.perf_counter()
-                train_step_loss(model, x).backward()
+                train_step_loss(model, x, teacher, distill_weight)[0].backward()
                 times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
             step_s.append(min(times) * 1.05)  # + the optimizer step
@@ -356,10 +408,10 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         batch = max(1, tokens_per_step // seq)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
-        loss = train_step_loss(model, sample_batch(train_tokens, batch, seq, gen))
+        objective, ce = train_step_loss(model, sample_batch(train_tokens, batch, seq, gen), teacher, distill_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        loss = loss.item()
+        objective.backward()
+        loss = ce.item()  # logged: the text cross-entropy, comparable with the validation loss
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         tokens_seen += batch * seq
@@ -406,7 +458,11 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         "params": {"total": n_params, "without_embedding": n_params - n_embed},
         "model_args": args.to_dict(),
         "config": {
-            "context": context, "curriculum_seq_lens": [s for s, _ in phases],
+            "context": context, "val_context": val_context,
+            "init_from": None if init_from is None else Path(init_from).name,
+            "distill_from": None if distill_from is None else Path(distill_from).name,
+            "distill_weight": None if distill_from is None else distill_weight,
+            "curriculum_seq_lens": [s for s, _ in phases],
             "curriculum_fractions": [f for _, f in phases], "tokens_per_step": tokens_per_step,
             "lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
             "betas": [0.9, 0.95], "grad_clip": grad_clip, "schedule": "linear warmup + cosine",
@@ -443,14 +499,15 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             log["hf_max_abs_logit_diff"] = diff
             say(f"transformers LlamaForCausalLM vs engine: max |logit diff| {diff:.2e}")
             if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer.json").is_file():
-                shutil.copyfile(Path(tokenizer_from) / "tokenizer.json", out_dir / "tokenizer.json")
+                copy_unless_same(Path(tokenizer_from) / "tokenizer.json", out_dir / "tokenizer.json")
                 log["tokenizer_json"] = True
             else:
                 log["tokenizer_json"] = write_tokenizer_json(out_dir, [b["text"] for b in val_books])
             say("tokenizer.json " + ("written: encodes the held-out books exactly as tokenizer.model"
                                      if log["tokenizer_json"] else "NOT written: it disagreed with tokenizer.model"))
-    if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").is_file():
-        shutil.copyfile(Path(tokenizer_from) / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    if copy_tokenizer_config and (Path(tokenizer_from) / "tokenizer_config.json").is_file():
+        # byte-for-byte, so a draft's tokenizer fingerprint equals its target's
+        copy_unless_same(Path(tokenizer_from) / "tokenizer_config.json", out_dir / "tokenizer_config.json")
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     plot_losses(log, out_dir / "loss_curve.png")
     say(f"wrote {out_dir} ({sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20:.1f} MiB)")

@@ -1,0 +1,116 @@
+"""The bundled models' training and measurement tools (tools/tiny_model): continuing a model
+(`--init-from`, how the 8K target was made) and distilling a draft from a target (`--distill-from`,
+how the bundled draft was made) run end to end on a toy corpus and write loadable Hugging Face
+directories with the right config and tokenizer files; the loss-by-position and acceptance helpers
+compute what they say."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_fast_magicdec.tiny import bundled_draft_hf_dir, bundled_hf_dir
+from tools.tiny_model import measure_acceptance, position_loss, train
+from tools.tiny_model.export import load_hf_model
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A JSONL corpus in the real one's format: the two held-out book ids and two training books."""
+    long_text = (DATA / "long_passage.txt").read_text(encoding="utf-8")
+    short_text = (DATA / "tiny_passage.txt").read_text(encoding="utf-8")
+    books = [(84, "held out 1", long_text[:6000]), (2852, "held out 2", long_text[6000:12000]),
+             (1, "train 1", long_text[12000:] + short_text), (2, "train 2", short_text * 3)]
+    path = tmp_path_factory.mktemp("corpus") / "books.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "title": t, "text": x}) + "\n" for i, t, x in books))
+    return path
+
+
+def run_train(corpus, out, **extra):
+    args = dict(corpus=corpus, out_dir=out, minutes=5.0, seed=0, steps=2, threads=1, vocab_size=4096,
+                tokenizer_sample_mb=1.0, tokenizer_from=None, init_from=None, distill_from=None,
+                distill_weight=1.0, name="test-model", tie_embeddings=False, dim=256, n_layers=6, n_heads=8,
+                n_kv_heads=2, intermediate_size=704, rope_base=10000.0, context=128, val_context=0,
+                max_position_embeddings=16384, curriculum="64:0.5,128:0.5", tokens_per_step=256, lr=1e-3,
+                min_lr_ratio=0.1, warmup_steps=1, weight_decay=0.1, grad_clip=1.0, evals=1, val_windows=1,
+                final_val_windows=1, save_dtype="bfloat16", log_every=1, check_hf=False)
+    args.update(extra)
+    return train.run(**args)
+
+
+def test_continue_a_model_with_a_longer_context(corpus, tmp_path):
+    out = tmp_path / "continued"
+    log = run_train(corpus, out, init_from=bundled_hf_dir(), val_context=96)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hidden_size"] == 256 and cfg["max_position_embeddings"] == 16384  # the shape is the source's
+    assert cfg["_name_or_path"] == "test-model"
+    # a continued model writes its own tokenizer_config (model_max_length follows the new context)
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16384
+    assert (out / "tokenizer.model").read_bytes() == (bundled_hf_dir() / "tokenizer.model").read_bytes()
+    assert log["config"]["init_from"] == "model" and log["config"]["val_context"] == 96
+    assert log["steps"] == 2 and log["final_val_tokens"] == 2 * 96
+    source = load_hf_model(bundled_hf_dir())
+    continued = load_hf_model(out)
+    moved = [n for n, p in continued.named_parameters() if not torch.equal(p, source.state_dict()[n])]
+    assert moved, "two optimizer steps must change the weights"
+
+
+def test_distill_a_draft_from_its_target(corpus, tmp_path):
+    out = tmp_path / "draft"
+    log = run_train(corpus, out, init_from=bundled_draft_hf_dir(), tokenizer_from=bundled_hf_dir(),
+                    distill_from=bundled_hf_dir(), name="test-draft")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hidden_size"] == 128 and cfg["tie_word_embeddings"] is True
+    # a draft copies its target's tokenizer_config byte for byte (tokenizer fingerprints must match)
+    assert (out / "tokenizer_config.json").read_bytes() == (bundled_hf_dir() / "tokenizer_config.json").read_bytes()
+    assert log["config"]["distill_from"] == "model" and log["config"]["distill_weight"] == 1.0
+
+
+def test_distillation_loss_is_cross_entropy_against_the_teacher():
+    torch.manual_seed(0)
+    student, teacher = load_hf_model(bundled_draft_hf_dir()), load_hf_model(bundled_hf_dir()).eval()
+    batch = torch.randint(3, 4096, (1, 16), dtype=torch.int16)
+    loss, ce = train.train_step_loss(student, batch, teacher, distill_weight=1.0)
+    inputs, targets = train.with_bos(batch)
+    with torch.no_grad():
+        p = torch.softmax(teacher(inputs)[0], -1)
+        log_q = torch.log_softmax(student(inputs)[0], -1)
+        plain = torch.nn.functional.cross_entropy(student(inputs)[0], targets[0])
+    assert torch.allclose(loss, -(p * log_q).sum(-1).mean(), atol=1e-5)
+    assert torch.allclose(ce, plain, atol=1e-5)
+    mixed, _ = train.train_step_loss(student, batch, teacher, distill_weight=0.25)
+    assert torch.allclose(mixed, 0.25 * loss + 0.75 * ce, atol=1e-5)
+    alone, ce_alone = train.train_step_loss(student, batch)
+    assert torch.equal(alone, ce_alone)
+
+
+def test_loss_by_position_bins():
+    per_position = torch.arange(8, dtype=torch.float64)
+    assert position_loss.binned(per_position, 4) == [1.5, 5.5]
+    assert position_loss.binned(per_position, 3) == [1.0, 4.0]  # a partial last bin is dropped
+
+
+def test_acceptance_prompts_end_at_the_same_positions():
+    book = list(range(100, 400))
+    prompts = measure_acceptance.cut_prompts(book, 1, [16, 32], batch=3, new_tokens=8)
+    for short, long in zip(prompts[16], prompts[32]):
+        assert short[0] == long[0] == 1 and len(short) == 16 and len(long) == 32
+        assert short[-1] == long[-1] and short[1:] == long[-15:]
+
+
+def test_acceptance_headline_reads_the_long_context_rows():
+    rows = [{"prompt_len": L, "draft": "streaming", "budget": 512, "gamma": 3, "draft_model": None,
+             "acceptance_rate": a} for L, a in ((1024, 0.9), (8192, 0.82))]
+    rows.append({"prompt_len": 8192, "draft": "streaming", "budget": 512, "gamma": 3, "draft_model": "d",
+                 "acceptance_rate": 0.5})  # the standalone draft's row must not be picked
+    text = measure_acceptance.headline({"prompt_lens": [1024, 8192]}, rows)[0]
+    assert "**0.820** at 8192 tokens" in text and "a drop of **0.080** from 1024 tokens" in text
+
+
+def test_held_out_windows_overlap_by_the_stride(corpus):
+    half = position_loss.held_out_windows(bundled_hf_dir(), corpus, 64, 32)
+    whole = position_loss.held_out_windows(bundled_hf_dir(), corpus, 64, 64)
+    assert half.shape[1] == whole.shape[1] == 64 and len(half) >= 2 * len(whole) - 2
+    assert torch.equal(half[2], whole[1])  # both start at token 64 of the first held-out book
