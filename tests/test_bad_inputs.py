@@ -144,8 +144,18 @@ def test_default_command_speculates_and_gamma_0_does_not(ckpts, tmp_path):
 
 
 def test_headline_command_speculates_on_the_bundled_model(tmp_path, monkeypatch):
-    """`python generate.py --prompt-file tests/data/tiny_passage.txt --compare` (the README quick
-    start, shortened): self-speculation with the clipped budget, lossless."""
+    """`python generate.py --prompt-file tests/data/long_passage.txt --compare` (the README quick
+    start, shortened): self-speculation with the default 512-key streaming view over ~5K tokens,
+    lossless."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    out = run_ok("--prompt-file", ROOT / "tests" / "data" / "long_passage.txt", "--max-new-tokens", 8, "--compare",
+                 "--no-progress")
+    assert "== draft: self, streaming, budget 512 (window 496), gamma 3" in out, out
+    assert "greedy outputs identical: yes" in out and "speculation: gamma 3" in out
+
+
+def test_short_prompt_speculates_with_a_clipped_budget(tmp_path, monkeypatch):
+    """The same command on a 609-token prompt: the default budget is clipped to a quarter of it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     out = run_ok("--prompt-file", ROOT / "tests" / "data" / "tiny_passage.txt", "--max-new-tokens", 8, "--compare",
                  "--no-progress")

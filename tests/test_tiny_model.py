@@ -18,8 +18,10 @@ NEW_TOKENS = 48
 GAMMA = 3
 # Streaming view, budget 128 (sink 16 + window 112) over a ~600-token prompt. The acceptance this
 # test measures on the bundled model is MEASURED_ACCEPTANCE (greedy, this passage); the threshold
-# leaves a margin for other CPUs / torch builds changing a near-tie argmax here and there.
-MEASURED_ACCEPTANCE = 0.778  # 28 of 36 drafts (CPU, torch 2.13, float32)
+# leaves a margin for other CPUs / torch builds changing a near-tie argmax here and there. (On this
+# short passage the 8K model's greedy continuation settles into a repeated phrase that the window
+# holds, hence 1.0; tests/test_tiny_long_context.py pins acceptance on 4K+ prompts, where it is not.)
+MEASURED_ACCEPTANCE = 1.0  # 36 of 36 drafts (CPU, torch 2.13, float32)
 MIN_ACCEPTANCE = 0.6
 
 
