@@ -114,3 +114,16 @@ def test_held_out_windows_overlap_by_the_stride(corpus):
     whole = position_loss.held_out_windows(bundled_hf_dir(), corpus, 64, 64)
     assert half.shape[1] == whole.shape[1] == 64 and len(half) >= 2 * len(whole) - 2
     assert torch.equal(half[2], whole[1])  # both start at token 64 of the first held-out book
+
+
+def test_acceptance_markdown_names_the_book_and_the_draft(tmp_path):
+    meta = {"params": 6.3e6, "train_context": 8448, "draft_model": "bundled-draft", "draft_params": 1.2e6,
+            "book": {"id": 84, "title": "Frankenstein", "tokens": 1000}, "batch": 2, "new_tokens": 8, "sink": 16,
+            "gammas": [3], "prompt_lens": [1024, 8192], "plot": "acc.png", "command": "cmd", "git_commit": "abc",
+            "date": "today", "cpu": "x86_64", "threads": 1, "torch": "2.x", "wall_time_s": 60}
+    rows = [{"prompt_len": 1024, "draft": "full", "budget": -1, "gamma": 3, "draft_model": "bundled-draft",
+             "acceptance_rate": 0.6, "mean_accepted_per_round": 2.5, "matches_greedy": True}]
+    measure_acceptance.write_markdown(tmp_path / "acc.md", meta, rows)
+    text = (tmp_path / "acc.md").read_text()
+    assert "held-out book 84 *Frankenstein*" in text and "standalone draft `bundled-draft` (1.20M" in text
+    assert "| 1024 | standalone `bundled-draft`, full KV | **0.600** / 2.50 |" in text

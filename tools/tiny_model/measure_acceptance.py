@@ -87,7 +87,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
         f"Model: the bundled tiny Llama (`gpt_fast_magicdec/tiny/model`, {meta['params'] / 1e6:.1f}M parameters, "
         f"trained at context {meta['train_context']})"
         + (f"; standalone draft `{meta['draft_model']}` ({meta['draft_params'] / 1e6:.2f}M parameters)"
-           if meta["draft_model"] else "") + ". Text: held-out book {meta['book']['id']} "
+           if meta["draft_model"] else "") + f". Text: held-out book {meta['book']['id']} "
         f"*{meta['book']['title']}* ({meta['book']['tokens']} tokens), never seen in training.",
         f"Batch of {meta['batch']} prompts per length, ending at the same {meta['batch']} positions of the book "
         f"for every length; greedy; {meta['new_tokens']} new tokens per prompt; streaming sink "
@@ -161,14 +161,14 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     lengths, gammas = meta["prompt_lens"], meta["gammas"]
-    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(3.6 * (len(lengths) + 1) + 1.6, 3.8), sharey=True,
+    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(3.6 * (len(lengths) + 1) + 1.6, 4.5), sharey=True,
                              squeeze=False)
     colors = plt.cm.viridis([i / max(1, len(gammas) - 1) * 0.85 for i in range(len(gammas))])
     for ax, L in zip(axes[0][:-1], lengths):
         for kv, style in (("streaming", "-o"), ("snapkv", "--s")):
             for g, c in zip(gammas, colors):
                 pts = sorted((r["budget"], r["acceptance_rate"]) for r in results
-                             if r["prompt_len"] == L and r["draft"] == kv and r["gamma"] == g)
+                             if r["prompt_len"] == L and r["draft"] == kv and r["gamma"] == g and not r.get("draft_model"))
                 if pts:
                     ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
         for kv, style in (("full", ":"), ("streaming", "-.")):
@@ -185,11 +185,12 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
     lowest = min([r["acceptance_rate"] for r in results] + [1.0])
     axes[0][0].set_ylim(max(0.0, min(0.9, lowest) - 0.05), 1.01)  # standalone-draft rows set the floor
     axes[0][0].set_ylabel("acceptance rate")
-    axes[0][-2].legend(fontsize=7, loc="lower left")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"tiny model, held-out book {meta['book']['id']}, greedy, batch {meta['batch']}, "
                  f"{meta['new_tokens']} new tokens (CPU)", fontsize=10)
     fig.tight_layout()
+    fig.subplots_adjust(bottom=0.24)  # room for the budget panels' legend, below them
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
