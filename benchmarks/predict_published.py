@@ -38,7 +38,6 @@ BUDGET = 256  # StreamingLLM budget: "budget=256 ... on 8xA100" (blog, Figure 3 
 BUDGET_V5_STREAMING = 512  # v5 Table 1 caption: "StreamingLLM budget for the draft model is 512"
 BUDGET_V5_SNAPKV = 2049  # v5 section 5.2: the best SnapKV budget (Tables 2, 4, 6 do not state one)
 
-HARDWARE = PROFILES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +70,7 @@ class Published:
 class Setup:
     """One published table (or part of one) on one machine."""
     title: str
-    hardware: str  # key of HARDWARE
+    hardware: str  # key of cost_model.PROFILES
     gpus: int  # = TP: target and draft both on all ranks, as MagicDec runs them
     rows: list
 
@@ -226,7 +225,7 @@ def _draft_name(p: Published) -> str:
 
 def table(setup: Setup, out: list) -> list[str]:
     """Markdown rows for one setup; appends each row's numbers to `out`."""
-    hw = HARDWARE[setup.hardware]
+    hw = PROFILES[setup.hardware]
     lines = [f"### {setup.title}", "",
              "| source | target | draft (KV budget) | prefill | batch | gamma | alpha used | published | old model | "
              "+ split roofline | + all-reduce & launches | residual | T_T ms | fixed share of T_T | T_V/T_T | "
@@ -360,7 +359,7 @@ def _median_abs(xs) -> float:
 
 def budget_sensitivity(rows: list[dict], budget: int) -> list[float]:
     """Relative change of the full model's speedup for `rows` were their draft budget `budget`."""
-    return [row(dataclasses.replace(r["p"], budget=budget), HARDWARE[r["hw"]], r["tp"])["new"] / r["new"] - 1
+    return [row(dataclasses.replace(r["p"], budget=budget), PROFILES[r["hw"]], r["tp"])["new"] / r["new"] - 1
             for r in rows]
 
 

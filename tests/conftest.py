@@ -6,7 +6,9 @@ here, before any test module imports triton. `--attention auto` still picks the 
 on CPU; only tests that ask for the kernels run them.
 """
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,3 +17,27 @@ if not torch.cuda.is_available():
 # fp32 output on CPU; on a CUDA machine they would otherwise default to bf16 with compile and graphs.
 # A test that names --device still gets that device; the GPU-only tests build their models directly.
 os.environ.setdefault("GPT_FAST_MAGICDEC_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def bundled_checkpoints(tmp_path_factory):
+    """(target, draft): the bundled tiny models converted once per session into a fresh user cache
+    ($XDG_CACHE_HOME), checking where they land and that a second use reuses the conversion."""
+    from gpt_fast_magicdec.tiny import (BUNDLED_DRAFT_NAME, bundled_checkpoint, bundled_draft_checkpoint,
+                                        resolve_draft_checkpoint)
+
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    converted = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        for convert, prefix in ((bundled_checkpoint, "tiny-"), (bundled_draft_checkpoint, "tiny-draft-")):
+            first = convert()
+            assert first.parent == cache / "gpt-fast-magicdec" and first.name.startswith(prefix)
+            mtime = (first / "model.safetensors").stat().st_mtime_ns
+            assert convert() == first  # the second use reuses the conversion
+            assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+            converted.append(first)
+        target, draft = converted
+        assert target != draft
+        assert resolve_draft_checkpoint(Path(BUNDLED_DRAFT_NAME)) == draft
+    return target, draft

@@ -107,3 +107,14 @@ def edit_config(path, **changes) -> None:
         else:
             cfg[key] = value
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def max_logit_diff_vs_transformers(hf_dir, model, tokens: list[int]) -> float:
+    """Max |logit difference| between transformers' LlamaForCausalLM loaded from `hf_dir` (fp32) and
+    the engine `model`'s cache-free causal pass, on one sequence of `tokens`."""
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    batch = torch.tensor([tokens])
+    with torch.no_grad():
+        return float((model(batch) - hf(batch).logits).abs().max())

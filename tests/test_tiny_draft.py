@@ -10,9 +10,9 @@ import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model
-from gpt_fast_magicdec.tiny import (BUNDLED_DRAFT_NAME, bundled_checkpoint, bundled_draft_checkpoint,
-                                    bundled_draft_hf_dir, bundled_hf_dir, resolve_draft_checkpoint)
+from gpt_fast_magicdec.tiny import bundled_draft_hf_dir, bundled_hf_dir
 from gpt_fast_magicdec.tokenizer import load_tokenizer
+from hf_fixtures import max_logit_diff_vs_transformers
 
 PASSAGE = Path(__file__).parent / "data" / "tiny_passage.txt"
 NEW_TOKENS = 32
@@ -20,19 +20,8 @@ GAMMA = 3
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xdg-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(cache))
-        draft = bundled_draft_checkpoint()
-        assert draft.parent == cache / "gpt-fast-magicdec" and draft.name.startswith("tiny-draft-")
-        mtime = (draft / "model.safetensors").stat().st_mtime_ns
-        assert bundled_draft_checkpoint() == draft  # the second use reuses the conversion
-        assert (draft / "model.safetensors").stat().st_mtime_ns == mtime
-        assert resolve_draft_checkpoint(Path(BUNDLED_DRAFT_NAME)) == draft
-        target = bundled_checkpoint()
-        assert target != draft
-    return target, draft
+def checkpoints(bundled_checkpoints):
+    return bundled_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +61,9 @@ def test_draft_shares_the_targets_tokenizer(checkpoints):
 
 
 def test_transformers_loads_the_draft_and_agrees(setup):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     _, draft, _, prompt, _ = setup
-    hf = transformers.LlamaForCausalLM.from_pretrained(bundled_draft_hf_dir(), dtype=torch.float32).eval()
-    tokens = torch.tensor([prompt[:128]])
-    with torch.no_grad():
-        ref = hf(tokens).logits  # [1, 128, V]
-        ours = draft(tokens)  # cache-free causal pass
-    assert (ours - ref).abs().max() < 1e-3
+    assert max_logit_diff_vs_transformers(bundled_draft_hf_dir(), draft, prompt[:128]) < 1e-3
 
 
 @pytest.mark.parametrize("draft_cfg", [DraftConfig(kind="model", budget=-1, gamma=GAMMA),

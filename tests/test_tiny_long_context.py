@@ -13,7 +13,6 @@ import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model
-from gpt_fast_magicdec.tiny import bundled_checkpoint, bundled_draft_checkpoint
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 
 LONG_PASSAGE = Path(__file__).parent / "data" / "long_passage.txt"
@@ -32,10 +31,8 @@ MEASURED = {
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-        target_ckpt, draft_ckpt = bundled_checkpoint(), bundled_draft_checkpoint()
+def setup(bundled_checkpoints):
+    target_ckpt, draft_ckpt = bundled_checkpoints
     tok = load_tokenizer(target_ckpt)
     passage = tok.encode(LONG_PASSAGE.read_text(encoding="utf-8"))
     assert len(passage) >= max(PROMPT_LENS), "the passage must hold the longest prompt"

@@ -10,8 +10,9 @@ import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.engine import Engine, load_model
-from gpt_fast_magicdec.tiny import bundled_checkpoint, bundled_hf_dir
+from gpt_fast_magicdec.tiny import bundled_hf_dir
 from gpt_fast_magicdec.tokenizer import load_tokenizer
+from hf_fixtures import max_logit_diff_vs_transformers
 
 PASSAGE = Path(__file__).parent / "data" / "tiny_passage.txt"
 NEW_TOKENS = 48
@@ -26,16 +27,8 @@ MIN_ACCEPTANCE = 0.6
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xdg-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(cache))
-        first = bundled_checkpoint()
-        assert first.parent == cache / "gpt-fast-magicdec" and first.name.startswith("tiny-")
-        mtime = (first / "model.safetensors").stat().st_mtime_ns
-        assert bundled_checkpoint() == first  # the second use reuses the conversion
-        assert (first / "model.safetensors").stat().st_mtime_ns == mtime
-    return first
+def checkpoint(bundled_checkpoints):
+    return bundled_checkpoints[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +58,9 @@ def test_bundled_files_are_a_small_hf_llama():
 
 
 def test_transformers_loads_it_and_agrees(setup):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     _, model, _, prompt, _ = setup
-    hf = transformers.LlamaForCausalLM.from_pretrained(bundled_hf_dir(), dtype=torch.float32).eval()
-    tokens = torch.tensor([prompt[:128]])
-    with torch.no_grad():
-        ref = hf(tokens).logits  # [1, 128, V]
-        ours = model(tokens)  # cache-free causal pass
-    assert (ours - ref).abs().max() < 1e-3
+    assert max_logit_diff_vs_transformers(bundled_hf_dir(), model, prompt[:128]) < 1e-3
 
 
 def test_transformers_tokenizer_matches_sentencepiece(setup):

@@ -167,8 +167,7 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
     for ax, L in zip(axes[0][:-1], lengths):
         for kv, style in (("streaming", "-o"), ("snapkv", "--s")):
             for g, c in zip(gammas, colors):
-                pts = sorted((r["budget"], r["acceptance_rate"]) for r in results
-                             if r["prompt_len"] == L and r["draft"] == kv and r["gamma"] == g and not r.get("draft_model"))
+                pts = [(b, r["acceptance_rate"]) for b in meta["budgets"] if (r := find(results, L, kv, b, g))]
                 if pts:
                     ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
         for kv, style in (("full", ":"), ("streaming", "-.")):
@@ -288,7 +287,8 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
              "budget_covers_context": budget >= L + new_tokens,
              "matches_greedy": out.tokens == reference, "seconds": round(time.perf_counter() - t, 2)}
         results.append(r)
-        click.echo(f"prompt {L:5d}  {'model ' if cfg.kind == 'model' else 'self '}{draft_name:9s} budget {budget:5d} gamma {cfg.gamma}: acceptance "
+        kind = "model" if cfg.kind == "model" else "self"
+        click.echo(f"prompt {L:5d}  {kind:5s} {draft_name:9s} budget {budget:5d} gamma {cfg.gamma}: acceptance "
                    f"{r['acceptance_rate']:.3f}, {r['mean_accepted_per_round']:.2f} tokens/round"
                    f"{'' if r['matches_greedy'] else '  (OUTPUT DIFFERS FROM GREEDY)'} [{r['seconds']:.1f}s]",
                    err=True)

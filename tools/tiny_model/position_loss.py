@@ -43,7 +43,7 @@ def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> t
 @torch.no_grad()
 def loss_by_position(hf_dir: Path, windows: torch.Tensor) -> torch.Tensor:
     """[context] mean next-token cross-entropy at each position over `windows`."""
-    model = load_hf_model(hf_dir, max_position_embeddings=max(windows.shape[1], 1)).eval()
+    model = load_hf_model(hf_dir).eval()  # the cache-free pass builds RoPE for any length
     total = torch.zeros(windows.shape[1], dtype=torch.float64)
     for row in windows:
         inputs, targets = with_bos(row[None])
