@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionView, attend
+from .attention import FULL_CAUSAL, AttentionView, CausalView, attend, causal_attention
 from .cache import KVCache
 from .config import ModelArgs, rope_inv_freq
 
@@ -95,7 +95,7 @@ class Attention(nn.Module):
                 state_dict[f"{prefix}wqkv.{suffix}"] = torch.cat([state_dict.pop(n) for n in names])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                view: Optional[AttentionView]) -> torch.Tensor:
+                view: AttentionView | CausalView) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -103,8 +103,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if view is None:  # cache-free causal pass over the given tokens (training, scoring)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if isinstance(view, CausalView):  # cache-free pass over the given tokens (training, scoring)
+            out = causal_attention(q, k, v, view)
             return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
         if view.hooks.write_cache:
             k_cache, v_cache = self.kv_cache.update(view.input_pos, k, v)  # [B, H_kv, S_max, D]
@@ -135,7 +135,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, view: Optional[AttentionView]) -> torch.Tensor:
+    def forward(self, x, cos, sin, view: AttentionView | CausalView) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, view)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -172,13 +172,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, tokens: torch.Tensor, view: Optional[AttentionView] = None,
+    def forward(self, tokens: torch.Tensor, view: AttentionView | CausalView = FULL_CAUSAL,
                 output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] -> fp32 logits [B, T, V], or [B, K, V] at positions output_index [B, K].
         With a vocab-sharded head (tensor parallelism) V is this rank's slice, vocab_shard.size.
 
-        view None: a cache-free causal pass over positions 0..T-1 (training, scoring)."""
-        if view is None:
+        A CausalView (the default: every earlier token) is a cache-free pass over positions 0..T-1
+        (training, scoring); a twin view returns [2B, T, V]: the target's logits, then its streaming
+        draft's, teacher-forced on the same tokens."""
+        if isinstance(view, CausalView):
             cos, sin = rope_tables(self.args, tokens.shape[1])
             cos, sin = cos.to(tokens.device)[None, None], sin.to(tokens.device)[None, None]  # [1, 1, T, D]
         else:
@@ -186,6 +188,8 @@ class Transformer(nn.Module):
             cos = self.rope_cos[pos].unsqueeze(1)  # [B, 1, T, D]
             sin = self.rope_sin[pos].unsqueeze(1)
         x = self.tok_embeddings(tokens)  # [B, T, dim]
+        if isinstance(view, CausalView) and view.twin:
+            x = torch.cat([x, x])
         for layer in self.layers:
             x = layer(x, cos, sin, view)
         if output_index is not None:  # only the rows we sample from pay for the vocab projection

@@ -74,3 +74,50 @@ def test_chunked_snapkv_votes_equal_the_one_shot_softmax(chunk):
     chunked(0, q, k_cache, view)
     whole(0, q, k_cache, view)
     assert torch.equal(chunked.selected[0], whole.selected[0])
+
+
+
+@pytest.mark.parametrize("sink,window,chunk,T", [(4, 16, 8, 61), (0, 16, 16, 40), (4, 7, 5, 33), (3, 64, 8, 50)])
+def test_twin_view_draft_reads_what_a_draft_step_reads(sink, window, chunk, T):
+    """The draft half of a twin CausalView sees, at every position p, exactly what a streaming
+    draft step at p sees: the target's K/V through sink + window, and its own K/V at p."""
+    from gpt_fast_magicdec.attention import CausalView, causal_attention
+
+    g = torch.Generator().manual_seed(T + window)
+    B, H, H_kv, D = 2, 4, 2, 8
+    q, k, v = (torch.randn(2 * B, n, T, D, generator=g) for n in (H, H_kv, H_kv))
+    out = causal_attention(q, k, v, CausalView(draft_window=window, sink=sink, chunk=chunk))
+    torch.testing.assert_close(out[:B], decode_attention_reference(q[:B], k[:B], v[:B], torch.zeros(B), scale=D ** -0.5))
+    sel_pos = torch.arange(sink).expand(B, H_kv, sink)
+    for p in range(T):  # the cache holds the target's K/V before p and the draft's own at p
+        k_cache, v_cache = k[:B].clone(), v[:B].clone()
+        k_cache[:, :, p], v_cache[:, :, p] = k[B:, :, p], v[B:, :, p]
+        ref = decode_attention_reference(q[B:, :, p:p + 1], k_cache, v_cache, torch.full((B,), p),
+                                         scale=D ** -0.5, sel_pos=sel_pos, window=window)
+        torch.testing.assert_close(out[B:, :, p:p + 1], ref, msg=f"position {p}")
+
+
+def test_twin_view_logits_equal_a_prefill_then_a_draft_step():
+    """End to end on a model: after the target prefills positions 0..88, the streaming draft's
+    logits for position 89 equal the twin pass's draft row there (so a model trained through the
+    twin view is trained for the draft it will run), and the target rows equal the plain pass."""
+    from gpt_fast_magicdec.attention import AttentionView, CausalView
+    from gpt_fast_magicdec.config import ModelArgs
+    from gpt_fast_magicdec.model import Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=128)
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, 64, (2, 90))
+    sink, window = 4, 20
+    with torch.no_grad():
+        twin = model(tokens, CausalView(draft_window=window, sink=sink, chunk=16))
+        full = model(tokens)
+        torch.testing.assert_close(twin[:2], full)
+        model.setup_caches(2, 128, torch.float32)
+        model(tokens[:, :89], AttentionView(cache_len=torch.zeros(2, dtype=torch.long), n_tokens=89))
+        selected = [torch.arange(sink).expand(2, 2, sink)] * args.n_layers
+        draft = AttentionView(cache_len=torch.full((2,), 89), n_tokens=1, window=window, selected=selected)
+        torch.testing.assert_close(model(tokens[:, 89:], draft)[:, 0], twin[2:, 89])
+    assert (twin[2:, 89] - full[:, 89]).abs().max() > 1e-3  # the view really leaves keys out

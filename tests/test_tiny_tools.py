@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
 def run_train(corpus, out, **extra):
     args = dict(corpus=corpus, out_dir=out, minutes=5.0, seed=0, steps=2, threads=1, vocab_size=4096,
                 tokenizer_sample_mb=1.0, tokenizer_from=None, init_from=None, distill_from=None,
-                distill_weight=1.0, name="test-model", tie_embeddings=False, dim=256, n_layers=6, n_heads=8,
+                distill_weight=1.0, self_draft=None, self_draft_weight=1.0, name="test-model", tie_embeddings=False, dim=256, n_layers=6, n_heads=8,
                 n_kv_heads=2, intermediate_size=704, rope_base=10000.0, context=128, val_context=0,
                 max_position_embeddings=16384, curriculum="64:0.5,128:0.5", tokens_per_step=256, lr=1e-3,
                 min_lr_ratio=0.1, warmup_steps=1, weight_decay=0.1, grad_clip=1.0, evals=1, val_windows=1,
@@ -84,6 +84,45 @@ def test_distillation_loss_is_cross_entropy_against_the_teacher():
     assert torch.allclose(mixed, 0.25 * loss + 0.75 * ce, atol=1e-5)
     alone, ce_alone = train.train_step_loss(student, batch)
     assert torch.equal(alone, ce_alone)
+
+
+def test_train_a_model_as_its_own_streaming_draft(corpus, tmp_path):
+    log = run_train(corpus, tmp_path / "self-draft", init_from=bundled_hf_dir(), self_draft="4:24",
+                    self_draft_weight=2.0)
+    assert log["config"]["self_draft"] == "4:24" and log["config"]["self_draft_weight"] == 2.0
+    assert log["config"]["self_draft_eval_from_position"] == 96  # the last quarter of 128
+    history = log["val_history"]["self_draft"]
+    assert len(history) == len(log["val_history"]["loss"])  # one per validation
+    assert log["final_self_draft"] == history[-1]
+    assert 0.0 <= history[-1]["argmax_agreement"] <= 1.0 and history[-1]["view_kl"] > 0.0
+
+
+def test_self_draft_loss_adds_the_kl_from_target_to_draft():
+    torch.manual_seed(0)
+    model = load_hf_model(bundled_hf_dir())
+    batch = torch.randint(3, 4096, (1, 80), dtype=torch.int16)
+    view = train.parse_self_draft("4:24")
+    loss, ce = train.train_step_loss(model, batch, self_draft=view, self_draft_weight=3.0)
+    inputs, targets = train.with_bos(batch)
+    with torch.no_grad():
+        target, draft = model(inputs, view)  # the twin pass: target rows, then draft rows
+        log_p, log_q = torch.log_softmax(target, -1), torch.log_softmax(draft, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [80] per position
+    assert kl[:28].abs().max() < 1e-5  # sink + window covers every earlier position: the same model
+    assert kl[28:].min() > 0
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(target, targets[0]))
+    torch.testing.assert_close(loss, ce + 3.0 * kl.mean())
+    wide = train.parse_self_draft("4:100")  # the window holds everything: no KL, only the text
+    loss, ce = train.train_step_loss(model, batch, self_draft=wide, self_draft_weight=3.0)
+    torch.testing.assert_close(loss, ce)
+
+
+@pytest.mark.parametrize("spec", ["16", "a:b", "16:0", "-1:10"])
+def test_self_draft_spec_errors(spec):
+    from gpt_fast_magicdec.errors import UserError
+
+    with pytest.raises(UserError, match="--self-draft"):
+        train.parse_self_draft(spec)
 
 
 def test_loss_by_position_bins():

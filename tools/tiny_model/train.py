@@ -31,6 +31,7 @@ import click
 import torch
 import torch.nn.functional as F
 
+from gpt_fast_magicdec.attention import FULL_CAUSAL, CausalView
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.model import Transformer
@@ -111,20 +112,56 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch: int = 2) -> float
     return total / count
 
 
+@torch.no_grad()
+def evaluate_self_draft(model: Transformer, windows: torch.Tensor, view: CausalView, from_position: int) -> dict:
+    """How well the model drafts for itself through `view` (a twin CausalView), teacher-forced on
+    held-out `windows` [N, L] at positions >= from_position: the KL from the target's next-token
+    distribution to the draft's (nats), and how often their argmaxes agree (greedy acceptance of a
+    single drafted token)."""
+    model.eval()
+    kl, agree, count = 0.0, 0, 0
+    for window in windows:
+        inputs, _ = with_bos(window[None])
+        target, draft = model(inputs, view)[:, from_position:].flatten(0, 1).chunk(2)  # [L', V] each
+        kl += float(view_kl(target, draft, reduction="sum"))
+        agree += int((target.argmax(-1) == draft.argmax(-1)).sum())
+        count += target.shape[0]
+    model.train()
+    return {"view_kl": kl / count, "argmax_agreement": agree / count}
+
+
+def view_kl(target_logits: torch.Tensor, draft_logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(target || draft) per position [N, V] logits, summed over the vocabulary."""
+    return F.kl_div(torch.log_softmax(draft_logits, -1), torch.log_softmax(target_logits, -1),
+                    log_target=True, reduction="sum" if reduction == "sum" else "batchmean")
+
+
 def train_step_loss(model: Transformer, batch: torch.Tensor, teacher: Optional[Transformer] = None,
-                    distill_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the loss to minimise, the plain next-token cross-entropy). With a `teacher` the loss mixes
-    cross-entropy against the teacher's next-token distribution (weight `distill_weight`; forward
-    KL plus the teacher's entropy, a constant) with cross-entropy against the text: a draft that
-    imitates its target's distribution proposes what the target accepts."""
+                    distill_weight: float = 1.0, self_draft: Optional[CausalView] = None,
+                    self_draft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the plain next-token cross-entropy).
+
+    With a `teacher` the loss mixes cross-entropy against the teacher's next-token distribution
+    (weight `distill_weight`; forward KL plus the teacher's entropy, a constant) with cross-entropy
+    against the text: a draft that imitates its target's distribution proposes what the target
+    accepts. With `self_draft` (a twin CausalView) the model also runs as its own streaming draft
+    and `self_draft_weight` * KL(target || draft) is added, gradients through both sides: the model
+    learns to predict what it would predict with the whole context from the draft's slice of it,
+    and to lean less on what the slice leaves out."""
     inputs, targets = with_bos(batch)
-    logits = model(inputs).flatten(0, 1)  # [B * L, V]
+    logits = model(inputs, self_draft or FULL_CAUSAL).flatten(0, 1)  # [B * L, V] (twice that for a twin)
+    draft_logits = None
+    if self_draft is not None:
+        logits, draft_logits = logits.chunk(2)
     ce = F.cross_entropy(logits, targets.flatten())
-    if teacher is None:
-        return ce, ce
-    with torch.no_grad():
-        soft = torch.softmax(teacher(inputs).flatten(0, 1), dim=-1)
-    return distill_weight * F.cross_entropy(logits, soft) + (1 - distill_weight) * ce, ce
+    objective = ce
+    if teacher is not None:
+        with torch.no_grad():
+            soft = torch.softmax(teacher(inputs).flatten(0, 1), dim=-1)
+        objective = distill_weight * F.cross_entropy(logits, soft) + (1 - distill_weight) * ce
+    if draft_logits is not None:
+        objective = objective + self_draft_weight * view_kl(logits, draft_logits)
+    return objective, ce
 
 
 def parse_curriculum(spec: str, context: int) -> list[tuple[int, float]]:
@@ -138,6 +175,19 @@ def parse_curriculum(spec: str, context: int) -> list[tuple[int, float]]:
     if phases[-1][0] != context:
         raise UserError(f"--curriculum {spec!r}: the last phase must train at --context {context}")
     return phases
+
+
+def parse_self_draft(spec: Optional[str]) -> Optional[CausalView]:
+    """"16:496" -> the twin view of a streaming draft with 16 sink positions and a 496-key window."""
+    if spec is None:
+        return None
+    try:
+        sink, window = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise UserError(f"--self-draft {spec!r}: expected SINK:WINDOW, e.g. 16:496") from None
+    if sink < 0 or window < 1:
+        raise UserError(f"--self-draft {spec!r}: the sink must be >= 0 and the window >= 1")
+    return CausalView(draft_window=window, sink=sink)
 
 
 def phase_starts(phases: list[tuple[int, float]], steps: int) -> list[int]:
@@ -155,6 +205,13 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, min_ratio: float) -> 
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def describe_self_draft(val_hist: dict) -> str:
+    if "self_draft" not in val_hist:
+        return ""
+    last = val_hist["self_draft"][-1]
+    return f"; self-draft KL {last['view_kl']:.4f}, argmax agreement {last['argmax_agreement']:.3f}"
 
 
 # ---- plot -----------------------------------------------------------------------------------------
@@ -228,6 +285,14 @@ def plot_losses(log: dict, path: Path) -> None:
                    "model, the teacher is its target.")
 @click.option("--distill-weight", type=click.FloatRange(0.0, 1.0), default=1.0,
               help="With --distill-from: weight of the teacher term; the text cross-entropy gets 1 minus it.")
+@click.option("--self-draft", default=None, metavar="SINK:WINDOW",
+              help="Also train the model as its own streaming draft (self-speculation through a sink + "
+                   "window view of its cache, e.g. 16:496 for the engine's default 512-key budget): each "
+                   "step adds --self-draft-weight * KL(target || draft), teacher-forced. Raises the "
+                   "acceptance of self-speculation at long context. Validation then also reports the "
+                   "view's KL and argmax agreement over the last quarter of each window.")
+@click.option("--self-draft-weight", type=click.FloatRange(min=0.0), default=1.0,
+              help="With --self-draft: weight of the KL term (the text cross-entropy has weight 1).")
 @click.option("--name", default="gpt-fast-magicdec-tiny",
               help="Model name written to config.json (_name_or_path); the engine names converted "
                    "checkpoints after it.")
@@ -266,7 +331,7 @@ def plot_losses(log: dict, path: Path) -> None:
               help="After export, check transformers' LlamaForCausalLM loads it and matches the engine's "
                    "logits (skipped when transformers is not installed).")
 def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, init_from,
-         distill_from, distill_weight, name, tie_embeddings, dim, n_layers,
+         distill_from, distill_weight, self_draft, self_draft_weight, name, tie_embeddings, dim, n_layers,
          n_heads, n_kv_heads, intermediate_size, rope_base, context, val_context, max_position_embeddings, curriculum,
          tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
          final_val_windows, save_dtype, log_every, check_hf):
@@ -283,7 +348,7 @@ def main(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_s
 
 
 def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sample_mb, tokenizer_from, init_from,
-        distill_from, distill_weight, name, tie_embeddings, dim, n_layers,
+        distill_from, distill_weight, self_draft, self_draft_weight, name, tie_embeddings, dim, n_layers,
         n_heads, n_kv_heads, intermediate_size, rope_base, context, val_context, max_position_embeddings, curriculum,
         tokens_per_step, lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip, evals, val_windows,
         final_val_windows, save_dtype, log_every, check_hf) -> dict:
@@ -293,6 +358,7 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
     deadline = t0 + minutes * 60
     torch.set_num_threads(threads)
     phases = parse_curriculum(curriculum, context)
+    self_draft_view = parse_self_draft(self_draft)
     val_context = val_context or context
     # a draft copies its target's tokenizer_config.json; a continued model writes its own (the
     # context it now handles is its model_max_length)
@@ -366,8 +432,13 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
     # 3. the first evaluation, timed; then time one step per phase and plan the step count
     t = time.perf_counter()
     val_hist = {"step": [0], "tokens": [0], "loss": [evaluate(model, val_w)]}
+    # the self-draft figures: over the last quarter of each window, where the view leaves most out
+    draft_from = val_context * 3 // 4
+    if self_draft_view is not None:
+        val_hist["self_draft"] = [evaluate_self_draft(model, val_w, self_draft_view, draft_from)]
     eval_s = time.perf_counter() - t
-    say(f"step 0: validation loss {val_hist['loss'][0]:.3f} ({eval_s:.1f}s per evaluation)")
+    say(f"step 0: validation loss {val_hist['loss'][0]:.3f}{describe_self_draft(val_hist)} "
+        f"({eval_s:.1f}s per evaluation)")
     if steps <= 0:
         probe = torch.Generator().manual_seed(seed + 1)  # timing only: the weights are not updated
         step_s = []
@@ -377,7 +448,7 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             for _ in range(2):
                 x = torch.randint(0, args.vocab_size, (batch, seq), generator=probe, dtype=torch.int16)
                 t = time.perf_counter()
-                train_step_loss(model, x, teacher, distill_weight)[0].backward()
+                train_step_loss(model, x, teacher, distill_weight, self_draft_view, self_draft_weight)[0].backward()
                 times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
             step_s.append(min(times) * 1.05)  # + the optimizer step
@@ -408,7 +479,8 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
         batch = max(1, tokens_per_step // seq)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup_steps, min_lr_ratio)
-        objective, ce = train_step_loss(model, sample_batch(train_tokens, batch, seq, gen), teacher, distill_weight)
+        objective, ce = train_step_loss(model, sample_batch(train_tokens, batch, seq, gen), teacher, distill_weight,
+                                        self_draft_view, self_draft_weight)
         opt.zero_grad(set_to_none=True)
         objective.backward()
         loss = ce.item()  # logged: the text cross-entropy, comparable with the validation loss
@@ -426,7 +498,9 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             val_hist["step"].append(step + 1)
             val_hist["tokens"].append(tokens_seen)
             val_hist["loss"].append(evaluate(model, val_w))
-            say(f"step {step + 1}: validation loss {val_hist['loss'][-1]:.3f}")
+            if self_draft_view is not None:
+                val_hist["self_draft"].append(evaluate_self_draft(model, val_w, self_draft_view, draft_from))
+            say(f"step {step + 1}: validation loss {val_hist['loss'][-1]:.3f}{describe_self_draft(val_hist)}")
     train_s = time.perf_counter() - t_train
     model.eval()
 
@@ -439,14 +513,17 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
     val_hist["step"].append(len(tr_hist["step"]))
     val_hist["tokens"].append(tokens_seen)
     val_hist["loss"].append(final_shipped)
+    if self_draft_view is not None:
+        val_hist["self_draft"].append(evaluate_self_draft(shipped, final_w, self_draft_view, draft_from))
     say(f"final validation loss {final_shipped:.4f} ({save_dtype} weights; {final_fp32:.4f} in fp32) on "
-        f"{final_w.numel() / 1e3:.0f}K held-out tokens")
+        f"{final_w.numel() / 1e3:.0f}K held-out tokens{describe_self_draft(val_hist)}")
     export_hf(model, out_dir / "tokenizer.model", out_dir, export_dtype)
     wall_s = time.perf_counter() - t0
     log = {
         "final_val_loss": round(final_shipped, 4),
         "final_val_loss_fp32_weights": round(final_fp32, 4),
         "final_val_perplexity": round(math.exp(final_shipped), 2),
+        "final_self_draft": val_hist.get("self_draft", [None])[-1],
         "final_val_tokens": final_w.numel(),
         "validation_books": [{"id": b["id"], "title": b["title"], "tokens": len(t)}
                              for b, t in zip(val_books, val_tokens)],
@@ -462,6 +539,8 @@ def run(corpus, out_dir, minutes, seed, steps, threads, vocab_size, tokenizer_sa
             "init_from": None if init_from is None else Path(init_from).name,
             "distill_from": None if distill_from is None else Path(distill_from).name,
             "distill_weight": None if distill_from is None else distill_weight,
+            "self_draft": self_draft, "self_draft_weight": None if self_draft is None else self_draft_weight,
+            "self_draft_eval_from_position": None if self_draft is None else draft_from,
             "curriculum_seq_lens": [s for s, _ in phases],
             "curriculum_fractions": [f for _, f in phases], "tokens_per_step": tokens_per_step,
             "lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
