@@ -221,7 +221,7 @@ def plot_losses(log: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tr = log["train_history"]
+    tr, cfg = log["train_history"], log["config"]
     x = [t / 1e6 for t in tr["tokens"]]
     ema, smooth = None, []
     for v in tr["loss"]:
@@ -239,12 +239,21 @@ def plot_losses(log: dict, path: Path) -> None:
         ax.text(start / 1e6, ax.get_ylim()[1], f" ctx {seq}", va="top", fontsize=8, color="gray")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats / token)")
-    cfg = log["config"]
     stage = "".join([f", continued from {cfg['init_from']}/" if cfg.get("init_from") else "",
-                     f", distilled from {cfg['distill_from']}/" if cfg.get("distill_from") else ""])
+                     f", distilled from {cfg['distill_from']}/" if cfg.get("distill_from") else "",
+                     f", self-draft {cfg['self_draft']} x {cfg['self_draft_weight']}" if cfg.get("self_draft") else ""])
     ax.set_title(f"tiny Llama ({log['params']['total'] / 1e6:.1f}M params){stage}, {log['hardware']}", fontsize=9)
     ax.set_ylim(top=min(ax.get_ylim()[1], max(smooth[min(len(smooth) - 1, 5):] + va["loss"][1:] or [10]) + 0.5))
-    ax.legend(loc="center right", fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if "self_draft" in va:  # --self-draft: how often the streaming draft's argmax agrees, on a second axis
+        ax2 = ax.twinx()
+        ax2.plot([t / 1e6 for t in va["tokens"]], [d["argmax_agreement"] for d in va["self_draft"]], "s--",
+                 color="tab:green", ms=3.5, label=f"self-draft ({cfg['self_draft']}) argmax agreement, "
+                 f"positions >= {cfg['self_draft_eval_from_position']}")
+        ax2.set_ylabel("argmax agreement, target vs its streaming draft")
+        handles += ax2.get_legend_handles_labels()[0]
+        labels += ax2.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
