@@ -125,6 +125,27 @@ def test_self_draft_spec_errors(spec):
         train.parse_self_draft(spec)
 
 
+def test_position_loss_scores_the_self_draft_view(corpus, tmp_path):
+    """The tool's --self-draft panel: the loss is the plain pass's; where sink + window cover every
+    earlier position, the draft agrees with the model exactly."""
+    from click.testing import CliRunner
+
+    windows = position_loss.held_out_windows(bundled_hf_dir(), corpus, 96, 96)[:2]
+    plain = position_loss.scores_by_position(bundled_hf_dir(), windows)
+    twin = position_loss.scores_by_position(bundled_hf_dir(), windows, train.parse_self_draft("4:24"))
+    torch.testing.assert_close(twin["loss"], plain["loss"])
+    assert torch.all(twin["agreement"][:28] == 1.0) and twin["kl"][:28].abs().max() < 1e-5
+    assert twin["kl"][28:].min() > 0 and 0.0 <= float(twin["agreement"][28:].mean()) <= 1.0
+    out = tmp_path / "by_position"
+    result = CliRunner().invoke(position_loss.main, [
+        "--model", f"{bundled_hf_dir()}=shipped", "--corpus", str(corpus), "--context", "96", "--bin-size", "16",
+        "--self-draft", "4:24", "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["self_draft"] == "4:24" and len(report["models"][0]["self_draft_agreement_by_bin"]) == 6
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_loss_by_position_bins():
     per_position = torch.arange(8, dtype=torch.float64)
     assert position_loss.binned(per_position, 4) == [1.5, 5.5]

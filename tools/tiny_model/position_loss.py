@@ -17,15 +17,17 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 import torch
 import torch.nn.functional as F
 
+from gpt_fast_magicdec.attention import FULL_CAUSAL, CausalView
 from gpt_fast_magicdec.benchmarking.report import git_commit
 from .corpus import DEFAULT_CORPUS, read_books, repo_root, split_books
 from .export import load_hf_model
-from .train import tokenize_books, with_bos
+from .train import parse_self_draft, tokenize_books, view_kl, with_bos
 
 
 def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> torch.Tensor:
@@ -41,15 +43,21 @@ def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> t
 
 
 @torch.no_grad()
-def loss_by_position(hf_dir: Path, windows: torch.Tensor) -> torch.Tensor:
-    """[context] mean next-token cross-entropy at each position over `windows`."""
+def scores_by_position(hf_dir: Path, windows: torch.Tensor, self_draft: Optional[CausalView] = None) -> dict:
+    """{"loss": [context]} mean next-token cross-entropy at each position over `windows`. With a
+    `self_draft` twin view, also "kl" (KL from the model's next-token distribution to its
+    streaming self-draft's) and "agreement" (how often their argmaxes agree) at each position."""
     model = load_hf_model(hf_dir).eval()  # the cache-free pass builds RoPE for any length
-    total = torch.zeros(windows.shape[1], dtype=torch.float64)
+    names = ("loss", "kl", "agreement") if self_draft is not None else ("loss",)
+    total = {name: torch.zeros(windows.shape[1], dtype=torch.float64) for name in names}
     for row in windows:
         inputs, targets = with_bos(row[None])
-        logits = model(inputs)[0]  # [context, V]
-        total += F.cross_entropy(logits, targets[0], reduction="none").double()
-    return total / len(windows)
+        logits = model(inputs, self_draft or FULL_CAUSAL)  # [1, context, V], or [2, ...] for a twin
+        total["loss"] += F.cross_entropy(logits[0], targets[0], reduction="none").double()
+        if self_draft is not None:
+            total["kl"] += view_kl(logits[0], logits[1], reduction="none").double()
+            total["agreement"] += (logits[0].argmax(-1) == logits[1].argmax(-1)).double()
+    return {name: t / len(windows) for name, t in total.items()}
 
 
 def binned(per_position: torch.Tensor, bin_size: int) -> list[float]:
@@ -63,7 +71,9 @@ def plot(path: Path, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    with_draft = any("self_draft_agreement_by_bin" in m for m in report["models"])
+    fig, axes = plt.subplots(1, 2 if with_draft else 1, figsize=(14 if with_draft else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
     size = report["bin_size"]
     for m in report["models"]:
         xs = [(i + 0.5) * size for i in range(len(m["loss_by_bin"]))]
@@ -79,6 +89,17 @@ def plot(path: Path, report: dict) -> None:
     ax.set_ylim(low - 0.1, high + 0.1)  # the first bin (no context yet) would flatten the rest
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if with_draft:
+        ax = axes[0][1]
+        for m in report["models"]:
+            xs = [(i + 0.5) * size for i in range(len(m["self_draft_agreement_by_bin"]))]
+            ax.plot(xs, m["self_draft_agreement_by_bin"], "-o", ms=2.5, lw=1.4, label=m["label"])
+        ax.set_xlabel(f"position in the window (bins of {size} tokens)")
+        ax.set_ylabel("argmax agreement, full cache vs streaming view")
+        ax.set_title(f"the model's greedy choice through its self-draft view ({report['self_draft']}: sink:window)"
+                     "\nagrees with its choice over the full cache, teacher-forced", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -94,13 +115,18 @@ def plot(path: Path, report: dict) -> None:
 @click.option("--stride", type=int, default=0,
               help="Tokens between window starts; 0 = --context (non-overlapping windows).")
 @click.option("--bin-size", type=int, default=256, help="Positions averaged into one plotted point.")
+@click.option("--self-draft", default=None, metavar="SINK:WINDOW",
+              help="Also score each model as its own streaming self-draft through this view (e.g. 16:496, "
+                   "the engine's default 512-key budget): the KL and argmax agreement between the full "
+                   "cache's and the view's next-token distributions at each position, plotted beside the loss.")
 @click.option("--threads", type=int, default=2, help="torch.set_num_threads.")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path),
               default=Path("benchmarks/tiny_model_position_loss"),
               help="Output prefix: writes PREFIX.json and PREFIX.png.")
-def main(models, corpus, context, stride, bin_size, threads, out_prefix):
+def main(models, corpus, context, stride, bin_size, self_draft, threads, out_prefix):
     """Held-out next-token loss by position in the window, for one or more models."""
     torch.set_num_threads(threads)
+    view = parse_self_draft(self_draft)
     corpus = Path(corpus) if corpus is not None else repo_root() / DEFAULT_CORPUS
     entries = []
     for spec in models:
@@ -109,16 +135,21 @@ def main(models, corpus, context, stride, bin_size, threads, out_prefix):
         log_path = directory / "train_log.json"
         train_context = json.loads(log_path.read_text())["config"]["context"] if log_path.is_file() else None
         windows = held_out_windows(directory, corpus, context, stride or context)
-        per_position = loss_by_position(directory, windows)
+        scores = scores_by_position(directory, windows, view)
         entries.append({"label": label or directory.name, "dir": str(directory), "train_context": train_context,
-                        "mean_loss": round(float(per_position.mean()), 4),
-                        "loss_by_bin": binned(per_position, bin_size)})
+                        "mean_loss": round(float(scores["loss"].mean()), 4),
+                        "loss_by_bin": binned(scores["loss"], bin_size)})
+        if view is not None:
+            entries[-1].update({"self_draft_kl_by_bin": binned(scores["kl"], bin_size),
+                                "self_draft_agreement_by_bin": binned(scores["agreement"], bin_size)})
+            click.echo(f"{entries[-1]['label']}: self-draft agreement by bin {entries[-1]['self_draft_agreement_by_bin']}",
+                       err=True)
         click.echo(f"{entries[-1]['label']}: mean {entries[-1]['mean_loss']:.4f} over {len(windows)} windows; "
                    f"by bin {entries[-1]['loss_by_bin']}", err=True)
     report = {"command": "python -m tools.tiny_model.position_loss " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "git_commit": git_commit() or "unknown",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "context": context, "stride": stride or context, "bin_size": bin_size, "windows": len(windows), "torch": torch.__version__,
+              "context": context, "stride": stride or context, "bin_size": bin_size, "windows": len(windows), "self_draft": self_draft, "torch": torch.__version__,
               "models": entries}
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -131,9 +131,11 @@ def evaluate_self_draft(model: Transformer, windows: torch.Tensor, view: CausalV
 
 
 def view_kl(target_logits: torch.Tensor, draft_logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """KL(target || draft) per position [N, V] logits, summed over the vocabulary."""
-    return F.kl_div(torch.log_softmax(draft_logits, -1), torch.log_softmax(target_logits, -1),
-                    log_target=True, reduction="sum" if reduction == "sum" else "batchmean")
+    """KL(target || draft) between next-token distributions given as logits [N, V]: per position
+    [N] (reduction "none"), or its sum or mean over the N positions."""
+    log_p, log_q = torch.log_softmax(target_logits, -1), torch.log_softmax(draft_logits, -1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return {"none": per_position, "sum": per_position.sum(), "mean": per_position.mean()}[reduction]
 
 
 def train_step_loss(model: Transformer, batch: torch.Tensor, teacher: Optional[Transformer] = None,
