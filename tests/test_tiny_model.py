@@ -19,10 +19,9 @@ NEW_TOKENS = 48
 GAMMA = 3
 # Streaming view, budget 128 (sink 16 + window 112) over a ~600-token prompt. The acceptance this
 # test measures on the bundled model is MEASURED_ACCEPTANCE (greedy, this passage); the threshold
-# leaves a margin for other CPUs / torch builds changing a near-tie argmax here and there. (On this
-# short passage the 8K model's greedy continuation settles into a repeated phrase that the window
-# holds, hence 1.0; tests/test_tiny_long_context.py pins acceptance on 4K+ prompts, where it is not.)
-MEASURED_ACCEPTANCE = 1.0  # 36 of 36 drafts (CPU, torch 2.13, float32)
+# leaves a margin for other CPUs / torch builds changing a near-tie argmax here and there.
+# tests/test_tiny_long_context.py pins acceptance on 4K+ prompts.
+MEASURED_ACCEPTANCE = 0.897  # 35 of 39 drafts (CPU, torch 2.13, float32)
 MIN_ACCEPTANCE = 0.6
 
 
@@ -83,6 +82,7 @@ def test_streaming_self_speculation_is_lossless_and_accepted(setup):
     out = engine.generate([prompt], NEW_TOKENS, draft=DraftConfig(kind="self", kv="streaming", budget=128,
                                                                  sink=16, gamma=GAMMA))
     assert out.tokens == plain
+    print(f"acceptance {out.stats.acceptance_rate:.3f} ({out.stats.accepted} of {out.stats.drafted} drafts)")
     assert out.stats.acceptance_rate >= MIN_ACCEPTANCE, (
         f"acceptance {out.stats.acceptance_rate:.3f} fell below {MIN_ACCEPTANCE} (measured {MEASURED_ACCEPTANCE})")
 

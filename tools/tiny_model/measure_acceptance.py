@@ -131,7 +131,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
         f"- hardware: CPU ({meta['cpu']}), {meta['threads']} thread(s), torch {meta['torch']}, float32; "
         f"{meta['wall_time_s'] / 60:.1f} minutes for all runs",
         f"- {meta['new_tokens']} new tokens and {meta['batch']} prompts per length keep the whole sweep short "
-        "on one CPU thread; acceptance is a per-token average over the batch.",
+        "on a CPU; acceptance is a per-token average over the batch.",
         "",
     ]
     path.write_text("\n".join(lines))
