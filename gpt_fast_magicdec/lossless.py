@@ -80,7 +80,7 @@ def top2_gap(model, tokens: list) -> float:
     tensor parallelism every rank must call it, and the vocabulary slices are gathered)."""
     ids = torch.tensor([tokens], dtype=torch.long, device=model.tok_embeddings.weight.device)  # [1, L]
     last = torch.tensor([[len(tokens) - 1]], device=ids.device)  # [1, 1]
-    logits = model(ids, None, output_index=last)[0, 0]  # [V] (this rank's slice under TP)
+    logits = model(ids, output_index=last)[0, 0]  # [V] (this rank's slice under TP)
     if model.vocab_shard is not None:
         logits = model.vocab_shard.gather(logits)
     top = logits.float().topk(2).values

@@ -172,14 +172,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, tokens: torch.Tensor, view: AttentionView | CausalView = FULL_CAUSAL,
+    def forward(self, tokens: torch.Tensor, view: Optional[AttentionView | CausalView] = FULL_CAUSAL,
                 output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] -> fp32 logits [B, T, V], or [B, K, V] at positions output_index [B, K].
         With a vocab-sharded head (tensor parallelism) V is this rank's slice, vocab_shard.size.
 
         A CausalView (the default: every earlier token) is a cache-free pass over positions 0..T-1
         (training, scoring); a twin view returns [2B, T, V]: the target's logits, then its streaming
-        draft's, teacher-forced on the same tokens."""
+        draft's, teacher-forced on the same tokens. None means FULL_CAUSAL."""
+        view = FULL_CAUSAL if view is None else view
         if isinstance(view, CausalView):
             cos, sin = rope_tables(self.args, tokens.shape[1])
             cos, sin = cos.to(tokens.device)[None, None], sin.to(tokens.device)[None, None]  # [1, 1, T, D]
