@@ -119,13 +119,13 @@ def _streaming_draft_attention(q, k_own, v_own, k, v, view: CausalView) -> torch
     in_window = (key_pos > pos - window) & (key_pos < pos) & (key_pos >= 0)  # p itself: the own key
     sink_visible = (torch.arange(sink, device=q.device) <= pos - window).expand(n, chunk, sink)
     mask = torch.cat([sink_visible, in_window], dim=-1).repeat(1, G, 1)[None, :, None]  # [1, n, 1, G*chunk, K]
-    # query heads grouped by KV head: [B, n, H_kv, G * chunk, D]
+    # query heads grouped by KV head, row g * chunk + i: [B, n, H_kv, G * chunk, D]; a query's own
+    # key and value are its KV head's at the same position i, tiled over the G heads of the group
     qg = blocks(q).reshape(B, n, H_kv, G * chunk, D) * D ** -0.5
+    k_own, v_own = blocks(k_own).repeat(1, 1, 1, G, 1), blocks(v_own).repeat(1, 1, 1, G, 1)
     scores = (qg @ keys(k).transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-    own = (blocks(q) * blocks(k_own).repeat_interleave(G, dim=2)).sum(-1) * D ** -0.5  # [B, n, H, chunk]
-    probs = torch.softmax(torch.cat([scores, own.reshape(B, n, H_kv, G * chunk, 1)], dim=-1), dim=-1)
-    out = probs[..., :-1] @ keys(v) + probs[..., -1:] * blocks(v_own).repeat_interleave(G, dim=2).reshape(
-        B, n, H_kv, G * chunk, D)
+    probs = torch.softmax(torch.cat([scores, (qg * k_own).sum(-1, keepdim=True)], dim=-1), dim=-1)
+    out = probs[..., :-1] @ keys(v) + probs[..., -1:] * v_own
     return out.reshape(B, n, H, chunk, D).transpose(1, 2).reshape(B, H, n * chunk, D)[:, :, :T]
 
 

@@ -21,13 +21,12 @@ from typing import Optional
 
 import click
 import torch
-import torch.nn.functional as F
 
 from gpt_fast_magicdec.attention import FULL_CAUSAL, CausalView
 from gpt_fast_magicdec.benchmarking.report import git_commit
 from .corpus import DEFAULT_CORPUS, read_books, repo_root, split_books
 from .export import load_hf_model
-from .train import parse_self_draft, tokenize_books, view_kl, with_bos
+from .train import parse_self_draft, score_window, tokenize_books, with_bos
 
 
 def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> torch.Tensor:
@@ -42,21 +41,14 @@ def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> t
     return torch.stack(rows)
 
 
-@torch.no_grad()
 def scores_by_position(hf_dir: Path, windows: torch.Tensor, self_draft: Optional[CausalView] = None) -> dict:
     """{"loss": [context]} mean next-token cross-entropy at each position over `windows`. With a
-    `self_draft` twin view, also "kl" (KL from the model's next-token distribution to its
-    streaming self-draft's) and "agreement" (how often their argmaxes agree) at each position."""
+    `self_draft` twin view, also "kl" and "agreement" (`train.score_window`) at each position."""
     model = load_hf_model(hf_dir).eval()  # the cache-free pass builds RoPE for any length
-    names = ("loss", "kl", "agreement") if self_draft is not None else ("loss",)
-    total = {name: torch.zeros(windows.shape[1], dtype=torch.float64) for name in names}
+    total: dict = {}
     for row in windows:
-        inputs, targets = with_bos(row[None])
-        logits = model(inputs, self_draft or FULL_CAUSAL)  # [1, context, V], or [2, ...] for a twin
-        total["loss"] += F.cross_entropy(logits[0], targets[0], reduction="none").double()
-        if self_draft is not None:
-            total["kl"] += view_kl(logits[0], logits[1], reduction="none").double()
-            total["agreement"] += (logits[0].argmax(-1) == logits[1].argmax(-1)).double()
+        for name, per_position in score_window(model, row, self_draft or FULL_CAUSAL).items():
+            total[name] = total.get(name, 0) + per_position.double()
     return {name: t / len(windows) for name, t in total.items()}
 
 

@@ -113,21 +113,27 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch: int = 2) -> float
 
 
 @torch.no_grad()
+def score_window(model: Transformer, window: torch.Tensor, view: CausalView = FULL_CAUSAL) -> dict:
+    """Per-position scores [L] of one held-out window [L]: "loss", the next-token cross-entropy;
+    with a twin `view`, also "kl", KL(target || its streaming self-draft), and "agreement", 1 where
+    their argmaxes agree (a single drafted token accepted by greedy verification)."""
+    inputs, targets = with_bos(window[None])
+    logits = model(inputs, view)  # [1, L, V], or [2, L, V] for a twin: target, then draft
+    scores = {"loss": F.cross_entropy(logits[0], targets[0], reduction="none")}
+    if view.twin:
+        scores["kl"] = view_kl(logits[0], logits[1], reduction="none")
+        scores["agreement"] = (logits[0].argmax(-1) == logits[1].argmax(-1)).float()
+    return scores
+
+
 def evaluate_self_draft(model: Transformer, windows: torch.Tensor, view: CausalView, from_position: int) -> dict:
     """How well the model drafts for itself through `view` (a twin CausalView), teacher-forced on
-    held-out `windows` [N, L] at positions >= from_position: the KL from the target's next-token
-    distribution to the draft's (nats), and how often their argmaxes agree (greedy acceptance of a
-    single drafted token)."""
+    held-out `windows` [N, L], averaged over positions >= from_position (`score_window`)."""
     model.eval()
-    kl, agree, count = 0.0, 0, 0
-    for window in windows:
-        inputs, _ = with_bos(window[None])
-        target, draft = model(inputs, view)[:, from_position:].flatten(0, 1).chunk(2)  # [L', V] each
-        kl += float(view_kl(target, draft, reduction="sum"))
-        agree += int((target.argmax(-1) == draft.argmax(-1)).sum())
-        count += target.shape[0]
+    scores = [score_window(model, w, view) for w in windows]
     model.train()
-    return {"view_kl": kl / count, "argmax_agreement": agree / count}
+    return {"view_kl": float(torch.cat([s["kl"][from_position:] for s in scores]).mean()),
+            "argmax_agreement": float(torch.cat([s["agreement"][from_position:] for s in scores]).mean())}
 
 
 def view_kl(target_logits: torch.Tensor, draft_logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
