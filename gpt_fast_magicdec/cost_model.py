@@ -100,11 +100,11 @@ _ALIASES = {"a100": "A100-80G", "h100": "H100-SXM"}
 # write, attention, wo, add + norm, w1/w3, silu * mul, w2, add), per step ~4 (embedding, final norm,
 # head, cast); the all-reduces are counted by the collective term. Eager path: aten ops, counted
 # with a TorchDispatchMode over this engine's `forward_step` under inference mode, as the engine
-# runs it (views included, composite ops such as linear counted once): 109 ops at 1 layer, 200 at 2,
-# 291 at 3, the same at T = 1 and T = 4 (tiny and tiny-llama3): 91 per layer, 18 per step; and
+# runs it (views included, composite ops such as linear counted once): 108 ops at 1 layer, 198 at 2,
+# 288 at 3, the same at T = 1 and T = 4 (tiny and tiny-llama3): 90 per layer, 18 per step; and
 # nn.Module calls: 10 per layer, 4 per step.
 GRAPH_KERNELS = (10, 4)  # (per layer, per step)
-EAGER_OPS = (91, 18)
+EAGER_OPS = (90, 18)
 EAGER_MODULES = (10, 4)
 
 
@@ -124,24 +124,25 @@ def _time_op(fn: Callable[[], None], device: torch.device, reps: int) -> float:
 def _op_mix(device: torch.device) -> list[tuple[int, Callable[[], object]]]:
     """(count, op) on tiny tensors, in the proportions of one layer of this engine's eager step: the
     aten ops of `Transformer.forward` under inference mode, counted with a TorchDispatchMode (tiny
-    preset, 2 layers: to 31, mul 22, unsqueeze 19, add 18, transpose 14, slice 12, linear 11,
-    arange 9, reshape 8, view 6, pow / mean / rsqrt 5, neg / cat / index_put_ / matmul 4, 2 each of
-    index, split, le, expand, bitwise_not, masked_fill, softmax, nan_to_num, silu), halved."""
+    preset, 2 layers: to 31, mul 20, unsqueeze 19, add 18, transpose 14, slice 12, linear 11,
+    arange 9, view 8, reshape 6, pow / mean / rsqrt 5, neg / cat / index_put_ / matmul 4, 2 each of
+    index, split, le, mul_, bitwise_not, masked_fill_, softmax, nan_to_num_, silu), halved."""
     x, w = torch.ones(1, 1, 64, device=device), torch.ones(64, 64, device=device)
     q, cache = torch.ones(1, 2, 2, 16, device=device), torch.zeros(1, 2, 32, 16, device=device)
     pos = batch = torch.zeros(1, 1, dtype=torch.long, device=device)
-    mask = torch.ones(1, 1, 2, 32, dtype=torch.bool, device=device)
-    return [(15, lambda: x.to(torch.float32)), (11, lambda: x * x), (9, lambda: x.unsqueeze(1)),
+    mask, scratch = torch.ones(1, 1, 2, 32, dtype=torch.bool, device=device), torch.zeros(1, 2, 2, 32, device=device)
+    return [(15, lambda: x.to(torch.float32)), (10, lambda: x * x), (1, lambda: scratch.mul_(1.0)),
+            (9, lambda: x.unsqueeze(1)),
             (9, lambda: x + x), (7, lambda: q.transpose(1, 2)), (6, lambda: cache[:, :, :8]),
             (5, lambda: torch.nn.functional.linear(x, w)), (4, lambda: torch.arange(4, device=device)),
-            (4, lambda: q.reshape(1, 4, 16)), (3, lambda: x.view(64)), (2, lambda: x.pow(2)),
+            (3, lambda: q.reshape(1, 4, 16)), (4, lambda: x.view(64)), (2, lambda: x.pow(2)),
             (2, lambda: x.mean(-1, keepdim=True)), (2, lambda: x.rsqrt()), (2, lambda: x.neg()),
             (2, lambda: torch.cat([x, x], dim=-1)),
             (2, lambda: cache.__setitem__((batch, slice(None), pos), q[:, :, :1].transpose(1, 2))),  # index_put_
             (2, lambda: torch.matmul(q, cache.transpose(-1, -2))), (1, lambda: cache[batch]),
-            (1, lambda: x.split([32, 32], dim=-1)), (1, lambda: pos <= pos), (1, lambda: mask.expand(1, 2, 2, 32)),
-            (1, lambda: ~mask), (1, lambda: cache.masked_fill(cache > 0, 0.0)), (1, lambda: torch.softmax(q, -1)),
-            (1, lambda: q.nan_to_num(0.0)), (1, lambda: torch.nn.functional.silu(x))]
+            (1, lambda: x.split([32, 32], dim=-1)), (1, lambda: pos <= pos), (1, lambda: ~mask),
+            (1, lambda: scratch.masked_fill_(mask, 0.0)), (1, lambda: torch.softmax(q, -1)),
+            (1, lambda: scratch.nan_to_num_(0.0)), (1, lambda: torch.nn.functional.silu(x))]
 
 
 def _eager_op_overhead(device: torch.device, reps: int) -> float:
@@ -164,6 +165,8 @@ MATMUL_WEIGHT = (8192, 2048)  # (out, in) features
 MATMUL_CACHED_WEIGHT = (256, 512)  # 512 KiB: stays within the 1 MiB L2 of a core between calls
 MATMUL_ROWS = (1, 4, 16, 64)
 SCORE_BYTES = (256 << 10, 2 << 20, 16 << 20)  # fp32 scores: within the 1 MiB L2 of a core, 2x it, half the L3
+# aten ops of one `masked_softmax_` call: view, mul_, unsqueeze, bitwise_not, masked_fill_, softmax, nan_to_num_
+SCORE_PASS_OPS = 7
 
 
 def _matmul_rates(device: torch.device, reps: int, weight: tuple = MATMUL_WEIGHT) -> tuple:
@@ -180,30 +183,21 @@ def _matmul_rates(device: torch.device, reps: int, weight: tuple = MATMUL_WEIGHT
 
 def _score_pass_cost(device: torch.device, reps: int, op_s: float) -> tuple:
     """((score bytes, seconds per score element), ...): the passes `kernels/reference.py` makes over
-    its fp32 scores, on generic scores [1, 1, G * T, S] (G * T = 16 rows) of each of SCORE_BYTES: the
-    bool mask expanded to the group's rows (a copy), its negation, scale, masked_fill, softmax,
-    nan_to_num. The 7 ops' fixed cost (`op_s` each) is subtracted: `overhead_time` counts it.
-    Outputs go to preallocated buffers: the reference allocates each temporary, and whether glibc
-    then hands back reused or freshly faulted pages depends on the process's history (its mmap
-    threshold is dynamic), so page faults are left out of this term (see
-    benchmarks/cost_model_validation_cpu.md)."""
+    its fp32 scores (`masked_softmax_`: scale and mask in place, softmax, nan_to_num in place), run
+    as it is on generic scores [1, 1, G * T, S] (G = T = 4) of each of SCORE_BYTES. Its
+    SCORE_PASS_OPS ops' fixed cost (`op_s` each) is subtracted: `overhead_time` counts it. The
+    probabilities are allocated afresh per call, as in the engine; scale is 1 so that the scores
+    overwritten in place stay the same from call to call."""
+    from kernels.reference import masked_softmax_
+
     out = []
     for nbytes in SCORE_BYTES:
         rows, cols = 16, nbytes // 4 // 16
         scores = torch.randn(1, 1, rows, cols, device=device)
-        a, b = torch.empty_like(scores), torch.empty_like(scores)  # outputs, reused: no allocation
-        mask = (torch.arange(cols, device=device) <= cols // 2).expand(1, 1, 4, cols)  # [B, 1, T, S], G = 4
-        m, not_m = (torch.empty(1, 1, 4, 4, cols, dtype=torch.bool, device=device) for _ in range(2))
-
-        def passes():
-            m.copy_(mask.unsqueeze(2).expand(1, 1, 4, 4, cols))
-            torch.bitwise_not(m, out=not_m)
-            torch.mul(scores, 0.1, out=a).masked_fill_(not_m.view(1, 1, rows, cols), float("-inf"))
-            torch.ops.aten._softmax.out(a, -1, False, out=b)
-            torch.nan_to_num(b, 0.0, out=a)
+        mask = (torch.arange(cols, device=device) <= cols // 2).expand(1, 1, 4, cols)  # [B, 1, T, S]
         with torch.inference_mode():
-            t = _time_op(passes, device, reps)
-        out.append((nbytes, max(t - 7 * op_s, 0.0) / (rows * cols)))
+            t = _time_op(lambda: masked_softmax_(scores, mask, 1.0), device, reps)
+        out.append((nbytes, max(t - SCORE_PASS_OPS * op_s, 0.0) / (rows * cols)))
     return tuple(out)
 
 
@@ -288,7 +282,7 @@ def measure_hardware(device: Union[str, torch.device] = "cpu", reps: int = 10, t
         if not on_gpu:  # the CPU engine runs eager: skinny matmuls and unfused attention
             extra["matmul_rate_by_rows"] = _matmul_rates(device, 3)
             extra["matmul_rate_cached"] = _matmul_rates(device, 10, MATMUL_CACHED_WEIGHT)
-            extra["eager_score_cost"] = _score_pass_cost(device, 3, extra["eager_op_overhead_s"])
+            extra["eager_score_cost"] = _score_pass_cost(device, 10, extra["eager_op_overhead_s"])
         if on_gpu:
             extra["kernel_overhead_s"], extra["step_overhead_s"] = _graph_overheads(device, reps)
         if tp_group is not None:

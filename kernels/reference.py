@@ -61,6 +61,21 @@ def _gather_positions(cache: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return torch.gather(cache, 2, idx[..., None].expand(-1, -1, -1, cache.shape[-1]))
 
 
+def masked_softmax_(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale * scores) over the keys `mask` shows; a row with no visible key gives zeros.
+
+    scores [B, H_kv, G * T, S] fp32 (overwritten), mask [B, 1 or H_kv, T, S] -> probabilities, same
+    shape. The mask is broadcast over the G query heads of a KV head (never copied) and scale and mask
+    are applied in place, so the only score-sized tensor allocated is the probabilities: fresh
+    score-sized temporaries cost page faults on CPU once they pass the allocator's mmap threshold
+    (benchmarks/cost_model_validation_cpu.md)."""
+    B, H_kv, rows, S = scores.shape
+    T = mask.shape[-2]
+    grouped = scores.view(B, H_kv, rows // T, T, S)  # row g * T + t: query head g of the group, token t
+    grouped.mul_(scale).masked_fill_(~mask.unsqueeze(2), float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+
+
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                        scale: float) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, H_kv, S, D], mask [B, 1 or H_kv, T, S] -> [B, H, T, D].
@@ -68,12 +83,8 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     Query heads of one KV head are folded into the query axis so K/V are never repeated."""
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    G = H // H_kv
-    qg = q.reshape(B, H_kv, G * T, D)  # heads h = h_kv * G + g, the transformers convention
-    mask = mask.unsqueeze(2).expand(B, mask.shape[1], G, T, mask.shape[-1]).reshape(B, mask.shape[1], G * T, -1)
-    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, H_kv, G*T, S]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key gives zeros, not NaN
+    qg = q.reshape(B, H_kv, H // H_kv * T, D)  # heads h = h_kv * G + g, the transformers convention
+    probs = masked_softmax_(torch.matmul(qg.float(), k.float().transpose(-1, -2)), mask, scale)
     out = torch.matmul(probs, v.float())  # [B, H_kv, G*T, D]
     return out.reshape(B, H, T, D).to(q.dtype)
 

@@ -8,8 +8,8 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
-    EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, HardwareProfile, StepCost, achieved_bandwidth,
-    allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, eager_attention_time, eager_keys,
+    EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, SCORE_PASS_OPS, HardwareProfile, StepCost,
+    achieved_bandwidth, allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, eager_attention_time, eager_keys,
     expected_tokens, get_profile, kv_bytes_per_token, measure_hardware, overhead_time, param_count,
     params_touched, predict_times, predicted_speedup, roofline_time, row_rate, weight_bytes,
 )
@@ -344,11 +344,10 @@ def test_eager_attention_and_cpu_roofline_by_hand():
     assert roofline_time(cost, hw, graphs=True) == pytest.approx(linear + roof + overhead_time(cost, hw, True))
 
 
-def test_eager_op_count_matches_forward_step():
-    # EAGER_OPS counts aten ops as the engine runs an eager step: inference mode, top-level dispatch.
+def count_ops(fn) -> int:
+    """aten ops `fn` dispatches under inference mode, at the top level (views included), as the
+    engine's eager steps run."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from gpt_fast_magicdec.engine import StepSpec, forward_step, random_model
 
     class Count(TorchDispatchMode):
         n = 0
@@ -356,15 +355,31 @@ def test_eager_op_count_matches_forward_step():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.n += 1
             return func(*args, **(kwargs or {}))
+    with torch.inference_mode(), Count() as count:
+        fn()
+    return count.n
+
+
+def test_eager_op_count_matches_forward_step():
+    from gpt_fast_magicdec.engine import StepSpec, forward_step, random_model
+
     for layers in (1, 3):
         args = dataclasses.replace(ModelArgs.from_preset("tiny"), n_layers=layers)
         model = random_model(args, torch.device("cpu"), torch.float32)
         model.setup_caches(2, 512, torch.float32, torch.device("cpu"))
         for n in (1, 4):
             tokens, cache_len = torch.zeros(2, n, dtype=torch.long), torch.full((2,), 100)
-            with torch.inference_mode(), Count() as count:
-                forward_step(model, StepSpec("target", n, greedy=False), tokens, cache_len, kv_limit=256)
-            assert count.n == layers * EAGER_OPS[0] + EAGER_OPS[1], (layers, n, count.n)
+            count = count_ops(lambda: forward_step(model, StepSpec("target", n, greedy=False), tokens, cache_len,
+                                                   kv_limit=256))
+            assert count == layers * EAGER_OPS[0] + EAGER_OPS[1], (layers, n, count)
+
+
+def test_score_pass_op_count_matches_the_reference():
+    # _score_pass_cost subtracts SCORE_PASS_OPS fixed op costs from its timing of masked_softmax_.
+    from kernels.reference import masked_softmax_
+
+    scores, mask = torch.randn(2, 2, 8, 16), torch.rand(2, 1, 4, 16) < 0.5
+    assert count_ops(lambda: masked_softmax_(scores, mask, 0.5)) == SCORE_PASS_OPS
 
 
 def test_predict_times_kv_bucket():

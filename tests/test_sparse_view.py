@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels import decode_attention_reference
+from kernels.reference import masked_softmax_
 
 
 def brute_force(q, k, v, cache_len, sel_pos, window, scale):
@@ -52,6 +53,21 @@ def one_shot_votes(q, k_cache, cache_len, S):
     scores = torch.matmul(qg, k_cache[:, :, :S].float().transpose(-1, -2)) * D ** -0.5  # [B, H_kv, G*T, S]
     mask = full_view_mask(cache_len, T, S).repeat(1, H // H_kv, 1)[:, None]  # [B, 1, G*T, S]
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).sum(dim=2)  # [B, H_kv, S]
+
+
+@pytest.mark.parametrize("mask_heads", [1, 2])
+def test_masked_softmax_applies_each_tokens_mask_to_every_query_head_of_its_group(mask_heads):
+    g = torch.Generator().manual_seed(mask_heads)
+    B, H_kv, G, T, S = 2, 2, 3, 4, 9
+    scores = torch.randn(B, H_kv, G * T, S, generator=g)
+    mask = torch.rand(B, mask_heads, T, S, generator=g) < 0.6
+    mask[0, 0, 1] = False  # a token that sees no key: its rows are zeros, not NaN
+    expected = torch.zeros_like(scores)
+    for b, h, r in ((b, h, r) for b in range(B) for h in range(H_kv) for r in range(G * T)):
+        visible = mask[b, h % mask_heads, r % T]  # row r = g * T + t
+        if visible.any():
+            expected[b, h, r, visible] = torch.softmax(0.3 * scores[b, h, r, visible], dim=0)
+    torch.testing.assert_close(masked_softmax_(scores.clone(), mask, 0.3), expected)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 2048])
