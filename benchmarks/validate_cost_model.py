@@ -1,41 +1,56 @@
 """Validate the cost model on this machine: measured profile vs timed engine steps.
 
     python -m benchmarks.validate_cost_model          # from the repo root; CPU by default
-    python -m benchmarks.validate_cost_model --device cuda --out benchmarks/cost_model_validation_gpu.md
+    python -m benchmarks.validate_cost_model --device cuda     # writes benchmarks/cost_model_validation_gpu.md
 
 The profile comes from `measure_hardware` alone (a copy, one square matmul, a mix of tiny ops; on
 CPU also matmuls of 1-64 rows against a generic 64 MiB and 512 KiB weight and the eager attention's
 passes over generic score tensors; on GPU graph replay): no model shape is used to measure it, and
-nothing is fitted to the rows below, so every row is held out. Each row times `forward_step` (the
-engine's one step, eager, with the engine's bucketed key range) for one shape — plain decode (T = 1)
-and verification (T = gamma + 1 = 4) at several batch sizes and contexts — and compares the median
-with `roofline_time(decode_step_cost(..., kv_bucket=KV_BUCKET), hw, graphs=False)`.
-Target: within 25% on CPU, 10% on GPU.
+nothing is fitted to the rows below, so every row is held out. Each row times one engine step for
+one shape (plain decode, T = 1, and verification, T = gamma + 1 = 4, at several batch sizes and
+contexts) and compares the median with `roofline_time(decode_step_cost(...), hw)`. The steps are the
+ones the engine runs on that device: on CPU `forward_step` eager over the bucketed key range
+(`kv_bucket=KV_BUCKET`, `graphs=False`); on CUDA the compiled step replayed from its CUDA graph
+(`StepRunner`, Triton attention over the live keys, `graphs=True`; `--eager` times eager steps
+instead). Target: within 25% on CPU, 10% on GPU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
+from gpt_fast_magicdec.attention import resolve_backend
+from gpt_fast_magicdec.benchmarking.report import device_name, git_commit
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import HardwareProfile, decode_step_cost, measure_hardware, roofline_time
-from gpt_fast_magicdec.engine import KV_BUCKET, StepSpec, bucketed_kv_limit, forward_step, random_model
+from gpt_fast_magicdec.engine import (CAPTURE_SCRATCH, KV_BUCKET, StepRunner, StepSpec, bucketed_kv_limit,
+                                      forward_step, random_model)
 
 # A mid-size shape whose weights (~390 MB fp32) and KV cache make memory traffic matter on CPU.
 MID = ModelArgs(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, intermediate_size=2816,
                 max_position_embeddings=8192)
-SWEEP = [  # (model, batches, contexts, query lengths)
-    ("tiny", (1, 8), (256, 2048), (1, 4)),
-    ("tiny-llama3", (2, 16), (512, 4096), (1, 4)),
-    ("mid", (1, 4, 8), (512, 2048), (1, 4)),
-]
+SWEEPS = {  # (model, batches, contexts, query lengths) by device type
+    "cpu": [
+        ("tiny", (1, 8), (256, 2048), (1, 4)),
+        ("tiny-llama3", (2, 16), (512, 4096), (1, 4)),
+        ("mid", (1, 4, 8), (512, 2048), (1, 4)),
+    ],
+    # Public shapes with random bf16 weights: a step reads 2.5-16 GB of weights and up to 16 GiB of
+    # KV, so it is bound by memory traffic as the engine's real workloads are.
+    "cuda": [
+        ("llama-3.2-1b", (1, 8, 32), (4096, 16384), (1, 4)),
+        ("llama-3.1-8b", (1, 8), (4096, 16384), (1, 4)),
+    ],
+}
 TOLERANCE = {"cpu": 0.25, "cuda": 0.10}
 
 
@@ -43,11 +58,21 @@ def model_args(name: str) -> ModelArgs:
     return MID if name == "mid" else ModelArgs.from_preset(name)
 
 
-def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device):
-    """One eager forward of `n_tokens` per sequence over `context` cached keys, with the key range the
-    engine's eager path uses (`bucketed_kv_limit`: context + n rounded up to KV_BUCKET)."""
+def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device,
+            runner: Optional[StepRunner] = None):
+    """One forward of `n_tokens` per sequence over `context` cached keys. Without a runner: eager,
+    with the key range the engine's eager path uses (`bucketed_kv_limit`: context + n rounded up to
+    KV_BUCKET), full fp32 logits. With one: the runner's step (compiled and replayed from a CUDA
+    graph), greedy as the engine's greedy decoding, its argmax inside the graph."""
     tokens = torch.randint(model.args.vocab_size, (batch, n_tokens), device=device)
     cache_len = torch.full((batch,), context, dtype=torch.long, device=device)
+    if runner is not None:
+        spec = StepSpec("target", n_tokens, greedy=True)
+
+        def step():
+            runner.run(spec, model, tokens, cache_len)
+            torch.cuda.synchronize(device)
+        return step
     kv_limit = bucketed_kv_limit(cache_len, n_tokens, model.max_seq_len, KV_BUCKET)
     spec = StepSpec("target", n_tokens, greedy=False)  # plain decoding / verification, full fp32 logits
 
@@ -81,40 +106,57 @@ def time_steps(steps: dict, device: torch.device, rounds: int = 5, budget_s: flo
     return {key: (statistics.median(times), faults[key] / len(times)) for key, times in samples.items()}
 
 
-def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype, graphs: bool,
+          models: Optional[list] = None) -> list[dict]:
     rows = []
-    for name, batches, contexts, lengths in SWEEP:
+    for name, batches, contexts, lengths in SWEEPS[device.type]:
+        if models and name not in models:
+            continue
         args = model_args(name)
         model = random_model(args, device, dtype)
+        runner = None
+        if graphs:
+            backend = resolve_backend("auto", device)
+            runner = StepRunner(backend, device, compile=True, use_graphs=True)
         with torch.inference_mode():
-            for batch in batches:
-                # The cache is [B, ...]; long enough that the bucketed key range is never capped.
-                cache = -(-(max(contexts) + max(lengths)) // KV_BUCKET) * KV_BUCKET
+            for batch in tqdm(batches, desc=f"{name}: batch sizes", leave=False):
+                # The cache is [B, ...]; long enough that the bucketed key range is never capped and
+                # that graph warm-ups have their scratch slots past the last real position.
+                cache = -(-(max(contexts) + max(lengths) + CAPTURE_SCRATCH) // KV_BUCKET) * KV_BUCKET
                 model.setup_caches(batch, cache, dtype, device)
+                if runner is not None:
+                    runner.graphs.drop()  # captured graphs bake in the old cache tensors
                 shapes = [(context, n) for context in contexts for n in lengths]
-                measured = time_steps({s: step_fn(model, batch, *s, device) for s in shapes}, device)
+                measured = time_steps({s: step_fn(model, batch, *s, device, runner) for s in shapes}, device)
                 for context, n in shapes:
-                    cost = decode_step_cost(args, batch, context, n, dtype.itemsize, kv_bucket=KV_BUCKET)
-                    predicted = roofline_time(cost, hw, graphs=False)
+                    # Graph steps read the live keys (Triton) or the whole cache (torch reference).
+                    kv = dict(kv_tokens=cache if runner and runner.backend == "torch" else None,
+                              kv_bucket=None if graphs else KV_BUCKET)
+                    cost = decode_step_cost(args, batch, context, n, dtype.itemsize, **kv)
+                    predicted = roofline_time(cost, hw, graphs=graphs)
                     seconds, faults = measured[(context, n)]
                     rows.append(dict(model=name, batch=batch, context=context, n_tokens=n,
                                      predicted_ms=predicted * 1e3, measured_ms=seconds * 1e3,
                                      error=predicted / seconds - 1, faults=faults,
                                      score_mb=4 * cost.score_elems / 2**20))
-        del model
+        del model, runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
-def report(hw: HardwareProfile, rows: list[dict], device: torch.device, tolerance: float) -> str:
+def report(hw: HardwareProfile, rows: list[dict], device: torch.device, tolerance: float, graphs: bool,
+           command: str) -> str:
     within = sum(abs(r["error"]) <= tolerance for r in rows)
     fields = {f.name: getattr(hw, f.name) for f in dataclasses.fields(hw)}
+    steps = "graph-replayed compiled steps, `graphs=True`" if graphs else "eager steps, `graphs=False`"
     lines = [f"# Cost model validation on {device.type}", "",
-             f"Generated by `python -m benchmarks.validate_cost_model` on {platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"Generated by `{command}` on {device_name(device)}, "
+             f"torch {torch.__version__}, commit `{git_commit()}`, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "Profile measured by `measure_hardware` (no model shape used): "
              + ", ".join(f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in fields.items()), "",
-             f"**{within} / {len(rows)} rows within {tolerance:.0%}** (eager steps, `graphs=False`).", "",
+             f"**{within} / {len(rows)} rows within {tolerance:.0%}** ({steps}).", "",
              "| model | batch | context | T | scores MiB / layer | page faults / step | predicted ms | measured ms | error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -126,7 +168,7 @@ def report(hw: HardwareProfile, rows: list[dict], device: torch.device, toleranc
     for (name, n), group in _groups(rows).items():
         ok = sum(abs(r["error"]) <= tolerance for r in group)
         lines.append(f"| {name} | {n} | {statistics.median(r['error'] for r in group):+.0%} | {ok} / {len(group)} |")
-    return "\n".join(lines) + "\n" + NOTES
+    return "\n".join(lines) + "\n" + (NOTES if device.type == "cpu" else GPU_NOTES)
 
 
 def _groups(rows: list[dict]) -> dict:
@@ -194,19 +236,52 @@ NOTES = """
 """
 
 
+GPU_NOTES = """
+## What the model counts on GPU
+
+- **Graph steps** (the default on CUDA): linear layers and attention each at max(bytes / copy
+  bandwidth, FLOPs / bf16 matmul rate), both measured on generic tensors, attention over the live
+  keys the Triton kernel reads; plus `step_overhead_s` (replay and sync of a one-kernel graph) and
+  `GRAPH_KERNELS` per layer and per step times `kernel_overhead_s` (the gap between kernels of a
+  replayed graph). The in-graph argmax of greedy steps and the copies of tokens and lengths into
+  the graph's buffers are not counted.
+- **Eager steps** (`--eager`): the same rooflines plus `EAGER_OPS` per layer and per step times the
+  measured per-op cost, as if the host's launches and the GPU's work did not overlap.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("cost_model_validation_cpu.md"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown report to write (default: benchmarks/cost_model_validation_cpu.md, "
+                             "_gpu.md on CUDA, _gpu_eager.md with --eager)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of the device's sweep (CPU: tiny, tiny-llama3, mid; "
+                             "CUDA: llama-3.2-1b, llama-3.1-8b), e.g. to split a GPU run into shorter ones")
+    parser.add_argument("--eager", action="store_true",
+                        help="on CUDA, time eager steps instead of the engine's compiled CUDA-graph steps")
     opts = parser.parse_args()
+    device_type = opts.device.split(":")[0]
+    if device_type not in SWEEPS or (device_type == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"error: --device must be cpu or an available cuda device, got {opts.device}")
     device = torch.device(opts.device)
+    models = opts.models.split(",") if opts.models else None
+    known = [name for name, *_ in SWEEPS[device.type]]
+    if models and not set(models) <= set(known):
+        raise SystemExit(f"error: --models takes names from the {device.type} sweep ({', '.join(known)}), "
+                         f"got {opts.models}")
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU time = step time only with one thread; profile and steps alike
+    graphs = device.type == "cuda" and not opts.eager
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     hw = measure_hardware(device)
-    rows = sweep(hw, device, dtype)
-    text = report(hw, rows, device, TOLERANCE.get(device.type, 0.25))
-    opts.out.write_text(text)
+    rows = sweep(hw, device, dtype, graphs, models)
+    command = " ".join(["python -m benchmarks.validate_cost_model", *sys.argv[1:]])
+    text = report(hw, rows, device, TOLERANCE[device.type], graphs, command)
+    suffix = "cpu" if device.type == "cpu" else ("gpu" if graphs else "gpu_eager")
+    out = opts.out or Path(__file__).with_name(f"cost_model_validation_{suffix}.md")
+    out.write_text(text)
     print(text)
 
 

@@ -387,3 +387,33 @@ def test_predict_times_kv_bucket():
     assert t.target == decode_step_cost(TINY_L3, 2, 300, 1, 4, kv_bucket=256)
     assert t.verify == decode_step_cost(TINY_L3, 2, 300, 4, 4, kv_bucket=256)
     assert t.draft == decode_step_cost(TINY_L3, 2, 300, 1, 4, kv_tokens=64)  # sparse view: not bucketed
+
+
+def test_validation_script_runs_on_cpu(tmp_path, monkeypatch):
+    # benchmarks/validate_cost_model.py on one model of its CPU sweep: a row per shape with a
+    # prediction, a measurement and an error, and the command and commit beside them. Each step runs
+    # once (a stand-in for time_steps reports 1 ms): no timing is asserted.
+    import sys
+
+    from benchmarks import validate_cost_model
+
+    def run_once(steps, device):
+        for step in steps.values():
+            step()
+        return dict.fromkeys(steps, (1e-3, 0.0))
+    out = tmp_path / "validation.md"
+    monkeypatch.setattr(sys, "argv", ["validate_cost_model", "--models", "tiny", "--out", str(out)])
+    monkeypatch.setattr(validate_cost_model, "time_steps", run_once)
+    threads = torch.get_num_threads()
+    try:
+        validate_cost_model.main()
+    finally:
+        torch.set_num_threads(threads)  # main() times with one thread
+    text = out.read_text()
+    assert "`python -m benchmarks.validate_cost_model --models tiny --out" in text and "commit `" in text
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| tiny | ")]
+    rows = [row for row in rows if len(row) == 11]  # the step table's rows, not the summary's
+    assert len(rows) == 8  # batches (1, 8) x contexts (256, 2048) x T (1, 4)
+    for row in rows:
+        predicted, measured = float(row[7]), float(row[8])
+        assert predicted > 0 and measured == 1.0
