@@ -218,13 +218,13 @@ NOTES = """
 - **Borderline rows move between runs.** The host has 2 cores shared with other jobs, and both
   the profile (medians of CPU time, one thread) and the steps (medians of CPU time, one thread,
   5 interleaved rounds per shape) move by ~5-15% between runs. Memory-bandwidth contention is still
-  counted as CPU time. In 10 runs of this version (the last one is the table above) the count
-  was 28 of 28 nine times and 27 once (tiny-llama3 at batch 16 x context 4096 x T 4 at -25.3%).
+  counted as CPU time. In 11 runs of this version (the last one is the table above) the count
+  was 28 of 28 ten times and 27 once (tiny-llama3 at batch 16 x context 4096 x T 4 at -25.3%).
   That row ranged from -25% to
   +16%; the +16% came in a run whose profile measured the 16 MiB score passes at twice the usual
-  cost from a median of 3 repeats. The profile now takes the median of 10, and the last 5 runs
+  cost from a median of 3 repeats. The profile now takes the median of 10, and the last 6 runs
   were all 28 of 28, that row at -4% to -18%.
-- **Systematic residual: mid at batch 1, T 1 is under-predicted by 16-23%.** The profile's 1-row
+- **Systematic residual: mid at batch 1, T 1 is under-predicted by 15-23%.** The profile's 1-row
   rate comes from one generic weight (8192 x 2048). Measured separately, streamed 1-row matmuls
   run at 8.7-10.6 GFLOP/s depending on the weight's shape (1536 x 1024 and 2816 x 1024, the mid
   model's fused QKV and gate/up weights, run 13-15% below the generic one; 1024 x 2816 runs at
