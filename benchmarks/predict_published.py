@@ -39,7 +39,6 @@ BUDGET_V5_STREAMING = 512  # v5 Table 1 caption: "StreamingLLM budget for the dr
 BUDGET_V5_SNAPKV = 2049  # v5 section 5.2: the best SnapKV budget (Tables 2, 4, 6 do not state one)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class StepTimes:
     """Per-step times as published (v5 Tables 1, 2, 4). The extracted text gives no unit; they are

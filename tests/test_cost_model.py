@@ -9,9 +9,10 @@ import torch
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import (
     EAGER_MODULES, EAGER_OPS, GRAPH_KERNELS, PROFILES, SCORE_PASS_OPS, HardwareProfile, StepCost,
-    achieved_bandwidth, allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost, eager_attention_time, eager_keys,
-    expected_tokens, get_profile, kv_bytes_per_token, measure_hardware, overhead_time, param_count,
-    params_touched, predict_times, predicted_speedup, roofline_time, row_rate, weight_bytes,
+    achieved_bandwidth, allreduce_time, best_gamma, best_gamma_from_times, decode_step_cost,
+    eager_attention_time, eager_keys, expected_tokens, get_profile, kv_bytes_per_token, measure_hardware,
+    overhead_time, param_count, params_touched, predict_times, predicted_speedup, roofline_time, row_rate,
+    weight_bytes,
 )
 from gpt_fast_magicdec.errors import UserError
 

@@ -134,14 +134,15 @@ def main(models, corpus, context, stride, bin_size, self_draft, threads, out_pre
         if view is not None:
             entries[-1].update({"self_draft_kl_by_bin": binned(scores["kl"], bin_size),
                                 "self_draft_agreement_by_bin": binned(scores["agreement"], bin_size)})
-            click.echo(f"{entries[-1]['label']}: self-draft agreement by bin {entries[-1]['self_draft_agreement_by_bin']}",
-                       err=True)
+            agreement = entries[-1]["self_draft_agreement_by_bin"]
+            click.echo(f"{entries[-1]['label']}: self-draft agreement by bin {agreement}", err=True)
         click.echo(f"{entries[-1]['label']}: mean {entries[-1]['mean_loss']:.4f} over {len(windows)} windows; "
                    f"by bin {entries[-1]['loss_by_bin']}", err=True)
     report = {"command": "python -m tools.tiny_model.position_loss " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "git_commit": git_commit() or "unknown",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "context": context, "stride": stride or context, "bin_size": bin_size, "windows": len(windows), "self_draft": self_draft, "torch": torch.__version__,
+              "context": context, "stride": stride or context, "bin_size": bin_size, "windows": len(windows),
+              "self_draft": self_draft, "torch": torch.__version__,
               "models": entries}
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
