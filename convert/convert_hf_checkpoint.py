@@ -25,14 +25,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from gpt_fast_magicdec import cli
+from gpt_fast_magicdec.cli.options import DTYPES as CLI_DTYPES
 from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                           engine_weight_files, first_line, hf_to_engine_name,
                                           save_engine_checkpoint, validate_state_dict)
 from gpt_fast_magicdec.config import ENGINE_CONFIG_NAME, ModelArgs
 from gpt_fast_magicdec.errors import UserError
 
-DTYPES = {**cli.DTYPES, "auto": None}  # auto: keep the checkpoint's own dtype
+DTYPES = {**CLI_DTYPES, "auto": None}  # auto: keep the checkpoint's own dtype
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old transformers versions saved
 # (index file, single file, shard glob) in order of preference.
 _HF_LAYOUTS = (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kernels import decode_attention_reference, full_view_mask, kernel_supports
+from .kernels import decode_attention_reference, full_view_mask, kernel_supports
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 MAX_KERNEL_QUERIES = 16  # the Triton kernel's query-tile budget (draft 1-2 tokens, verify gamma+1)
@@ -135,7 +135,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name == "torch":
         return "torch"
-    from kernels import triton_available  # lazily: importing triton is slow
+    from .kernels import triton_available  # lazily: importing triton is slow
 
     usable = triton_available(device)  # CUDA, or the (slow) interpreter when TRITON_INTERPRET=1
     if name == "auto":
@@ -163,7 +163,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: 
                       "outside the Triton kernel's range: decode attention runs the torch path")
         use_kernel = False
     if use_kernel:
-        from kernels import decode_attention_triton
+        from .kernels import decode_attention_triton
 
         fn = decode_attention_triton
     else:

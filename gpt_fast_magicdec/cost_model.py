@@ -188,7 +188,7 @@ def _score_pass_cost(device: torch.device, reps: int, op_s: float) -> tuple:
     SCORE_PASS_OPS ops' fixed cost (`op_s` each) is subtracted: `overhead_time` counts it. The
     probabilities are allocated afresh per call, as in the engine; scale is 1 so that the scores
     overwritten in place stay the same from call to call."""
-    from kernels.reference import masked_softmax_
+    from .kernels.reference import masked_softmax_
 
     out = []
     for nbytes in SCORE_BYTES:

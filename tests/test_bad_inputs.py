@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bench
-import generate
-from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from gpt_fast_magicdec.cli import bench
+from gpt_fast_magicdec.cli import generate
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.data import looks_like_jsonl, read_jsonl_prompts
 from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
 from gpt_fast_magicdec.errors import UserError

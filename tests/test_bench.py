@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bench
+from gpt_fast_magicdec.cli import bench
 
 from gpt_fast_magicdec.benchmarking import sweep
 from gpt_fast_magicdec.cost_model import alpha_from_tokens_per_round, expected_tokens

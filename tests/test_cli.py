@@ -5,8 +5,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import generate
-from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from gpt_fast_magicdec.cli import generate
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from hf_fixtures import make_hf_checkpoint
 from tokenizer_fixtures import make_sentencepiece_dir
 

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from convert import convert_hf_checkpoint as conv
-from convert.convert_hf_checkpoint import convert_hf_checkpoint, main
+from gpt_fast_magicdec.convert import convert_hf_checkpoint as conv
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint, main
 from gpt_fast_magicdec.checkpoint import (expected_shapes, hf_to_engine_name, load_engine_checkpoint,
                                           validate_state_dict)
 from gpt_fast_magicdec.config import ModelArgs

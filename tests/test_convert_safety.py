@@ -12,7 +12,7 @@ import transformers
 from click.testing import CliRunner
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from convert.convert_hf_checkpoint import convert_hf_checkpoint, main
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint, main
 from gpt_fast_magicdec.config import ModelArgs, rope_inv_freq
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import edit_config, make_hf_checkpoint

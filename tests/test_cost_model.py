@@ -377,7 +377,7 @@ def test_eager_op_count_matches_forward_step():
 
 def test_score_pass_op_count_matches_the_reference():
     # _score_pass_cost subtracts SCORE_PASS_OPS fixed op costs from its timing of masked_softmax_.
-    from kernels.reference import masked_softmax_
+    from gpt_fast_magicdec.kernels.reference import masked_softmax_
 
     scores, mask = torch.randn(2, 2, 8, 16), torch.rand(2, 1, 4, 16) < 0.5
     assert count_ops(lambda: masked_softmax_(scores, mask, 0.5)) == SCORE_PASS_OPS

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.engine import CAPTURE_SCRATCH, Engine, StepSpec, load_model, random_model
 from gpt_fast_magicdec.errors import UserError

@@ -146,7 +146,7 @@ def test_lm_head_is_fp32_without_upcasting_the_weight():
 @pytest.mark.parametrize("T, sparse", [(1, False), (4, False), (1, True), (2, True)])
 def test_triton_matches_reference_on_device(dtype, T, sparse):
     pytest.importorskip("triton", reason="triton is not installed")
-    from kernels import decode_attention_reference, decode_attention_triton
+    from gpt_fast_magicdec.kernels import decode_attention_reference, decode_attention_triton
 
     g = torch.Generator(device="cuda").manual_seed(T)
     B, H, H_kv, S, D = 3, 8, 2, 1024, 128

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bench
+from gpt_fast_magicdec.cli import bench
 from gpt_fast_magicdec.benchmarking import kernel_report as kr
 from gpt_fast_magicdec.benchmarking import kernels as kb
 from gpt_fast_magicdec.benchmarking.report import sig

@@ -56,7 +56,7 @@ def engine_launches(batch: int = 4):
 
 def plan_for(dtype, view, T, dims, num_splits):
     """launch_plan on meta tensors laid out as the engine lays them out."""
-    from kernels.decode_attention import launch_plan
+    from gpt_fast_magicdec.kernels.decode_attention import launch_plan
 
     B, H, H_kv, D = dims
     meta = dict(device="meta", dtype=dtype)
@@ -93,7 +93,7 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import decode_attention as KD
+    from gpt_fast_magicdec.kernels import decode_attention as KD
 
     kname, arch, (signature, constexprs, attrs, options) = job
     src = ASTSource(getattr(KD, f"_{kname}_kernel"), signature, constexprs, attrs)
@@ -111,7 +111,7 @@ def compile_one(job):
 
 def compile_table(workers: int):
     """One row per (launch, kernel, arch); identical compile inputs are compiled once."""
-    from kernels import decode_attention as KD
+    from gpt_fast_magicdec.kernels import decode_attention as KD
 
     rows, jobs = [], {}
     for name, dtype, view, T, dims in engine_launches():

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-from kernels import decode_attention_reference as reference
-from kernels import triton_available
+from gpt_fast_magicdec.kernels import decode_attention_reference as reference
+from gpt_fast_magicdec.kernels import triton_available
 
 pytest.importorskip("triton", reason="triton is not installed")
-from kernels import decode_attention as KMOD  # noqa: E402  (after the skip: it imports triton)
+from gpt_fast_magicdec.kernels import decode_attention as KMOD  # noqa: E402  (after the skip: it imports triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 S_MAX = 128

@@ -64,7 +64,7 @@ def test_compare_exits_non_zero_on_a_real_divergence(monkeypatch):
     """generate.py --compare prints the report and fails on a divergence that is not a near-tie."""
     from click.testing import CliRunner
 
-    import generate
+    from gpt_fast_magicdec.cli import generate
     from gpt_fast_magicdec import lossless
 
     def diverging(model, prompts, plain, speculative):

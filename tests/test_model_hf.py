@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from convert.convert_hf_checkpoint import convert_hf_checkpoint
+from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.attention import AttentionView
 from gpt_fast_magicdec.engine import load_model
 from hf_fixtures import FAMILIES, make_hf_checkpoint

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import decode_attention_reference
-from kernels.reference import masked_softmax_
+from gpt_fast_magicdec.kernels import decode_attention_reference
+from gpt_fast_magicdec.kernels.reference import masked_softmax_
 
 
 def brute_force(q, k, v, cache_len, sel_pos, window, scale):
@@ -45,7 +45,7 @@ def test_sparse_view_equals_dense_attention_over_its_key_set(window, T):
 
 def one_shot_votes(q, k_cache, cache_len, S):
     """SnapKV's votes as first written: the whole [B, H_kv, G*T, S] score matrix at once, in fp32."""
-    from kernels import full_view_mask
+    from gpt_fast_magicdec.kernels import full_view_mask
 
     B, H, T, D = q.shape
     H_kv = k_cache.shape[1]

@@ -88,7 +88,7 @@ def ckpts(tmp_path_factory):
     bad:        1 query head, which 2 ranks cannot split.
     A standalone draft here is a copy of its target: it then proposes what the target would say, so
     the acceptance rate shows whether every rank verified the draft's real proposals."""
-    from convert.convert_hf_checkpoint import convert_hf_checkpoint
+    from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
     from hf_fixtures import make_hf_checkpoint
     from tokenizer_fixtures import make_sentencepiece_dir
 
@@ -107,7 +107,7 @@ def ckpts(tmp_path_factory):
 
 def single_process(args, out: Path) -> tuple[list, list]:
     """generate.py in this process -> (completion_ids per prompt, speculation summary lines)."""
-    import generate
+    from gpt_fast_magicdec.cli import generate
 
     # One thread, like each torchrun rank (OMP_NUM_THREADS=1): on a busy 2-core runner, the default
     # thread pool spins against the other processes and a 0.1 s run takes seconds.
@@ -183,7 +183,7 @@ def _driver(cases_file: str, out_dir: str) -> None:
     and record this rank's exit code and output in out_dir/rank<r>.json."""
     import torch.distributed as dist
 
-    import generate
+    from gpt_fast_magicdec.cli import generate
 
     rank = int(os.environ["RANK"])
     results = {}

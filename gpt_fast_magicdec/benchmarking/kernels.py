@@ -44,8 +44,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import triton_available
-from kernels.reference import decode_attention_reference, full_view_mask
+from ..kernels import triton_available
+from ..kernels.reference import decode_attention_reference, full_view_mask
 
 from .. import cuda_graphs
 from ..timing import time_calls
@@ -165,7 +165,7 @@ def _launch_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_len:
                    view: dict, num_splits: Optional[int]) -> Optional[int]:
     """The split count decode_attention_triton launches with (None if it cannot plan this call)."""
     try:
-        from kernels.decode_attention import launch_plan  # needs triton: imported only here
+        from ..kernels.decode_attention import launch_plan  # needs triton: imported only here
         return launch_plan(q, k, v, cache_len, scale=1.0, num_splits=num_splits, **view).num_splits
     except Exception:
         return None
@@ -237,7 +237,7 @@ def _measured_copy_bandwidth(device: torch.device) -> float:
 def _triton_entry(has_triton: bool, methods: Sequence[str]) -> Optional[Callable[..., torch.Tensor]]:
     """decode_attention_triton when some Triton method will run; None otherwise (triton may be absent)."""
     if has_triton and any(m.startswith("triton") for m in methods):
-        from kernels import decode_attention_triton  # needs triton: imported only here
+        from ..kernels import decode_attention_triton  # needs triton: imported only here
         return decode_attention_triton
     return None
 

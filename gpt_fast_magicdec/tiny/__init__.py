@@ -48,7 +48,7 @@ def _fingerprint(hf_dir: Path) -> str:
 
 
 def _converted(hf_dir: Path, prefix: str, what: str, flag: str) -> Path:
-    from convert.convert_hf_checkpoint import convert_hf_checkpoint
+    from ..convert.convert_hf_checkpoint import convert_hf_checkpoint
 
     from ..config import ENGINE_CONFIG_NAME
     from ..errors import UserError

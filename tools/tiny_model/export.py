@@ -152,7 +152,7 @@ def load_hf_model(hf_dir: Path, max_position_embeddings: Optional[int] = None) -
     weights the engine serves). `max_position_embeddings` replaces the config's value."""
     import dataclasses
 
-    from convert.convert_hf_checkpoint import convert_hf_checkpoint
+    from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 
     from gpt_fast_magicdec.checkpoint import load_engine_checkpoint
     from gpt_fast_magicdec.engine import model_from_state_dict
@@ -172,7 +172,7 @@ def compare_with_transformers(hf_dir: Path, tokens: torch.Tensor) -> float:
     weights read from `hf_dir` and converted with the project's converter) on `tokens` [B, T]."""
     import transformers
 
-    from convert.convert_hf_checkpoint import convert_hf_checkpoint
+    from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 
     from gpt_fast_magicdec.engine import load_model
 

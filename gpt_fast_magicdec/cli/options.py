@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import click
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

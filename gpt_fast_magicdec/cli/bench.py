@@ -1,0 +1,252 @@
+"""Plain decoding vs MagicDec speculative decoding: a sweep over batch size, prompt length, draft,
+budget and gamma, with measured and predicted speedups side by side.
+
+  python bench.py --random-weights llama-3.1-8b --simulate-acceptance 0.8 \\
+      --batch-sizes 1,8,32 --prompt-lengths 4096,16384 --gammas 2,3,4 --budgets 512
+  python bench.py --checkpoint ckpt/llama-3.1-8b --prompts-file pg19_test.jsonl --drafts self-streaming
+
+For each (batch, prompt length) it warms up plain decoding and every speculative configuration at
+the timed shapes, then times them interleaved, A B A C ... A (A: plain decoding), so that every
+speculative run is paired with the plain runs beside it (gpt_fast_magicdec/benchmarking/sweep.py).
+Writes results.json, results.md (the same rows and numbers) and speedup_vs_batch.png into --out-dir.
+
+Measured step times, per round:  T_T = plain decode time / rounds;  T_V = verify phase / rounds;
+T_D = draft phase / rounds / gamma. The speedup they predict, Omega(gamma, alpha) * T_T /
+(gamma * T_D + T_V), is shown beside the roofline cost model's prediction and the measured one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import torch
+from tqdm.auto import tqdm
+
+from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_now
+from gpt_fast_magicdec.benchmarking.sweep import DRAFTS, build_configs, sweep
+from gpt_fast_magicdec.benchmarking.sweep_report import merge_results, write_outputs
+from gpt_fast_magicdec.cli.options import model_options, resolve_device, resolve_dtype
+from gpt_fast_magicdec.config import PRESETS, ModelArgs
+from gpt_fast_magicdec.cost_model import PROFILES, get_profile
+from gpt_fast_magicdec.data import long_document_prompts, random_prompts
+from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
+from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
+from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    if not items or min(items) < 1:
+        raise click.BadParameter("expected positive integers")
+    return list(dict.fromkeys(items))  # drop repeats, keep the order
+
+
+def _draft_list(ctx, param, value):
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in DRAFTS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown draft(s) {unknown}; choose from {', '.join(DRAFTS)}")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Converted target checkpoint directory. Give this or --random-weights.")
+@click.option("--random-weights", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Benchmark a preset shape with random weights (pair with --simulate-acceptance).")
+@click.option("--draft-checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Standalone draft checkpoint: adds model-streaming and model-full to the default --drafts. "
+                   "'bundled-draft' names the bundled tiny draft model.")
+@click.option("--draft-random-weights", type=click.Choice(sorted(PRESETS)), default=None,
+              help="A standalone draft of this preset shape with random weights (e.g. llama-3.2-1b); "
+                   "like --draft-checkpoint.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_int_list, metavar="N,N,...",
+              help="Comma-separated batch sizes.")
+@click.option("--prompt-lengths", default="4096,16384", show_default=True, callback=_int_list, metavar="N,N,...",
+              help="Comma-separated prompt lengths in tokens (every prompt of a run has exactly this length).")
+@click.option("--gammas", default="2,3,4", show_default=True, callback=_int_list, metavar="N,N,...",
+              help="Comma-separated draft lengths (tokens drafted per round).")
+@click.option("--budgets", default="512", show_default=True, callback=_int_list, metavar="N,N,...",
+              help="Comma-separated draft KV budgets (keys read per draft query: selected + window). "
+                   "model-full ignores it.")
+@click.option("--sink", type=int, default=16, show_default=True,
+              help="Streaming drafts: attention-sink positions kept (window = budget - sink).")
+@click.option("--drafts", default=None, callback=_draft_list, metavar="NAME,...",
+              help=f"Comma-separated drafts from: {', '.join(DRAFTS)}. Default: self-streaming,self-snapkv, plus "
+                   "model-streaming,model-full with a standalone draft.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="PG-19-style JSONL (a 'text' field per line): prompts are token windows cut from its "
+                   "documents. Default: random token ids.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Tokenizer for --prompts-file with --random-weights (default: the checkpoint's).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True,
+              help="New tokens per sequence in each timed run (EOS is ignored so every run emits them all).")
+@model_options
+@click.option("--hardware", default="measure", show_default=True,
+              type=click.Choice(["measure", *PROFILES], case_sensitive=False),
+              help="Hardware profile of the cost model's predictions and the bandwidth column: a preset, or "
+                   "'measure' (copy bandwidth and matmul rate measured on --device).")
+@click.option("--simulate-acceptance", "alpha", type=click.FloatRange(0.0, 1.0), default=None, metavar="ALPHA",
+              help="Random weights only: run the real draft and verify passes, but accept each draft token with "
+                   "probability ALPHA (seeded, independent of the model). Every output is marked SIMULATED.")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True,
+              help="Untimed warm-up runs per configuration, plain decoding included (a few tokens at the timed "
+                   "run's shapes: compile, graph capture, allocator, first-seen shapes).")
+@click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,
+              help="Interleaved timed rounds A B A C ... per point (A: plain decoding, so every speculative run "
+                   "sits between two plain runs); medians and min/max are reported, a spread > 10% is flagged.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of random weights, prompts and simulated acceptance.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_results"),
+              show_default=True, help="Where results.json, results.md and speedup_vs_batch.png are written.")
+@click.option("--merge", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="Run nothing: combine the results.json of earlier --out-dir runs (e.g. one per prompt length, "
+                   "to keep each command short) into one table and plot in --out-dir. Repeatable.")
+@click.option("--profile-rounds", is_flag=True, default=False,
+              help="Also profile each speculative configuration (torch.profiler, two runs differenced) and "
+                   "report CUDA-graph launches, host syncs and device-to-host copies per round.")
+@click.option("--kernels", is_flag=True, default=False,
+              help="Run the attention kernel micro-benchmark instead of the end-to-end sweep, using --batch-sizes "
+                   "and --prompt-lengths as the contexts (T = 1 and gamma + 1 per --gammas; sparse view from the "
+                   "first --budgets and --sink): writes kernels.json, kernels.md and kernels.png into --out-dir.")
+def main(**opts):
+    """Benchmark plain decoding against MagicDec speculative decoding over a sweep of batch sizes,
+    prompt lengths, drafts, budgets and gammas. Reports tokens/s, speedup, acceptance, measured
+    vs predicted step-time ratios and speedups, and achieved memory bandwidth."""
+    warnings.showwarning = lambda message, *a, **k: tqdm.write(f"warning: {message}", file=sys.stderr)
+    try:
+        run(**opts)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+def command_line(opts: dict) -> str:
+    """The equivalent command with every option explicit (defaults included), for the record."""
+    parts = ["python", "bench.py"]
+    for key, value in opts.items():
+        flag = "--" + ("simulate-acceptance" if key == "alpha" else
+                       "tokenizer" if key == "tokenizer_dir" else key.replace("_", "-"))
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(flag if value else flag.replace("--", "--no-", 1))
+        elif isinstance(value, tuple):  # a repeatable option
+            parts += [x for item in value for x in (flag, str(item))]
+        else:
+            parts += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(parts)
+
+
+def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batch_sizes, prompt_lengths, gammas,
+        budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
+        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False):
+    opts = {key: value for key, value in locals().items() if key not in ("kernels", "profile_rounds") or value}
+    device = resolve_device(device) if not merge else None  # a bad device fails before any work
+    if kernels:  # no model: the attention kernels alone
+        from gpt_fast_magicdec.benchmarking.kernel_report import kernel_bench_cli
+        kernel_bench_cli(out_dir, command_line(opts), device, resolve_dtype(dtype, device), batch_sizes,
+                         prompt_lengths, gammas, budgets[0], sink, hardware)
+        return
+    if merge:
+        write_outputs(merge_results(merge, command_line(dict(merge=merge, out_dir=out_dir))), out_dir)
+        return
+    if (checkpoint is None) == (random_weights is None):
+        raise UserError("give exactly one of --checkpoint DIR or --random-weights PRESET")
+    if draft_checkpoint is not None and draft_random_weights is not None:
+        raise UserError("give at most one of --draft-checkpoint and --draft-random-weights")
+    draft_checkpoint = resolve_draft_checkpoint(draft_checkpoint)  # 'bundled-draft' -> its directory
+    if draft_checkpoint is not None and not draft_checkpoint.is_dir():
+        raise UserError(f"--draft-checkpoint {draft_checkpoint}: no such directory")
+    if alpha is not None and random_weights is None:
+        raise UserError("--simulate-acceptance is for --random-weights runs; a checkpoint's acceptance is real, "
+                        "measure it")
+    if max_new_tokens < 2:
+        raise UserError("--max-new-tokens must be >= 2 (the first token comes from prefill)")
+    has_draft_model = draft_checkpoint is not None or draft_random_weights is not None
+    drafts = drafts or (["self-streaming", "self-snapkv"] + (["model-streaming", "model-full"] if has_draft_model
+                                                              else []))
+    if not has_draft_model and any(DRAFTS[d][0] == "model" for d in drafts):
+        raise UserError("model-* drafts need --draft-checkpoint or --draft-random-weights")
+    configs = build_configs(drafts, gammas, budgets, sink)
+    dtype = resolve_dtype(dtype, device)
+    if device.type == "cuda":
+        set_compiler_flags()
+    hw = get_profile(hardware, device)  # before the weights, while the memory is free
+
+    engine = load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype,
+                               attention, compile, seed)
+    args, draft_args = engine.model.args, (engine.draft_model.args if engine.draft_model is not None else None)
+
+    tokenizer = None
+    if prompts_file is not None:
+        if tokenizer_dir is None and checkpoint is None:
+            raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
+        tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
+        check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
+    prompts_desc = (f"windows of {prompts_file.name} (seed {seed})" if tokenizer else f"random tokens (seed {seed})")
+
+    meta = run_metadata(command_line(opts), engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
+                        draft_random_weights, alpha, prompts_desc, max_new_tokens, warmup, repeats)
+
+    def prompt_pool(length: int) -> list:
+        if tokenizer:
+            return long_document_prompts(prompts_file, tokenizer, max(batch_sizes), length, seed)
+        return random_prompts(args.vocab_size, max(batch_sizes), length, seed)
+
+    rows, skipped = sweep(engine, configs, prompt_pool, batch_sizes, prompt_lengths, max_new_tokens, warmup, repeats,
+                          alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
+    write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir)
+
+
+def load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype, attention,
+                      compile, seed: int) -> Engine:
+    """The target (a checkpoint or random weights of a preset) and the optional standalone draft."""
+    if random_weights:
+        model = random_model(ModelArgs.from_preset(random_weights), device, dtype, seed)
+    else:
+        model = load_model(checkpoint, device, dtype)
+    draft_model = None
+    if draft_checkpoint is not None:
+        if checkpoint is not None:  # the same check as generate.py: one vocabulary, token for token
+            check_same_tokenizer(load_tokenizer(checkpoint), load_tokenizer(draft_checkpoint), draft_checkpoint)
+        draft_model = load_model(draft_checkpoint, device, dtype)
+    elif draft_random_weights is not None:
+        draft_model = random_model(ModelArgs.from_preset(draft_random_weights), device, dtype, seed + 1)
+    return Engine(model, draft_model=draft_model, attention=attention, compile=compile)
+
+
+def run_metadata(command: str, engine: Engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
+                 draft_random_weights, alpha, prompts_desc: str, max_new_tokens: int, warmup: int, repeats: int) -> dict:
+    """What results.json records beside the rows: command, commit, device, date, setup."""
+    return dict(command=command, git_commit=git_commit(), device=str(device),
+                device_name=device_name(device), torch_version=torch.__version__, date=utc_now(),
+                model=f"{random_weights} (random weights)" if random_weights else checkpoint.name,
+                draft_model=(f"{draft_random_weights} (random weights)" if draft_random_weights
+                             else draft_checkpoint.name if draft_checkpoint else None),
+                dtype=str(dtype).removeprefix("torch."), attention=engine.backend, compile=engine.compile,
+                cuda_graphs=engine.use_graphs, hardware=hw.name, hardware_profile=dataclasses.asdict(hw),
+                simulated_acceptance=alpha, prompts=prompts_desc, max_new_tokens=max_new_tokens,
+                warmup=warmup, repeats=repeats)
+
+
+def console_main() -> None:
+    """The `gfm-bench` command (and `python bench.py`)."""
+    main()
+
+
+if __name__ == "__main__":
+    console_main()
