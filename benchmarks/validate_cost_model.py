@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from gpt_fast_magicdec.attention import resolve_backend
 from gpt_fast_magicdec.benchmarking.report import device_name, git_commit
+from gpt_fast_magicdec.checkpoint import random_model
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import HardwareProfile, decode_step_cost, measure_hardware, roofline_time
-from gpt_fast_magicdec.engine import (CAPTURE_SCRATCH, KV_BUCKET, StepRunner, StepSpec, bucketed_kv_limit,
-                                      forward_step, random_model)
+from gpt_fast_magicdec.steps import CAPTURE_SCRATCH, KV_BUCKET, Step, StepRunner, StepSpec, bucketed_kv_limit, forward_step
 
 # A mid-size shape whose weights (~390 MB fp32) and KV cache make memory traffic matter on CPU.
 MID = ModelArgs(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, intermediate_size=2816,
@@ -67,10 +67,10 @@ def step_fn(model, batch: int, context: int, n_tokens: int, device: torch.device
     tokens = torch.randint(model.args.vocab_size, (batch, n_tokens), device=device)
     cache_len = torch.full((batch,), context, dtype=torch.long, device=device)
     if runner is not None:
-        spec = StepSpec("target", n_tokens, greedy=True)
+        graphed = Step(StepSpec("target", n_tokens, greedy=True), model)
 
         def step():
-            runner.run(spec, model, tokens, cache_len)
+            runner.run(graphed, tokens, cache_len)
             torch.cuda.synchronize(device)
         return step
     kv_limit = bucketed_kv_limit(cache_len, n_tokens, model.max_seq_len, KV_BUCKET)
@@ -125,7 +125,7 @@ def sweep(hw: HardwareProfile, device: torch.device, dtype: torch.dtype, graphs:
                 cache = -(-(max(contexts) + max(lengths) + CAPTURE_SCRATCH) // KV_BUCKET) * KV_BUCKET
                 model.setup_caches(batch, cache, dtype, device)
                 if runner is not None:
-                    runner.graphs.drop()  # captured graphs bake in the old cache tensors
+                    runner.graphs.clear()  # captured graphs bake in the old cache tensors
                 shapes = [(context, n) for context in contexts for n in lengths]
                 measured = time_steps({s: step_fn(model, batch, *s, device, runner) for s in shapes}, device)
                 for context, n in shapes:

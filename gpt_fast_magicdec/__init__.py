@@ -1,6 +1,6 @@
 """gpt-fast-magicdec: Llama-family inference with MagicDec sparse-KV speculative decoding.
 
-The public surface, used by `generate.py`, `bench.py` and the README's Python example:
+The public surface, used by the CLIs (gfm-generate, gfm-bench) and the README's Python example:
 
     import gpt_fast_magicdec as gfm
 
@@ -9,9 +9,14 @@ The public surface, used by `generate.py`, `bench.py` and the README's Python ex
     result = engine.generate(ids, 64, draft=gfm.DraftConfig(kind="self", kv="streaming", budget=512))
     print(tokenizer.decode(result.tokens[0]), result.stats.acceptance_rate)
 
-`Engine.generate` takes token-id lists (ragged) and returns per-sequence token ids plus statistics;
-`DraftConfig` picks the drafter (`none`, `self`, `model`) and the KV selection policy (`POLICIES`).
-Everything else in the package is an implementation module with its own docstring.
+    for completion in engine.stream(many_prompts, 256, slots=32, draft=...):   # a batch job
+        print(completion.index, tokenizer.decode(completion.tokens))
+
+`Engine.generate` takes token-id lists (ragged) and returns per-prompt token ids plus statistics;
+`Engine.stream` runs a job over many prompts through a fixed number of slots and yields each
+completion as it finishes. `DraftConfig` picks the drafter (`DRAFT_KINDS`: none, self, model,
+lookup, lookup+self, ...) and a model drafter's KV selection policy (`POLICIES`). Everything else
+in the package is an implementation module with its own docstring.
 """
 from __future__ import annotations
 
@@ -20,17 +25,22 @@ from typing import Optional, Union
 
 import torch
 
+from .checkpoint import load_model, random_model
 from .config import PRESETS, ModelArgs
+from .drafters import DRAFT_KINDS
 from .drafting import DraftConfig
-from .engine import Engine, GenerationResult, GenerationStats, load_model, random_model
-from .errors import UserError
+from .engine import Engine
+from .errors import ParameterError, UserError
 from .policies import POLICIES
 from .sampling import SamplingParams
+from .stats import Completion, GenerationResult, GenerationStats
 from .tokenizer import Tokenizer, check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 
-__all__ = ["DraftConfig", "Engine", "GenerationResult", "GenerationStats", "ModelArgs", "POLICIES", "PRESETS",
-           "SamplingParams", "Tokenizer", "UserError", "load_engine", "load_model", "load_tokenizer",
-           "random_model"]
+__all__ = ["Completion", "DRAFT_KINDS", "DraftConfig", "Engine", "GenerationResult", "GenerationStats", "ModelArgs",
+           "POLICIES", "PRESETS", "ParameterError", "SamplingParams", "Tokenizer", "UserError", "load_engine",
+           "load_model", "load_tokenizer", "random_model"]
+
+PathLike = Union[str, Path]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -38,24 +48,51 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_engine(checkpoint: Union[str, Path, None] = None, *, draft_checkpoint: Union[str, Path, None] = None,
+def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Optional[PathLike] = None,
+                random_weights: Optional[str] = None, draft_random_weights: Optional[str] = None,
                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
-                attention: str = "auto", compile: Optional[bool] = None) -> tuple[Engine, Tokenizer]:
-    """A converted checkpoint (None: the bundled tiny model) as (Engine, Tokenizer), on one device.
+                attention: str = "auto", compile: Optional[bool] = None, tp=None, seed: int = 0
+                ) -> tuple[Engine, Optional[Tokenizer]]:
+    """The one way to build an engine -> (Engine, its Tokenizer; None for random weights).
 
-    A standalone draft must share the target's tokenizer (checked). For tensor parallelism use
-    `generate.py` under torchrun, which shards the weights over the ranks."""
+    checkpoint: a converted checkpoint directory (None: the bundled tiny model), or instead
+    random_weights, a PRESETS name (random weights of that shape, seeded: for speed only).
+    draft_checkpoint (or draft_random_weights): a standalone draft sharing the target's tokenizer
+    (checked); "bundled-draft" names the bundled tiny draft. tp: a tp.TensorParallel under
+    torchrun (generate.py starts it): each rank loads its shard, the draft only where its ranks are."""
+    from .tiny import bundled_checkpoint, resolve_draft_checkpoint
+
+    if checkpoint is not None and random_weights is not None:
+        raise ParameterError("give either {checkpoint} or {random_weights}, not both")
+    if draft_checkpoint is not None and draft_random_weights is not None:
+        raise ParameterError("give at most one of {draft_checkpoint} and {draft_random_weights}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
-    if checkpoint is None:
-        from .tiny import bundled_checkpoint
-
-        checkpoint = bundled_checkpoint()
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_model(Path(checkpoint), device, dtype)
-    check_tokenizer_fits(tokenizer, model.args.vocab_size, str(checkpoint))
-    draft_model = None
+    tokenizer = None
+    if random_weights is not None:
+        args = ModelArgs.from_preset(random_weights)
+        model = tp.random_model(args, device, dtype, seed) if tp else random_model(args, device, dtype, seed)
+    else:
+        checkpoint = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
+        args = ModelArgs.load(checkpoint)  # the whole shape (under TP, model.args is this rank's shard)
+        tokenizer = load_tokenizer(checkpoint)
+        check_tokenizer_fits(tokenizer, args.vocab_size, checkpoint)
+        model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
+    draft_model = draft_args = None
+    draft_checkpoint = resolve_draft_checkpoint(None if draft_checkpoint is None else Path(draft_checkpoint))
     if draft_checkpoint is not None:
-        check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), str(draft_checkpoint))
-        draft_model = load_model(Path(draft_checkpoint), device, dtype)
-    return Engine(model, draft_model=draft_model, attention=attention, compile=compile), tokenizer
+        draft_args = ModelArgs.load(draft_checkpoint)
+        if tokenizer is not None:
+            check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), draft_checkpoint)
+        if tp is None:
+            draft_model = load_model(draft_checkpoint, device, dtype)
+        elif tp.holds_draft:
+            draft_model = tp.load_model(draft_checkpoint, device, dtype, draft=True)
+    elif draft_random_weights is not None:
+        if tp is not None:
+            raise ParameterError("{draft_random_weights} runs on one device only (no tensor parallelism)")
+        draft_args = ModelArgs.from_preset(draft_random_weights)
+        draft_model = random_model(draft_args, device, dtype, seed + 1)
+    engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp, args=args,
+                    draft_args=draft_args)
+    return engine, tokenizer

@@ -3,7 +3,8 @@ safetensors save/load with validation.
 
 A checkpoint directory holds `engine_config.json` (ModelArgs), the weights as `model.safetensors`
 or as shards `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`, and the
-tokenizer files copied from the Hugging Face directory. Loading never unpickles."""
+tokenizer files copied from the Hugging Face directory. Loading never unpickles. Models are built
+from it here too (on the meta device, adopting the loaded tensors), or with random weights."""
 from __future__ import annotations
 
 import json
@@ -176,3 +177,47 @@ def load_engine_checkpoint(directory: Path, device="cpu") -> tuple[ModelArgs, di
         state_dict.update(tensors)
     validate_state_dict(args, state_dict)
     return args, state_dict
+
+
+# ---- building models ----------------------------------------------------------------------------
+def model_from_state_dict(args: ModelArgs, state_dict: dict, device, dtype):
+    """Build on the meta device and adopt the tensors (no second copy of the weights)."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise UserError(f"checkpoint does not match the model: missing {sorted(set(missing) - allowed_missing)[:3]}, "
+                        f"unexpected {unexpected[:3]}; {RECONVERT_HINT}")
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def random_model(args: ModelArgs, device, dtype, seed: int = 0):
+    """Random weights of a preset shape, for benchmarks: the output text is noise."""
+    from .model import Transformer
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    torch.nn.init.normal_(p, std=0.02)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def load_model(checkpoint: Path, device, dtype, shard=None):
+    """Load a converted checkpoint; `shard(args, state_dict) -> (args, state_dict)` slices it for TP."""
+    args, state_dict = load_engine_checkpoint(checkpoint)
+    if shard is not None:
+        args, state_dict = shard(args, state_dict)
+    return model_from_state_dict(args, state_dict, device, dtype)

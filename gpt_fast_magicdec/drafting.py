@@ -1,10 +1,12 @@
-"""Draft configuration: which drafter (none / self / a standalone model), which KV selection
-policy it reads the cache through (policies/), its budget and gamma.
+"""Draft configuration: which drafter proposes (drafters/), through which KV selection policy a
+model drafter reads the cache (policies/), its budget, and gamma. Frozen and checked when built.
 
-  --draft none                      plain decoding
-  --draft self --draft-kv streaming self-speculation, sink + sliding window over the target's cache
-  --draft self --draft-kv snapkv    self-speculation, SnapKV-selected positions + sliding window
-  --draft-checkpoint DIR            a standalone draft model, any policy, or `full` (the whole cache)
+  DraftConfig()                                   plain decoding (kind "none")
+  DraftConfig(kind="self")                        self-speculation: streaming view, budget 512, sink 16
+  DraftConfig(kind="self", kv="snapkv")           self-speculation through SnapKV-selected keys
+  DraftConfig(kind="model", kv="full")            a standalone draft model with a full cache
+  DraftConfig(kind="lookup")                      prompt lookup: n-gram matches in the text so far
+  DraftConfig(kind="lookup+self")                 the lookup's proposal where it has one, else self
 """
 from __future__ import annotations
 
@@ -13,83 +15,109 @@ import warnings
 from typing import Optional
 
 from .attention import MAX_KERNEL_QUERIES
-from .errors import UserError
+from .errors import ParameterError
 from .policies import POLICIES, SelectionPolicy
 
-DRAFT_KINDS = ("none", "self", "model")
-DRAFT_KV = tuple(POLICIES)
-FULL_BUDGET = -1  # --draft-budget -1, the CLI's older spelling of --draft-kv full
-# With no --draft-budget the draft reads at most 1/DEFAULT_BUDGET_FRACTION of the shortest prompt:
+# With no explicit budget a draft reads at most 1/DEFAULT_BUDGET_FRACTION of the shortest prompt:
 # a 512-key budget over a 600-token prompt would make the "sparse" draft nearly the target.
 DEFAULT_BUDGET_FRACTION = 4
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DraftConfig:
-    kind: str = "none"  # none | self | model
-    kv: str = "streaming"  # a POLICIES name
-    budget: int = 512  # keys the draft reads per query: selected + window (unused by `full`)
+    kind: str = "none"  # "none", a drafter of drafters.DRAFTERS, or a chain such as "lookup+self"
+    kv: str = "streaming"  # model drafters: a POLICIES name
+    budget: int = 512  # model drafters: keys read per draft query, selected + window (unused by `full`)
     sink: int = 16  # streaming: attention-sink positions kept at the start
-    window: Optional[int] = None  # sliding window; None: the policy's default
-    gamma: int = 3
+    window: Optional[int] = None  # the sliding window; None: the policy's default (see `view_window`)
+    gamma: int = 3  # draft tokens per round
     obs_window: int = 32  # snapkv: last prompt tokens whose attention votes for positions
     pool_kernel: int = 7  # snapkv: 1-D pooling over the votes
+    ngram: int = 3  # lookup: the longest n-gram matched (shorter ones are tried when it has no match)
 
     def __post_init__(self):
+        from .drafters import DRAFT_KINDS, drafter_class
+
         if self.kind not in DRAFT_KINDS:
-            raise UserError(f"--draft must be one of {DRAFT_KINDS}, got {self.kind!r}")
-        if self.budget == FULL_BUDGET:
-            # CLI compatibility, and the only place the sentinel is read: generate.py and bench.py
-            # still spell the full-cache draft as --draft-budget -1.
-            self.kv = "full"
+            raise ParameterError(f"{{kind}} must be one of {', '.join(DRAFT_KINDS)}, got {self.kind!r}")
         if self.kv not in POLICIES:
-            raise UserError(f"--draft-kv must be one of {DRAFT_KV}, got {self.kv!r}")
-        if self.kind == "none":
+            raise ParameterError(f"{{kv}} must be one of {', '.join(POLICIES)}, got {self.kv!r}")
+        if not self.enabled:
             return
         if self.gamma < 1:
-            raise UserError(f"--gamma must be >= 1 for speculative decoding, got {self.gamma} "
-                            "(--gamma 0 or --draft none is plain decoding)")
+            raise ParameterError(f"{{gamma}} must be >= 1 for speculative decoding, got {self.gamma} "
+                                 "(plain decoding is kind 'none')")
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
-            raise UserError(f"--gamma must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
-                            "(acceptance decays geometrically: useful values are 1-8)")
-        self.policy.validate(self)
+            raise ParameterError(f"{{gamma}} must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
+                                 "(acceptance decays geometrically: useful values are 1-8)")
+        for stage in self.stages:
+            drafter_class(stage).check(self)
+
+    # -- what it is ----------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The drafters it chains, first to last ("lookup+self" -> ("lookup", "self"))."""
+        return tuple(self.kind.split("+")) if self.enabled else ()
+
+    @property
+    def reads_cache(self) -> bool:
+        """A model drafter is part of it, reading a KV cache through the policy's view."""
+        return any(drafter_needs_view(stage) for stage in self.stages)
 
     @property
     def policy(self) -> SelectionPolicy:
         return POLICIES[self.kv]
 
     @property
-    def enabled(self) -> bool:
-        return self.kind != "none"
+    def full(self) -> bool:
+        """The draft model reads the whole cache (no window, no selection)."""
+        return self.policy.full
 
     @property
-    def full(self) -> bool:
-        """The draft reads the whole cache (no window, no selection)."""
-        return self.policy.full
+    def view_window(self) -> Optional[int]:
+        """The sliding window the draft view reads: `window`, or the policy's default; None for a
+        full view or no model drafter."""
+        if not self.reads_cache or self.full:
+            return None
+        return self.window if self.window is not None else self.policy.default_window(self)
 
     @property
     def n_selected(self) -> int:
         """Selected (non-window) keys per layer and KV head."""
-        return 0 if self.full or not self.enabled else self.budget - self.window
+        window = self.view_window
+        return 0 if window is None else self.budget - window
 
     def describe(self) -> str:
         if not self.enabled:
             return "none (plain decoding)"
-        who = "self" if self.kind == "self" else "standalone model"
-        view = "full cache" if self.full else f"{self.kv}, budget {self.budget} (window {self.window})"
+        names = {"self": "self", "model": "standalone model", "lookup": f"prompt lookup (n-gram <= {self.ngram})"}
+        who = " then ".join(names.get(stage, stage) for stage in self.stages)
+        if not self.reads_cache:
+            return f"{who}, gamma {self.gamma}"
+        view = "full cache" if self.full else f"{self.kv}, budget {self.budget} (window {self.view_window})"
         return f"{who}, {view}, gamma {self.gamma}"
 
     def warn_if_budget_covers(self, context: int) -> None:
-        if self.enabled and not self.full and self.budget >= context:
-            warnings.warn(f"--draft-budget {self.budget} covers the whole context ({context} tokens): the "
+        if self.reads_cache and not self.full and self.budget >= context:
+            warnings.warn(f"the draft budget ({self.budget}) covers the whole context ({context} tokens): the "
                           "draft sees everything, so it is as expensive as the target", stacklevel=2)
 
 
+def drafter_needs_view(stage: str) -> bool:
+    from .drafters import drafter_class
+
+    return drafter_class(stage).reads_cache
+
+
 def budget_for_context(config: DraftConfig, context: int) -> DraftConfig:
-    """The draft config for a batch whose shortest prompt has `context` tokens, when the user did
-    not choose the budget: the default budget, clipped to context // DEFAULT_BUDGET_FRACTION but
-    never below what the policy's view needs (SelectionPolicy.smallest_budget)."""
-    if not config.enabled or config.full:
+    """The draft config for a job whose shortest prompt has `context` tokens, when the user did not
+    choose the budget: the default budget, clipped to context // DEFAULT_BUDGET_FRACTION but never
+    below what the policy's view needs (SelectionPolicy.smallest_budget)."""
+    if not config.reads_cache or config.full:
         return config
     budget = min(config.budget, max(context // DEFAULT_BUDGET_FRACTION, config.policy.smallest_budget(config)))
     if budget == config.budget:

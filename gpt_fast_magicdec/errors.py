@@ -1,8 +1,32 @@
-"""The one exception type for mistakes a user can fix (bad flag, bad checkpoint, bad prompt).
+"""The exception types for mistakes a user can fix (bad flag, bad checkpoint, bad prompt).
 
 CLIs catch `UserError` and print its message as one line with a non-zero exit, no traceback.
 Anything else is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import string
 
 
 class UserError(Exception):
     """A problem with the user's input. The message says what is wrong and what to do."""
+
+
+class ParameterError(UserError):
+    """A bad argument of the Python API, whose message names the parameters it is about.
+
+    The message is a template with a `{name}` field per parameter: the library says `gamma must be
+    >= 1`, and a CLI renames the fields to its flags (`--gamma must be >= 1`) with `named(flags)`.
+    Values go into the template directly, so a field is written with doubled braces in an f-string:
+    `ParameterError(f"{{gamma}} must be >= 1, got {gamma}")`."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.named({}))
+
+    @property
+    def parameters(self) -> list[str]:
+        return [field for _, field, _, _ in string.Formatter().parse(self.template) if field]
+
+    def named(self, names: dict) -> str:
+        """The message with each parameter called names[parameter] (default: its Python name)."""
+        return self.template.format(**{p: names.get(p, p) for p in self.parameters})

@@ -1,4 +1,4 @@
-"""What "lossless" means for greedy output, checked honestly (DESIGN 13, issue 11).
+"""What "lossless" means for greedy output, checked honestly.
 
 Speculative verification runs the target over B*(gamma+1) rows while plain decoding runs B rows,
 so matmuls take different reduction paths and low-precision results differ in their last bits.
@@ -9,7 +9,7 @@ at a position where the target's top-2 logit gap is below NEAR_TIE_GAP for the m
 divergence at a larger gap is a bug.
 
 compare_greedy() finds each sequence's first divergence and measures the target's top-2 gap
-there, by re-running the target (cache-free) on the prompt plus the tokens both runs agree on.
+there, by re-running the target on the prompt plus the tokens both runs agree on.
 """
 from __future__ import annotations
 
@@ -74,29 +74,23 @@ def first_divergence(a: list, b: list) -> Optional[int]:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-@torch.no_grad()
-def top2_gap(model, tokens: list) -> float:
-    """The target's top-1 minus top-2 logit for the token after `tokens` (a cache-free pass; under
-    tensor parallelism every rank must call it, and the vocabulary slices are gathered)."""
-    ids = torch.tensor([tokens], dtype=torch.long, device=model.tok_embeddings.weight.device)  # [1, L]
-    last = torch.tensor([[len(tokens) - 1]], device=ids.device)  # [1, 1]
-    logits = model(ids, output_index=last)[0, 0]  # [V] (this rank's slice under TP)
-    if model.vocab_shard is not None:
-        logits = model.vocab_shard.gather(logits)
-    top = logits.float().topk(2).values
+def top2_gap(engine, tokens: list) -> float:
+    """The target's top-1 minus top-2 logit for the token after `tokens` (under tensor parallelism
+    every rank must call it)."""
+    top = engine.next_token_logits(tokens).float().topk(2).values
     return float(top[0] - top[1])
 
 
-def compare_greedy(model, prompts: list, plain: list, speculative: list) -> LosslessReport:
+def compare_greedy(engine, prompts: list, plain: list, speculative: list) -> LosslessReport:
     """Per sequence: prompts[i] (ids), and the new tokens of plain and speculative greedy runs."""
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = engine.dtype
     threshold = NEAR_TIE_GAP.get(dtype, NEAR_TIE_GAP[torch.bfloat16])
     found = []
     for i, (prompt, a, b) in enumerate(zip(prompts, plain, speculative)):
         pos = first_divergence(a, b)
         if pos is None:
             continue
-        token = lambda seq: seq[pos] if pos < len(seq) else None  # noqa: E731
-        gap = top2_gap(model, list(prompt) + list(a[:pos]))
-        found.append(Divergence(i, pos, token(a), token(b), gap, threshold))
+        gap = top2_gap(engine, list(prompt) + list(a[:pos]))
+        found.append(Divergence(i, pos, a[pos] if pos < len(a) else None, b[pos] if pos < len(b) else None, gap,
+                                threshold))
     return LosslessReport(len(prompts), dtype, tuple(found))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import FULL_CAUSAL, AttentionView, CausalView, attend, causal_attention
+from .attention import AttentionView
 from .cache import KVCache
 from .config import ModelArgs, rope_inv_freq
 
@@ -65,7 +65,7 @@ def logits_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The LM head in fp32: x [..., dim] @ weight [V, dim]^T -> fp32 logits [..., V].
 
     bf16 logits would round near-ties differently in verification (B*(gamma+1) rows) and plain
-    decoding (B rows), flipping greedy tokens (issue 11). Where the device has a bf16 x bf16 -> fp32
+    decoding (B rows), flipping greedy tokens. Where the device has a bf16 x bf16 -> fp32
     matmul (CUDA) the weight stays in bf16: upcasting it every step would double the head's memory
     traffic. Elsewhere (CPU, where models run in fp32 anyway) the operands are upcast."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -94,8 +94,8 @@ class Attention(nn.Module):
             if names[0] in state_dict:
                 state_dict[f"{prefix}wqkv.{suffix}"] = torch.cat([state_dict.pop(n) for n in names])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                view: AttentionView | CausalView) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, view: AttentionView) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; the view writes the cache and attends (attention.py)."""
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -103,16 +103,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(view, CausalView):  # cache-free pass over the given tokens (training, scoring)
-            out = causal_attention(q, k, v, view)
-            return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
-        if view.hooks.write_cache:
-            k_cache, v_cache = self.kv_cache.update(view.input_pos, k, v)  # [B, H_kv, S_max, D]
-        else:
-            k_cache, v_cache = self.kv_cache.k_cache, self.kv_cache.v_cache
-        if view.hooks.observer is not None:
-            view.hooks.observer(self.layer_id, q, k_cache, view)
-        out = attend(q, k_cache, v_cache, view, self.layer_id, self.head_dim ** -0.5)  # [B, H, T, D]
+        out = view.attend(self.layer_id, q, k, v, self.kv_cache)  # [B, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
 
 
@@ -135,7 +126,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, view: AttentionView | CausalView) -> torch.Tensor:
+    def forward(self, x, cos, sin, view: AttentionView) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, view)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -172,25 +163,13 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, max_seq_len)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, tokens: torch.Tensor, view: Optional[AttentionView | CausalView] = FULL_CAUSAL,
-                output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [B, T] -> fp32 logits [B, T, V], or [B, K, V] at positions output_index [B, K].
-        With a vocab-sharded head (tensor parallelism) V is this rank's slice, vocab_shard.size.
-
-        A CausalView (the default: every earlier token) is a cache-free pass over positions 0..T-1
-        (training, scoring); a twin view returns [2B, T, V]: the target's logits, then its streaming
-        draft's, teacher-forced on the same tokens. None means FULL_CAUSAL."""
-        view = FULL_CAUSAL if view is None else view
-        if isinstance(view, CausalView):
-            cos, sin = rope_tables(self.args, tokens.shape[1])
-            cos, sin = cos.to(tokens.device)[None, None], sin.to(tokens.device)[None, None]  # [1, 1, T, D]
-        else:
-            pos = view.input_pos  # [B, T]
-            cos = self.rope_cos[pos].unsqueeze(1)  # [B, 1, T, D]
-            sin = self.rope_sin[pos].unsqueeze(1)
+    def forward(self, tokens: torch.Tensor, view: AttentionView, output_index: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """tokens [B, T] through `view` -> fp32 logits [B, T, V], or [B, K, V] at positions
+        output_index [B, K]. With a vocab-sharded head (tensor parallelism) V is this rank's slice,
+        vocab_shard.size."""
+        cos, sin = view.rotary(self, tokens.shape[1])  # [B or 1, 1, T, D]
         x = self.tok_embeddings(tokens)  # [B, T, dim]
-        if isinstance(view, CausalView) and view.twin:
-            x = torch.cat([x, x])
         for layer in self.layers:
             x = layer(x, cos, sin, view)
         if output_index is not None:  # only the rows we sample from pay for the vocab projection

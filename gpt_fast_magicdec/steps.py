@@ -1,9 +1,11 @@
-"""Fixed-shape model steps: what a step is (StepSpec), the function that gets compiled
-(forward_step), and where it runs (StepRunner: a captured CUDA graph per StepSpec, or eagerly).
+"""Fixed-shape model steps: what a step is (StepSpec, Step), the function that gets compiled
+(forward_step), and where it runs (StepRunner: a captured CUDA graph per Step, or eagerly).
 
-A StepSpec is both the key of a captured graph and the one static argument of the compiled step:
-everything that fixes a step's shape and output lives in it, the per-run tensors (tokens,
-cache_len, selection buffers) are passed alongside.
+A StepSpec is the one static argument of the compiled step: everything that fixes a step's shape
+and output lives in it. A Step binds a spec to the model and selection buffers it runs on; its
+owner (the engine for verification, a drafter for its draft steps) creates it once and keeps it,
+and the runner captures one graph per Step. Per-call tensors (tokens, cache_len) are copied into
+the graph's static buffers.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from .attention import MAX_KERNEL_QUERIES, AttentionView
 from .model import Transformer
 
 CAPTURE_SCRATCH = MAX_KERNEL_QUERIES  # cache slots past the last real position, for graph warm-ups
-KV_BUCKET = 256  # eager steps trim the key axis to a multiple of this (stable shapes, issue 14)
+# Eager steps trim the key axis to a multiple of this: every step of a bucket has one attention
+# shape, so a step's time does not depend on which lengths ran before it.
+KV_BUCKET = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,15 @@ class StepSpec:
     n_selected: int = 0  # sparse view: selected keys per layer and KV head (besides the window)
     last_only: bool = False  # logits of the last token only (draft steps sample from nothing else)
     greedy: bool = True  # output argmax ids, else fp32 logits (step_output)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Step:
+    """A spec bound to the model it runs and the selection buffers its view reads (per layer
+    [B, H_kv, K], None for a full view). Hashed by identity: the runner keeps its graph by it."""
+    spec: StepSpec
+    model: Transformer
+    selection: Optional[list] = None
 
 
 def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
@@ -100,72 +113,70 @@ def copy_into_shared(out: torch.Tensor, logits: Optional[torch.Tensor]) -> torch
 
 
 class StepGraphs:
-    """The captured steps of one cache shape (one per StepSpec), the private memory pool they
-    share, and the one logits buffer their sampling outputs share.
+    """The captured steps of one cache shape (one per Step), the private memory pool they share,
+    and the one logits buffer their sampling outputs share.
 
     The pool lives exactly as long as its graphs: PyTorch frees a private pool when the last graph
     captured into it is destroyed, and capturing into a handle whose pool is gone trips its
-    private-pool assertion (issue 11). So the handle is dropped together with the last graph, and
-    the next capture gets a fresh one. `capture` and `new_pool` are injectable so CPU tests can
-    drive the re-setup sequence with a fake capture."""
+    private-pool assertion. So the handle is dropped together with the graphs, and the next
+    capture gets a fresh one. `capture` and `new_pool` are injectable so CPU tests can drive the
+    re-setup sequence with a fake capture."""
 
     def __init__(self, capture: Callable = CapturedStep, new_pool: Optional[Callable] = None):
         self._capture = capture
         self._new_pool = new_pool or torch.cuda.graph_pool_handle
-        self.steps: dict[StepSpec, Callable] = {}
+        self.captured: dict[Step, Callable] = {}
         self.pool = None
         self.logits: Optional[torch.Tensor] = None  # [B, T_max, V] fp32
 
-    def get(self, spec: StepSpec, step: Callable, batch: int, scratch_pos: int, device):
-        if spec not in self.steps:
-            if self.pool is None:
-                self.pool = self._new_pool()
-            self.steps[spec] = self._capture(step, batch, spec.n_tokens, scratch_pos, device, self.pool,
-                                             self.logits)
-        return self.steps[spec]
+    def capture(self, step: Step, fn: Callable, batch: int, scratch_pos: int, device):
+        """Capture fn(tokens, cache_len), the computation of `step`, into the shared pool."""
+        if self.pool is None:
+            self.pool = self._new_pool()
+        self.captured[step] = self._capture(fn, batch, step.spec.n_tokens, scratch_pos, device, self.pool,
+                                            self.logits)
+        return self.captured[step]
 
-    def drop(self, role: Optional[str] = None) -> None:
-        """Forget the steps of one role ("draft": its view changed), or all of them (None)."""
-        self.steps = {s: g for s, g in self.steps.items() if role is not None and s.role != role}
-        if not self.steps:
-            self.pool = self.logits = None
+    def clear(self) -> None:
+        """Forget every captured step and their pool (the caches they point at are going away)."""
+        self.captured, self.pool, self.logits = {}, None, None
 
     def reserve_logits(self, batch: int, n_tokens: int, vocab: int, device) -> None:
         """Make the shared logits buffer hold [batch, n_tokens, vocab]; growing it re-captures
         everything, as the captured graphs write into the old one."""
         if self.logits is not None and self.logits.shape[0] == batch and self.logits.shape[1] >= n_tokens:
             return
-        self.drop()
+        self.clear()
         self.logits = torch.empty(batch, n_tokens, vocab, dtype=torch.float32, device=device)
 
 
 class StepRunner:
-    """Runs steps: compiled (torch.compile of forward_step) or not, replayed from a CUDA graph per
-    StepSpec or eager. The one place that decides how a step executes."""
+    """Runs steps: compiled (torch.compile of forward_step, fullgraph: a graph break is an error,
+    not a silent slowdown) or not, replayed from a CUDA graph per Step or eager. The one place
+    that decides how a step executes."""
 
     def __init__(self, backend: str, device: torch.device, compile: bool, use_graphs: bool,
                  kv_bucket: int = KV_BUCKET):
         self.backend, self.device, self.kv_bucket = backend, device, kv_bucket
         self.compile, self.use_graphs = compile, use_graphs
-        self.step_fn = torch.compile(forward_step, fullgraph=False) if compile else forward_step
+        self.step_fn = torch.compile(forward_step, fullgraph=True) if compile else forward_step
         self.graphs = StepGraphs()  # the captured steps of the current cache shape (CUDA graphs only)
 
-    def run(self, spec: StepSpec, model: Transformer, tokens: torch.Tensor, cache_len: torch.Tensor,
-            selected: Optional[list] = None) -> torch.Tensor:
+    def run(self, step: Step, tokens: torch.Tensor, cache_len: torch.Tensor) -> torch.Tensor:
         """One step of tokens [B, T] at cache_len [B] -> step_output (see forward_step)."""
         if self.use_graphs:
-            return self.captured(spec, model, tokens.shape[0], selected)(tokens, cache_len)
+            return self.captured(step, tokens.shape[0])(tokens, cache_len)
         # On CPU the sync is free and trimming the key axis saves real work; on a GPU it would be a
         # host sync per step.
         kv_limit = None
         if self.device.type == "cpu":
-            kv_limit = bucketed_kv_limit(cache_len, spec.n_tokens, model.max_seq_len, self.kv_bucket)
-        return self.step_fn(model, spec, tokens, cache_len, selected, self.backend, kv_limit)
+            kv_limit = bucketed_kv_limit(cache_len, step.spec.n_tokens, step.model.max_seq_len, self.kv_bucket)
+        return self.step_fn(step.model, step.spec, tokens, cache_len, step.selection, self.backend, kv_limit)
 
-    def captured(self, spec: StepSpec, model: Transformer, batch: int, selected: Optional[list] = None):
-        """The CUDA graph of one step, compiled and captured on first use. It bakes in the model
-        and the selection buffers: whoever changes either drops the role's graphs first."""
-        def step(tokens, cache_len):
-            return self.step_fn(model, spec, tokens, cache_len, selected, self.backend)
-
-        return self.graphs.get(spec, step, batch, model.max_seq_len - CAPTURE_SCRATCH, self.device)
+    def captured(self, step: Step, batch: int):
+        """The CUDA graph of `step`, compiled and captured on first use."""
+        graph = self.graphs.captured.get(step)
+        if graph is None:
+            fn = functools.partial(self.step_fn, step.model, step.spec, selected=step.selection, backend=self.backend)
+            graph = self.graphs.capture(step, fn, batch, step.model.max_seq_len - CAPTURE_SCRATCH, self.device)
+        return graph

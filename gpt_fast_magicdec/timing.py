@@ -3,7 +3,7 @@
 One rule everywhere: on a GPU an interval is a pair of CUDA events (no host sync while timing; the
 times are read once, after one synchronize), on the CPU it is perf_counter. Plus the summary every
 benchmark reports for repeated measurements: median and spread (min / max), and whether that spread
-is too wide to trust (issue 14: first-seen shapes and a shared machine make single runs lie)."""
+is too wide to trust (first-seen shapes and a shared machine make single runs lie)."""
 from __future__ import annotations
 
 import contextlib
@@ -68,6 +68,16 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize()
         return {name: sum(iv.seconds() for iv in ivs) for name, ivs in self.intervals.items()}
+
+
+class NoTimer:
+    """A PhaseTimer that times nothing (the default where nobody reads the phases)."""
+
+    def __call__(self, name: str):
+        return contextlib.nullcontext()
+
+
+NO_TIMER = NoTimer()
 
 
 def time_calls(fn: Callable[[], object], device, reps: int, before: Optional[Callable[[], object]] = None,

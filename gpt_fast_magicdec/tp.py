@@ -1,4 +1,4 @@
-"""Tensor parallelism under `torchrun` (DESIGN decision 9), gpt-fast style.
+"""Tensor parallelism and data-parallel replicas under `torchrun`, gpt-fast style.
 
 Weights are sliced once at load time; the forward pass is unchanged except for one all-reduce
 after each row-parallel projection (a forward hook on `wo` and `w2`, written with functional
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from .checkpoint import first_line
+from .checkpoint import first_line, load_model, random_model
 from .config import ModelArgs
 from .errors import UserError
 
@@ -249,7 +249,7 @@ class ShardGroup:
         return plan_shards(args, self.size, self.rank, self.what)
 
     def shard(self, args: ModelArgs, state_dict: dict) -> tuple[ModelArgs, dict]:
-        """The `shard` hook of engine.load_model."""
+        """The `shard` hook of checkpoint.load_model."""
         plan = self.plan(args)
         return plan.local_args, shard_state_dict(plan, state_dict)
 
@@ -261,30 +261,84 @@ class ShardGroup:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TensorParallel:
-    """This process's place in a torchrun world, and which ranks hold the standalone draft."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """This process's place in a torchrun world of `replicas` x `tp_size` ranks: data-parallel
+    replicas, each a tensor-parallel group of consecutive ranks (rank = replica * tp_size + tp_rank).
+    Replicas share nothing while they decode: each serves its own share of a job's prompts."""
 
     rank: int
     world_size: int
-    draft_ranks: tuple  # sorted global ranks holding the standalone draft (all ranks by default)
-    draft_group: object  # their ProcessGroup (the world group when they are every rank)
+    tp_size: int
 
-    @classmethod
-    def start(cls, device, draft_ranks: Optional[str] = None) -> Optional["TensorParallel"]:
-        """setup_from_env plus the draft's subgroup; None outside torchrun. --draft-ranks is checked
-        before the first collective, so a bad value fails on every rank instead of hanging."""
-        ranks = parse_draft_ranks(draft_ranks, env_world_size())
-        rank, world = setup_from_env(device)
-        if world == 1:
-            return None
-        # new_group is collective: every rank calls it, members or not.
-        group = dist.group.WORLD if len(ranks) == world else dist.new_group(list(ranks))
-        return cls(rank, world, ranks, group)
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def leader(self) -> bool:
+        """The replica's first rank: it writes the replica's output."""
+        return self.tp_rank == 0
+
+
+def parse_tp_size(tp_size: Optional[int], world_size: int) -> int:
+    """--tp (default: the whole world, one replica) checked against the world size on every rank."""
+    if tp_size is None:
+        return world_size
+    if tp_size < 1 or world_size % tp_size:
+        raise UserError(f"--tp {tp_size} must divide the number of processes ({world_size}): the world is "
+                        f"replicas x tp ranks; valid values: {', '.join(str(t) for t in range(1, world_size + 1) if world_size % t == 0)}")
+    return tp_size
+
+
+def start(device, tp_size: Optional[int] = None, draft_ranks: Optional[str] = None
+          ) -> tuple[Optional[Layout], Optional["TensorParallel"]]:
+    """Join torchrun's process group and split it -> (Layout, this rank's TensorParallel or None
+    when its replica is one rank); (None, None) outside torchrun. Every check that needs no
+    collective runs first, so a bad value fails on every rank instead of hanging."""
+    world = env_world_size()
+    tp_size = parse_tp_size(tp_size, world)
+    ranks = parse_draft_ranks(draft_ranks, tp_size)
+    rank, world = setup_from_env(device)
+    if world == 1:
+        return None, None
+    layout = Layout(rank, world, tp_size)
+    if tp_size == 1:
+        return layout, None
+    # new_group is collective: every rank creates every replica's groups, members or not.
+    group = draft_group = None
+    for replica in range(layout.replicas):
+        base = replica * tp_size
+        g = dist.group.WORLD if tp_size == world else dist.new_group(list(range(base, base + tp_size)))
+        d = g if len(ranks) == tp_size else dist.new_group([base + r for r in ranks])
+        if replica == layout.replica:
+            group, draft_group = g, d
+    return layout, TensorParallel(layout.tp_rank, tp_size, layout.replica * tp_size, group, ranks, draft_group)
+
+
+@dataclasses.dataclass
+class TensorParallel:
+    """One replica's tensor-parallel group, seen from one of its ranks, and which of its ranks
+    hold the standalone draft."""
+
+    rank: int  # within the group
+    world_size: int  # ranks in the group
+    base: int  # the global rank of the group's rank 0
+    group: object  # its ProcessGroup
+    draft_ranks: tuple  # sorted group ranks holding the standalone draft (all of them by default)
+    draft_group: object  # their ProcessGroup (the group itself when they are every rank)
 
     @property
     def target(self) -> ShardGroup:
-        return ShardGroup(self.rank, self.world_size, dist.group.WORLD, "the target model")
+        return ShardGroup(self.rank, self.world_size, self.group, "the target model")
 
     @property
     def holds_draft(self) -> bool:
@@ -298,58 +352,57 @@ class TensorParallel:
                           "the draft model")
 
     def load_model(self, checkpoint: Path, device, dtype, draft: bool = False):
-        from .engine import load_model
-
         shards = self.draft if draft else self.target
         return shards.parallelize(load_model(checkpoint, device, dtype, shard=shards.shard))
 
     def random_model(self, args: ModelArgs, device, dtype, seed: int):
         """Random weights of this rank's shard shape. The same seed on every rank keeps the replicated
         weights identical; the model as a whole differs from the single-process random model."""
-        from .engine import random_model
-
         return self.target.parallelize(random_model(self.target.plan(args).local_args, device, dtype, seed))
 
     # -- keeping ranks in lock-step -----------------------------------------------------------------------
     def share_draft_output(self, out: Optional[torch.Tensor], greedy: bool, batch: int, vocab: int,
                            device) -> torch.Tensor:
         """One draft step's output (greedy: ids [B, 1]; sampling: full logits [B, 1, V]), made
-        available on every rank.
+        available on every rank of the group.
 
         Only a draft on a subset of ranks needs this. Ranks outside --draft-ranks run no draft
         model; after each draft step they receive, from the first draft rank, the ids (greedy) or
-        the logits (sampling). Every rank then runs the same sampling code on the same numbers, so
-        the sampling RNG, seeded identically everywhere, stays in lock-step: draft draws, acceptance
-        draws and corrections agree on all ranks with no per-round broadcast of the results.
-        (This assumes identical devices, as the RNG's kernel launch shape depends on the device.)"""
+        the logits (sampling). Every rank then runs the same sampling code on the same numbers with
+        the same per-sequence random numbers (sampling.py), so draft draws, acceptance draws and
+        corrections agree on all ranks with no per-round broadcast of the results."""
         if len(self.draft_ranks) == self.world_size:
             return out  # every rank ran the draft itself
-        src = self.draft_ranks[0]
+        src = self.base + self.draft_ranks[0]  # broadcast names the source by its global rank
         if out is not None:
             shared = out.contiguous()
         elif greedy:
             shared = torch.empty(batch, 1, dtype=torch.long, device=device)
         else:
             shared = torch.empty(batch, 1, vocab, device=device)
-        dist.broadcast(shared, src)
+        dist.broadcast(shared, src, group=self.group)
         return shared if out is None else out
 
-    def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank (e.g. a measured hardware profile every rank must agree on)."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+
+def broadcast_object(obj):
+    """Global rank 0's `obj` on every rank (e.g. a measured hardware profile every rank must agree
+    on); `obj` itself outside torchrun."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager
-def fail_together(tp: Optional[TensorParallel]):
+def fail_together(layout: Optional[Layout]):
     """Run a rank-local block (loading, no collectives inside); if it fails on any rank, fail on all.
 
     After the block every rank gathers every rank's error. If any failed, all raise one UserError
     with the first failing rank's message (generate.py prints it on rank 0 only) and exit non-zero,
     instead of the healthy ranks waiting forever at their next collective. A failing rank whose
     error is not a UserError (a bug) re-raises it with its traceback."""
-    if tp is None:
+    if layout is None:
         yield
         return
     error = None
@@ -359,7 +412,7 @@ def fail_together(tp: Optional[TensorParallel]):
         error = e
     message = None if error is None else (str(error) if isinstance(error, UserError)
                                            else f"{type(error).__name__}: {first_line(error)}")
-    messages = [None] * tp.world_size
+    messages = [None] * layout.world_size
     dist.all_gather_object(messages, message)
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
@@ -367,7 +420,7 @@ def fail_together(tp: Optional[TensorParallel]):
     if error is not None and not isinstance(error, UserError):
         raise error
     rank, message = failed[0]
-    if len(failed) < tp.world_size or len(set(m for _, m in failed)) > 1:
+    if len(failed) < layout.world_size or len(set(m for _, m in failed)) > 1:
         message = f"rank {rank}: {message}"
     raise UserError(message) from error
 

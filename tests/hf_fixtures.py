@@ -114,7 +114,9 @@ def max_logit_diff_vs_transformers(hf_dir, model, tokens: list[int]) -> float:
     the engine `model`'s cache-free causal pass, on one sequence of `tokens`."""
     import transformers
 
+    from tools.tiny_model.causal import causal_logits
+
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     batch = torch.tensor([tokens])
     with torch.no_grad():
-        return float((model(batch) - hf(batch).logits).abs().max())
+        return float((causal_logits(model, batch) - hf(batch).logits).abs().max())

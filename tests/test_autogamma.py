@@ -9,7 +9,7 @@ from gpt_fast_magicdec.autogamma import AutoGamma
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.cost_model import PROFILES
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, random_model
+from gpt_fast_magicdec import Engine, random_model
 
 
 def fake_state(batch, context, accepted=0, rounds=0):

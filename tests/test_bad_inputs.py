@@ -121,7 +121,7 @@ def test_out_is_checked_before_the_model_loads(ckpts, tmp_path, monkeypatch):
     def no_loading(*_a, **_k):
         raise AssertionError("loaded the model before checking --out")
 
-    monkeypatch.setattr(generate, "load_model", no_loading)
+    monkeypatch.setattr(generate, "load_engine", no_loading)
     result = invoke(generate.main, "--checkpoint", ckpts["ok"], "--out", tmp_path / "missing" / "o.jsonl")
     assert_one_line_error(result, "does not exist")
 
@@ -167,11 +167,11 @@ def test_default_budget_is_clipped_to_a_short_context():
     cfg = DraftConfig(kind="self")
     assert budget_for_context(cfg, 4000) is cfg  # long context: the default 512
     short = budget_for_context(cfg, 600)
-    assert (short.budget, short.sink, short.window) == (150, 16, 134)
+    assert (short.budget, short.sink, short.view_window) == (150, 16, 134)
     tiny = budget_for_context(cfg, 10)  # never below what the view needs
-    assert tiny.budget == 16 + 4 * 3 and tiny.window >= tiny.gamma
+    assert tiny.budget == 16 + 4 * 3 and tiny.view_window >= tiny.gamma
     snap = budget_for_context(DraftConfig(kind="self", kv="snapkv"), 600)
-    assert snap.budget == 150 and snap.window == 37
+    assert snap.budget == 150 and snap.view_window == 37
     assert budget_for_context(DraftConfig(kind="none"), 10).kind == "none"
 
 
@@ -208,14 +208,14 @@ def test_gamma_auto_says_what_it_chose(ckpts):
     assert "gamma" in lines[0].split(":", 1)[1] or "plain decoding" in lines[0]
 
 
-def test_ignore_eos_and_atomic_out(ckpts, tmp_path):
+def test_ignore_eos_and_out_in_input_order(ckpts, tmp_path):
     out = tmp_path / "o.jsonl"
-    out.write_text("earlier results\n")
     run_ok("--checkpoint", ckpts["ok"], "--prompt", "hi", "--prompt", "there", "--max-new-tokens", 5,
            "--ignore-eos", "--gamma", 0, "--out", out, "--no-progress")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and [r["prompt"] for r in rows] == ["hi", "there"]
     assert [r["new_tokens"] for r in rows] == [5, 5] and {r["finish_reason"] for r in rows} == {"length"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]  # no temporary or part file left
 
 
 def test_prompt_files_are_read_by_content(tmp_path):

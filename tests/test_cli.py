@@ -87,7 +87,7 @@ BAD_INPUTS = {
     "budget below sink + gamma": (["--draft", "self", "--draft-budget", "10", "--sink", "9", "--gamma", "3"],
                                   "sink + gamma"),
     "prompt does not fit": (["--max-seq-len", "8", "--prompt", "a long prompt that is longer than eight tokens"],
-                            "does not fit max_seq_len"),
+                            "does not fit --max-seq-len 8"),
     "draft ranks without TP": (["--draft-ranks", "0,1"], "--draft-ranks"),
     "simulated acceptance refused": (["--simulate-acceptance", "0.8"], "benchmark-only"),
     "draft vocabulary differs": (["--draft-checkpoint", "{other}"], "vocabulary"),

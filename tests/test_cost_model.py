@@ -362,7 +362,8 @@ def count_ops(fn) -> int:
 
 
 def test_eager_op_count_matches_forward_step():
-    from gpt_fast_magicdec.engine import StepSpec, forward_step, random_model
+    from gpt_fast_magicdec import random_model
+    from gpt_fast_magicdec.steps import StepSpec, forward_step
 
     for layers in (1, 3):
         args = dataclasses.replace(ModelArgs.from_preset("tiny"), n_layers=layers)

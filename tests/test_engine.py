@@ -5,13 +5,18 @@ import transformers
 
 from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.config import ModelArgs
-from gpt_fast_magicdec.engine import CAPTURE_SCRATCH, Engine, StepSpec, load_model, random_model
+from gpt_fast_magicdec import Engine, load_model, random_model
+from gpt_fast_magicdec.drafting import DraftConfig
+from gpt_fast_magicdec.sampling import SamplingParams
+from gpt_fast_magicdec.steps import CAPTURE_SCRATCH, StepGraphs, StepSpec, copy_into_shared
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 64])  # several chunks, chunk <= 16 uses the decode path
 def test_chunked_ragged_prefill_matches_transformers(tmp_path, chunk):
+    from gpt_fast_magicdec.prefill import prefill
+
     hf_dir = make_hf_checkpoint(tmp_path / "hf", "qwen2", fmt="safetensors", seed=5)
     model = load_model(convert_hf_checkpoint(hf_dir, tmp_path / "engine"), "cpu", torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -21,8 +26,9 @@ def test_chunked_ragged_prefill_matches_transformers(tmp_path, chunk):
     tokens = torch.zeros(3, max(lens), dtype=torch.long)
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = p
-    model.setup_caches(3, 64)
-    last = Engine(model, attention="torch").prefill(model, tokens, torch.tensor(lens), chunk, progress=False)
+    model.setup_caches(5, 64)
+    rows = torch.tensor([4, 0, 2])  # into chosen rows of a bigger cache, as a refill does
+    last = prefill(model, tokens, torch.tensor(lens), "torch", chunk, rows=rows)
     with torch.no_grad():
         for b, p in enumerate(prompts):
             expected = hf(p[None]).logits[0, -1]
@@ -60,7 +66,6 @@ def test_prompt_too_long_is_user_error():
 
 def test_profile_rounds_compares_exact_round_counts():
     """Forced rejection makes every round emit one token, so the two runs differ by `extra` rounds."""
-    from gpt_fast_magicdec.drafting import DraftConfig
     from gpt_fast_magicdec.profiling import profile_rounds
 
     model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
@@ -74,7 +79,6 @@ def test_profile_rounds_compares_exact_round_counts():
 def test_plain_and_speculative_runs_share_one_cache():
     """--compare and bench switch draft configs on one engine: the KV cache (most of the memory at
     long context) is reused, not reallocated, and outputs stay exact."""
-    from gpt_fast_magicdec.drafting import DraftConfig
 
     model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
     engine = Engine(model, attention="torch")
@@ -107,8 +111,6 @@ class FakeStep:
     logits land in the shared buffer and are valid until the next step) and records its pool."""
 
     def __init__(self, step, batch, n_tokens, scratch_pos, device, pool, logits):
-        from gpt_fast_magicdec.engine import copy_into_shared
-
         self.step, self.pool, self.logits, self.copy = step, pool, logits, copy_into_shared
 
     def __call__(self, tokens, cache_len):
@@ -121,25 +123,25 @@ class FakePool:
 
 def draft_spec(draft, n_tokens, greedy=True):
     """The StepSpec of a self-draft step through `draft`'s sparse view."""
-    return StepSpec("draft", n_tokens, draft.window, draft.n_selected, last_only=True, greedy=greedy)
+    return StepSpec("draft", n_tokens, draft.view_window, draft.n_selected, last_only=True, greedy=greedy)
 
 
 def graph_engine(model):
-    from gpt_fast_magicdec.engine import StepGraphs
-
     engine = Engine(model, attention="torch")
     engine.runner.use_graphs = True  # the graph path, with the capture replaced by FakeStep
     engine.runner.graphs = StepGraphs(capture=FakeStep, new_pool=FakePool)
     return engine
 
 
+def captured_specs(engine):
+    return sorted((s.spec for s in engine.graphs.captured), key=repr)
+
+
 def test_graph_pool_is_released_with_the_graphs_on_resetup():
-    """Issue 11: a new (batch, seq_len) drops every captured step *and* their pool, so the next
-    capture never goes into a pool whose graphs are gone; a draft-view change keeps both."""
+    """A new (batch, seq_len) drops every captured step *and* their pool, so the next capture never
+    goes into a pool whose graphs are gone; a second draft view keeps both and adds its own step."""
     import gc
     import weakref
-
-    from gpt_fast_magicdec.drafting import DraftConfig
 
     model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
     engine = graph_engine(model)
@@ -147,21 +149,22 @@ def test_graph_pool_is_released_with_the_graphs_on_resetup():
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     first = engine.generate(prompts, 10, draft=draft).tokens
     TARGET_3, DRAFT_1 = StepSpec("target", 3), draft_spec(draft, 1)
-    assert set(engine.graphs.steps) == {TARGET_3, DRAFT_1}
+    assert captured_specs(engine) == sorted([TARGET_3, DRAFT_1], key=repr)
     pool = weakref.ref(engine.graphs.pool)
-    steps = dict(engine.graphs.steps)
-    # Another draft view, same cache shape: only the draft step is re-captured, into the same pool.
+    target_graph = next(g for s, g in engine.graphs.captured.items() if s.spec == TARGET_3)
+    # Another draft view, same cache shape: its drafter captures its own step into the same pool;
+    # the target's graph and the first drafter's are kept (a sweep alternates between them).
     other = DraftConfig(kind="self", budget=10, sink=2, gamma=2)
     engine.generate(prompts, 10, draft=other)
-    assert engine.graphs.steps[TARGET_3] is steps[TARGET_3]
-    assert set(engine.graphs.steps) == {TARGET_3, draft_spec(other, 1)}  # the old draft step dropped
+    assert captured_specs(engine) == sorted([TARGET_3, DRAFT_1, draft_spec(other, 1)], key=repr)
+    assert next(g for s, g in engine.graphs.captured.items() if s.spec == TARGET_3) is target_graph
     assert engine.graphs.pool is pool()
-    del steps
+    del target_graph
     # A third prompt (another batch size): everything re-captured into a fresh pool, the old one freed.
     third = engine.generate(prompts + [[4, 4, 4]], 10, draft=draft).tokens
     gc.collect()
     assert pool() is None, "the old graph pool outlived its graphs"
-    assert {step.pool for step in engine.graphs.steps.values()} == {engine.graphs.pool}
+    assert {step.pool for step in engine.graphs.captured.values()} == {engine.graphs.pool}
     eager = Engine(model, attention="torch")
     assert first == eager.generate(prompts, 10).tokens == third[:2]
 
@@ -169,28 +172,22 @@ def test_graph_pool_is_released_with_the_graphs_on_resetup():
 def test_sampling_through_graph_steps_sharing_one_logits_buffer_equals_eager():
     """Every sampling step's logits go through one shared buffer, reused by the next step; the
     draws must be exactly those of eager steps with fresh tensors (same seed)."""
-    from gpt_fast_magicdec.drafting import DraftConfig
-    from gpt_fast_magicdec.sampling import SamplingParams
-
     model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
     draft = DraftConfig(kind="self", budget=8, sink=2, gamma=3)
     params = SamplingParams(temperature=0.8, top_k=50)
     graphed = graph_engine(model)
-    outputs = []
-    for engine in (graphed, Engine(model, attention="torch")):
-        torch.manual_seed(11)
-        outputs.append(engine.generate([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 12, params, draft).tokens)
+    outputs = [engine.generate([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 12, params, draft, seed=11).tokens
+               for engine in (graphed, Engine(model, attention="torch"))]
     assert outputs[0] == outputs[1]
     assert graphed.graphs.logits.shape == (2, 4, 512)  # [B, gamma + 1, V]: one buffer for all steps
-    sampling_steps = {StepSpec("target", 4, greedy=False), draft_spec(draft, 1, greedy=False)}
-    assert set(graphed.graphs.steps) == sampling_steps
+    assert captured_specs(graphed) == sorted([StepSpec("target", 4, greedy=False), draft_spec(draft, 1, greedy=False)],
+                                             key=repr)
 
 
 def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
     """Issue 14: eager steps attend over a key range rounded up to a bucket. Outputs do not depend
     on the bucket, and with a 256-key bucket a short run sees one key range, not one per step."""
-    from gpt_fast_magicdec.drafting import DraftConfig
-    from gpt_fast_magicdec.engine import bucketed_kv_limit
+    from gpt_fast_magicdec.steps import bucketed_kv_limit
 
     assert bucketed_kv_limit(torch.tensor([3, 300]), 4, 1000, 256) == 512
     assert bucketed_kv_limit(torch.tensor([900]), 4, 1000, 256) == 1000  # capped at the cache

@@ -2,7 +2,7 @@
 import torch
 
 from gpt_fast_magicdec.config import ModelArgs
-from gpt_fast_magicdec.engine import Engine, random_model
+from gpt_fast_magicdec import Engine, random_model
 from gpt_fast_magicdec.lossless import NEAR_TIE_GAP, compare_greedy, first_divergence, top2_gap
 from gpt_fast_magicdec.model import logits_fp32
 
@@ -17,8 +17,9 @@ def test_first_divergence():
 
 def test_identical_outputs_report_yes():
     model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
-    plain = Engine(model, attention="torch").generate(PROMPTS, 8).tokens
-    report = compare_greedy(model, PROMPTS, plain, [list(t) for t in plain])
+    engine = Engine(model, attention="torch")
+    plain = engine.generate(PROMPTS, 8).tokens
+    report = compare_greedy(engine, PROMPTS, plain, [list(t) for t in plain])
     assert report.ok and report.lines == ["greedy outputs identical: yes (2 sequences)"]
 
 
@@ -35,7 +36,7 @@ def test_divergence_at_a_tie_is_allowed_and_elsewhere_is_an_error():
     at_tie = next(i for i, t in enumerate(plain[0]) if t in (tied, twin))
     other = twin if plain[0][at_tie] == tied else tied
     flipped = [plain[0][:at_tie] + [other] + plain[0][at_tie + 1:], plain[1]]
-    report = compare_greedy(model, PROMPTS, plain, flipped)
+    report = compare_greedy(engine, PROMPTS, plain, flipped)
     assert report.ok, report.lines
     (d,) = report.divergences
     assert (d.sequence, d.position, d.speculative, d.gap) == (0, at_tie, other, 0.0)
@@ -43,10 +44,10 @@ def test_divergence_at_a_tie_is_allowed_and_elsewhere_is_an_error():
 
     real = next(i for i, t in enumerate(plain[1]) if t not in (tied, twin))
     wrong = [plain[0], plain[1][:real] + [(plain[1][real] + 7) % model.args.vocab_size]]
-    report = compare_greedy(model, PROMPTS, plain, wrong)
+    report = compare_greedy(engine, PROMPTS, plain, wrong)
     assert not report.ok and "a bug" in report.lines[0], report.lines
     assert report.divergences[0].gap >= NEAR_TIE_GAP[torch.float32]
-    assert report.divergences[0].gap == top2_gap(model, PROMPTS[1] + plain[1][:real])
+    assert report.divergences[0].gap == top2_gap(engine, PROMPTS[1] + plain[1][:real])
 
 
 def test_lm_head_fallback_is_fp32_without_changing_fp32_results():
@@ -67,7 +68,7 @@ def test_compare_exits_non_zero_on_a_real_divergence(monkeypatch):
     from gpt_fast_magicdec.cli import generate
     from gpt_fast_magicdec import lossless
 
-    def diverging(model, prompts, plain, speculative):
+    def diverging(engine, prompts, plain, speculative):
         found = lossless.Divergence(0, 2, plain[0][2], -1, gap=1.5, threshold=1e-4)
         return lossless.LosslessReport(len(prompts), torch.float32, (found,))
 

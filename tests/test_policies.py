@@ -5,36 +5,36 @@ import pytest
 import torch
 
 from gpt_fast_magicdec import drafters
-from gpt_fast_magicdec.drafting import DRAFT_KV, DraftConfig, budget_for_context
-from gpt_fast_magicdec.engine import Engine
+from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
+from gpt_fast_magicdec import Engine
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.policies import POLICIES, SPARSE_POLICIES, policy_help
 from test_speculative import NEW, baseline, prompts, target  # noqa: F401 - the fixtures
 
 
 def test_registry_is_the_list_of_choices_and_help():
-    assert DRAFT_KV == tuple(POLICIES) and {"streaming", "snapkv", "recent", "full"} <= set(POLICIES)
+    assert {"streaming", "snapkv", "recent", "full"} <= set(POLICIES)
     assert "full" not in SPARSE_POLICIES and "recent" in SPARSE_POLICIES
     assert all(p.name == name and p.help for name, p in POLICIES.items())
     assert all(f"{name}:" in policy_help() for name in POLICIES)
-    with pytest.raises(UserError, match="--draft-kv must be one of"):
+    with pytest.raises(UserError, match="^kv must be one of"):  # the Python API names its parameter
         DraftConfig(kind="self", kv="h2o")
 
 
-def test_full_cache_is_a_named_policy_and_budget_minus_one_its_alias():
-    assert DraftConfig(kind="model", budget=-1).kv == "full"
+def test_full_cache_is_a_named_policy():
     named = DraftConfig(kind="model", kv="full")
-    assert named.full and named.window is None and named.n_selected == 0
+    assert named.full and named.view_window is None and named.n_selected == 0
     assert named.describe() == "standalone model, full cache, gamma 3"
-    for bad in (dict(kv="full"), dict(budget=-1)):
-        with pytest.raises(UserError, match="standalone draft"):
-            DraftConfig(kind="self", **bad)
+    with pytest.raises(UserError, match="standalone draft"):
+        DraftConfig(kind="self", kv="full")
+    with pytest.raises(UserError, match="^budget must be positive"):  # the CLI's -1 spelling is the CLI's
+        DraftConfig(kind="model", budget=-1)
 
 
 def test_recent_reads_a_window_of_the_whole_budget():
     cfg = DraftConfig(kind="self", kv="recent", budget=16, gamma=3)
-    assert (cfg.window, cfg.n_selected) == (16, 0)
-    with pytest.raises(UserError, match="must equal --draft-budget"):
+    assert (cfg.view_window, cfg.n_selected) == (16, 0)
+    with pytest.raises(UserError, match="must equal budget"):
         DraftConfig(kind="self", kv="recent", budget=16, window=8)
     assert budget_for_context(DraftConfig(kind="self", kv="recent", gamma=3), 40).budget == 12  # 4 * gamma
 
@@ -50,15 +50,15 @@ def test_recent_is_lossless(target, baseline, gamma):
 def test_recent_proposes_what_streaming_without_sinks_proposes(target, monkeypatch):
     """recent reads only its window: the same keys as a streaming view with sink 0."""
     proposals = {}
-    step = drafters.LocalDrafter.step
+    step = drafters.ModelDrafter.run_step
 
-    def recording(self, runner, tokens, cache_len, greedy):
-        out = step(self, runner, tokens, cache_len, greedy)
+    def recording(self, tokens, cache_len, greedy):
+        out = step(self, tokens, cache_len, greedy)
         proposals.setdefault(self.config.kv, []).append(out.clone())
         assert all(sel.shape[-1] == 0 for sel in self.selection)  # no selected keys, window only
         return out
 
-    monkeypatch.setattr(drafters.LocalDrafter, "step", recording)
+    monkeypatch.setattr(drafters.ModelDrafter, "run_step", recording)
     for kv, sink in (("recent", 16), ("streaming", 0)):
         draft = DraftConfig(kind="self", kv=kv, budget=12, sink=sink, gamma=3)
         Engine(target, attention="torch").generate(prompts(), NEW, draft=draft)

@@ -7,8 +7,9 @@ import torch
 from gpt_fast_magicdec import speculative
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, random_model
-from gpt_fast_magicdec.sampling import SamplingParams, logits_to_probs, sample_from_probs
+from gpt_fast_magicdec import Engine, random_model
+from gpt_fast_magicdec.sampling import TARGET_STREAM, SamplingParams, logits_to_probs, sample_from_probs
+from tools.tiny_model.causal import causal_logits
 
 VOCAB = 16
 N = 6000  # independent sequences, run as one batch
@@ -29,11 +30,11 @@ def tiny_model(seed):
 def exact_marginals(model, params):
     """Exact distributions of emitted tokens 2 and 3 under plain sampling from the target."""
     with torch.no_grad():
-        p1 = logits_to_probs(model(torch.tensor([PROMPT]))[0, -1], params)  # [V]
+        p1 = logits_to_probs(causal_logits(model, torch.tensor([PROMPT]))[0, -1], params)  # [V]
         ctx2 = torch.tensor([PROMPT + [a] for a in range(VOCAB)])
-        p2_given = logits_to_probs(model(ctx2)[:, -1], params)  # [V(t1), V(t2)]
+        p2_given = logits_to_probs(causal_logits(model, ctx2)[:, -1], params)  # [V(t1), V(t2)]
         ctx3 = torch.tensor([PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)])
-        p3_given = logits_to_probs(model(ctx3)[:, -1], params).view(VOCAB, VOCAB, VOCAB)
+        p3_given = logits_to_probs(causal_logits(model, ctx3)[:, -1], params).view(VOCAB, VOCAB, VOCAB)
     joint12 = p1[:, None] * p2_given  # [t1, t2]
     return joint12.sum(0), (joint12[:, :, None] * p3_given).sum((0, 1))
 
@@ -43,10 +44,11 @@ def empirical(tokens, index):
     return counts / counts.sum()
 
 
-def always_accept(drafts, draft_probs, target_logits, params):
+def always_accept(proposal, target_logits, params, state):
     """A broken rule: keep every draft token. Its output follows the draft, not the target."""
+    drafts = proposal.tokens
     p = logits_to_probs(target_logits, params)
-    bonus = sample_from_probs(p[:, -1])
+    bonus = sample_from_probs(p[:, -1], state.keys, state.cache_len + drafts.shape[1] + 1, TARGET_STREAM)
     n = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
     return n, torch.cat([drafts, bonus[:, None]], dim=1)
 
@@ -57,18 +59,16 @@ def test_speculative_sampling_matches_target_distribution(params, monkeypatch):
     target, draft_model = tiny_model(0), tiny_model(1)
     exact2, exact3 = exact_marginals(target, params)
     engine = Engine(target, draft_model=draft_model, attention="torch")
-    draft = DraftConfig(kind="model", budget=-1, gamma=2)
+    draft = DraftConfig(kind="model", kv="full", gamma=2)
 
-    torch.manual_seed(0)
-    result = engine.generate([PROMPT] * N, 3, params, draft)
+    result = engine.generate([PROMPT] * N, 3, params, draft, seed=0)
     assert 0.05 < result.stats.acceptance_rate < 0.95  # drafts really are being rejected and resampled
     tv2 = 0.5 * (empirical(result.tokens, 1) - exact2).abs().sum()
     tv3 = 0.5 * (empirical(result.tokens, 2) - exact3).abs().sum()
     assert tv2 < TV_BOUND and tv3 < TV_BOUND, (tv2, tv3)
 
     monkeypatch.setattr(speculative, "accept_sampling", always_accept)
-    torch.manual_seed(0)
-    broken = engine.generate([PROMPT] * N, 3, params, draft)
+    broken = engine.generate([PROMPT] * N, 3, params, draft, seed=0)
     broken_tv = max(0.5 * (empirical(broken.tokens, i) - e).abs().sum() for i, e in ((1, exact2), (2, exact3)))
     assert broken_tv > 2 * TV_BOUND, broken_tv
 
@@ -78,8 +78,7 @@ def test_plain_sampling_matches_target_distribution():
     params = SamplingParams(temperature=1.0)
     target = tiny_model(0)
     exact2, _ = exact_marginals(target, params)
-    torch.manual_seed(1)
-    tokens = Engine(target, attention="torch").generate([PROMPT] * N, 2, params).tokens
+    tokens = Engine(target, attention="torch").generate([PROMPT] * N, 2, params, seed=1).tokens
     assert 0.5 * (empirical(tokens, 1) - exact2).abs().sum() < TV_BOUND
 
 

@@ -97,7 +97,7 @@ def test_chunked_snapkv_votes_equal_the_one_shot_softmax(chunk):
 def test_twin_view_draft_reads_what_a_draft_step_reads(sink, window, chunk, T):
     """The draft half of a twin CausalView sees, at every position p, exactly what a streaming
     draft step at p sees: the target's K/V through sink + window, and its own K/V at p."""
-    from gpt_fast_magicdec.attention import CausalView, causal_attention
+    from tools.tiny_model.causal import CausalView, causal_attention
 
     g = torch.Generator().manual_seed(T + window)
     B, H, H_kv, D = 2, 4, 2, 8
@@ -117,9 +117,10 @@ def test_twin_view_logits_equal_a_prefill_then_a_draft_step():
     """End to end on a model: after the target prefills positions 0..88, the streaming draft's
     logits for position 89 equal the twin pass's draft row there (so a model trained through the
     twin view is trained for the draft it will run), and the target rows equal the plain pass."""
-    from gpt_fast_magicdec.attention import AttentionView, CausalView
+    from gpt_fast_magicdec.attention import AttentionView
     from gpt_fast_magicdec.config import ModelArgs
     from gpt_fast_magicdec.model import Transformer
+    from tools.tiny_model.causal import CausalView, causal_logits
 
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
@@ -128,8 +129,8 @@ def test_twin_view_logits_equal_a_prefill_then_a_draft_step():
     tokens = torch.randint(0, 64, (2, 90))
     sink, window = 4, 20
     with torch.no_grad():
-        twin = model(tokens, CausalView(draft_window=window, sink=sink, chunk=16))
-        full = model(tokens)
+        twin = causal_logits(model, tokens, CausalView(draft_window=window, sink=sink, chunk=16))
+        full = causal_logits(model, tokens)
         torch.testing.assert_close(twin[:2], full)
         model.setup_caches(2, 128, torch.float32)
         model(tokens[:, :89], AttentionView(cache_len=torch.zeros(2, dtype=torch.long), n_tokens=89))

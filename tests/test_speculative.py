@@ -7,7 +7,7 @@ import torch
 
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, random_model
+from gpt_fast_magicdec import Engine, random_model
 
 PROMPT_LENS = (5, 41, 23)  # ragged
 NEW = 48  # with budget 16 the generation runs far past the draft budget
@@ -44,7 +44,7 @@ STRATEGIES = {
     "self-snapkv": lambda g: DraftConfig(kind="self", kv="snapkv", budget=16, window=8, gamma=g),
     "model-streaming": lambda g: DraftConfig(kind="model", kv="streaming", budget=16, sink=4, gamma=g),
     "model-snapkv": lambda g: DraftConfig(kind="model", kv="snapkv", budget=16, window=8, gamma=g),
-    "model-full": lambda g: DraftConfig(kind="model", budget=-1, gamma=g),
+    "model-full": lambda g: DraftConfig(kind="model", kv="full", gamma=g),
 }
 
 
@@ -89,7 +89,7 @@ def test_budget_covering_context_accepts_everything(kv, seed):
 def test_every_draft_accepted_with_identical_standalone_draft(target, baseline):
     """The target as its own full-cache standalone draft: all accepted (exercises the 2-token
     first draft step that catches up the token the draft never ran)."""
-    draft = DraftConfig(kind="model", budget=-1, gamma=4)
+    draft = DraftConfig(kind="model", kv="full", gamma=4)
     result = Engine(target, draft_model=copy.deepcopy(target), attention="torch").generate(prompts(), NEW, draft=draft)
     assert result.stats.acceptance_rate == 1.0
     assert result.stats.mean_accepted_per_round == pytest.approx(5.0, abs=0.6)  # last rounds are cut by the limit
@@ -101,7 +101,7 @@ def test_no_draft_accepted_with_adversarial_draft(target, baseline):
     anti = copy.deepcopy(target)
     with torch.no_grad():
         anti.output.weight.neg_()
-    draft = DraftConfig(kind="model", budget=-1, gamma=3)
+    draft = DraftConfig(kind="model", kv="full", gamma=3)
     result = Engine(target, draft_model=anti, attention="torch").generate(prompts(), NEW, draft=draft)
     assert result.stats.accepted == 0
     assert result.stats.mean_accepted_per_round == 1.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, load_model
+from gpt_fast_magicdec import Engine, load_model
 from gpt_fast_magicdec.tiny import bundled_draft_hf_dir, bundled_hf_dir
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 from hf_fixtures import max_logit_diff_vs_transformers
@@ -66,7 +66,7 @@ def test_transformers_loads_the_draft_and_agrees(setup):
     assert max_logit_diff_vs_transformers(bundled_draft_hf_dir(), draft, prompt[:128]) < 1e-3
 
 
-@pytest.mark.parametrize("draft_cfg", [DraftConfig(kind="model", budget=-1, gamma=GAMMA),
+@pytest.mark.parametrize("draft_cfg", [DraftConfig(kind="model", kv="full", gamma=GAMMA),
                                        DraftConfig(kind="model", kv="streaming", budget=64, sink=16, gamma=GAMMA)],
                          ids=["full", "streaming-64"])
 def test_speculation_with_the_bundled_draft_is_lossless(setup, draft_cfg):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, load_model
+from gpt_fast_magicdec import Engine, load_model
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 
 LONG_PASSAGE = Path(__file__).parent / "data" / "long_passage.txt"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, load_model
+from gpt_fast_magicdec import Engine, load_model
 from gpt_fast_magicdec.tiny import bundled_hf_dir
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 from hf_fixtures import max_logit_diff_vs_transformers
@@ -101,6 +101,6 @@ def test_full_kv_standalone_draft_of_itself_accepts_everything(checkpoint, setup
     _, _, _, prompt, plain = setup
     engine = Engine(load_model(checkpoint, "cpu", torch.float32),
                     draft_model=load_model(checkpoint, "cpu", torch.float32))
-    out = engine.generate([prompt], NEW_TOKENS, draft=DraftConfig(kind="model", budget=-1, gamma=GAMMA))
+    out = engine.generate([prompt], NEW_TOKENS, draft=DraftConfig(kind="model", kv="full", gamma=GAMMA))
     assert out.tokens == plain
     assert out.stats.acceptance_rate == 1.0

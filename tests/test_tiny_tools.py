@@ -11,6 +11,7 @@ import torch
 
 from gpt_fast_magicdec.tiny import bundled_draft_hf_dir, bundled_hf_dir
 from tools.tiny_model import measure_acceptance, position_loss, train
+from tools.tiny_model.causal import causal_logits
 from tools.tiny_model.export import load_hf_model
 
 DATA = Path(__file__).parent / "data"
@@ -75,9 +76,9 @@ def test_distillation_loss_is_cross_entropy_against_the_teacher():
     loss, ce = train.train_step_loss(student, batch, teacher, distill_weight=1.0)
     inputs, targets = train.with_bos(batch)
     with torch.no_grad():
-        p = torch.softmax(teacher(inputs)[0], -1)
-        log_q = torch.log_softmax(student(inputs)[0], -1)
-        plain = torch.nn.functional.cross_entropy(student(inputs)[0], targets[0])
+        p = torch.softmax(causal_logits(teacher, inputs)[0], -1)
+        log_q = torch.log_softmax(causal_logits(student, inputs)[0], -1)
+        plain = torch.nn.functional.cross_entropy(causal_logits(student, inputs)[0], targets[0])
     assert torch.allclose(loss, -(p * log_q).sum(-1).mean(), atol=1e-5)
     assert torch.allclose(ce, plain, atol=1e-5)
     mixed, _ = train.train_step_loss(student, batch, teacher, distill_weight=0.25)
@@ -105,7 +106,7 @@ def test_self_draft_loss_adds_the_kl_from_target_to_draft():
     loss, ce = train.train_step_loss(model, batch, self_draft=view, self_draft_weight=3.0)
     inputs, targets = train.with_bos(batch)
     with torch.no_grad():
-        target, draft = model(inputs, view)  # the twin pass: target rows, then draft rows
+        target, draft = causal_logits(model, inputs, view)  # the twin pass: target rows, then draft rows
         log_p, log_q = torch.log_softmax(target, -1), torch.log_softmax(draft, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [80] per position
     assert kl[:28].abs().max() < 1e-5  # sink + window covers every earlier position: the same model

@@ -69,11 +69,12 @@ def _driver(out_dir: str) -> None:
     import torch.distributed as dist
 
     from gpt_fast_magicdec.config import ModelArgs
-    from gpt_fast_magicdec.engine import Engine, model_from_state_dict, random_model
-    from gpt_fast_magicdec.tp import TensorParallel
+    from gpt_fast_magicdec import Engine, random_model
+    from gpt_fast_magicdec.checkpoint import model_from_state_dict
+    from gpt_fast_magicdec.tp import start
 
     torch.set_num_threads(1)
-    tp = TensorParallel.start("cpu")
+    _, tp = start("cpu")
     results = {}
     for name, (vocab, tied) in CASES.items():
         args = dataclasses.replace(ModelArgs.from_preset("tiny"), vocab_size=vocab, tie_word_embeddings=tied)

@@ -1,8 +1,8 @@
 """bench.py's sweep: plain decoding against every speculative configuration, with paired timing.
 
-Issue 14: timing each configuration once, in a fixed order, let one-time costs of first-seen
-shapes and the drift of a shared machine decide the ratios (plain decoding 79 ms per round in one
-run, 1.2 ms in the next; verification cheaper than one decode step). So at every (batch, prompt
+Timing each configuration once, in a fixed order, lets one-time costs of first-seen shapes and
+the drift of a shared machine decide the ratios (seen: plain decoding 79 ms per round in one run,
+1.2 ms in the next; verification cheaper than one decode step). So at every (batch, prompt
 length) point:
 
 1. every configuration, the baseline included, is warmed up at the timed shapes (untimed);
@@ -27,17 +27,20 @@ from ..cost_model import (
     HardwareProfile, alpha_from_tokens_per_round, decode_step_cost, expected_tokens, predict_times, predicted_speedup,
 )
 from ..drafting import DraftConfig
-from ..engine import Engine, GenerationStats
+from ..engine import Engine
+from ..stats import GenerationStats
 from ..policies import POLICIES, SPARSE_POLICIES
 from ..errors import UserError
 from ..profiling import profile_rounds as profile_round_counts
 from ..timing import Spread
 from .report import sig
 
-# --drafts names -> (DraftConfig.kind, DraftConfig.kv, full cache?)
-# --drafts names, "<drafter>-<policy>", read from the policy registry: a self-draft can use every
-# sparse policy, a standalone draft every policy (full: classic speculative decoding) -> (kind, kv).
-DRAFTS = {f"self-{kv}": ("self", kv) for kv in SPARSE_POLICIES} | {f"model-{kv}": ("model", kv) for kv in POLICIES}
+# --drafts names -> (DraftConfig.kind, DraftConfig.kv), read from the drafter and policy registries:
+# "<model drafter>-<policy>" (a self-draft reads any sparse policy, a standalone draft any policy:
+# full is classic speculative decoding), "lookup" (no model), and lookup chained in front of each.
+_MODEL_DRAFTS = {f"self-{kv}": ("self", kv) for kv in SPARSE_POLICIES} | {f"model-{kv}": ("model", kv) for kv in POLICIES}
+DRAFTS = _MODEL_DRAFTS | {"lookup": ("lookup", "streaming")} | {
+    f"lookup+{name}": (f"lookup+{kind}", kv) for name, (kind, kv) in _MODEL_DRAFTS.items()}
 WARMUP_TOKENS = 4  # new tokens of a warm-up run: enough for a few full rounds of every captured step
 
 
@@ -53,7 +56,7 @@ class Config:
 
     @property
     def budget(self) -> Optional[int]:
-        return self.draft.budget if self.draft.enabled else None
+        return self.draft.budget if self.draft.reads_cache else None
 
 
 BASELINE = Config("baseline", DraftConfig(kind="none"))
@@ -64,7 +67,8 @@ def build_configs(drafts: list[str], gammas: list[int], budgets: list[int], sink
     configs = []
     for name in drafts:
         kind, kv = DRAFTS[name]
-        for budget in [-1] if POLICIES[kv].full else budgets:  # a full view has no budget to sweep
+        no_budget = POLICIES[kv].full or kind == "lookup"  # a full view (or no view) has no budget to sweep
+        for budget in [-1 if POLICIES[kv].full else budgets[0]] if no_budget else budgets:
             for gamma in gammas:
                 try:
                     draft = DraftConfig(kind=kind, kv=kv, budget=budget, sink=sink, gamma=gamma)
@@ -158,7 +162,7 @@ def per_round(stats: GenerationStats, phase: Optional[str] = None) -> float:
 def sanity_flags(cfg: Config, prompt_len: int, tps: Spread, base_tps: Spread, T_T: float,
                  T_V: Optional[float], T_D: Optional[float]) -> Optional[str]:
     """What makes a row suspect, or None: repeats that disagree by more than 10 %, and two
-    physically impossible orderings of step times (issue 14)."""
+    physically impossible orderings of step times."""
     flags = []
     if tps.unstable or base_tps.unstable:
         flags.append(f"unstable (spread {max(tps.relative, base_tps.relative):.0%})")
@@ -192,18 +196,20 @@ def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list,
         gamma = cfg.draft.gamma
         T_V = Spread.of([per_round(s, "verify") for s in runs]).median
         T_D = Spread.of([per_round(s, "draft") for s in runs]).median / gamma
-        alpha = alpha_from_tokens_per_round(gamma, median_run.mean_accepted_per_round)
-        pred = predict_times(args, hw, batch, context, gamma, cfg.draft.budget, dtype_bytes, draft_args=draft_args)
+        tokens_per_round = median_run.mean_accepted_per_round or 1.0  # a lookup draft may propose nothing
+        alpha = alpha_from_tokens_per_round(gamma, tokens_per_round)
         row.update(rounds=median_run.rounds, alpha=sig(alpha, 3),
-                   accepted_per_drafted=sig(median_run.acceptance_rate, 3),
-                   tokens_per_round=sig(median_run.mean_accepted_per_round, 3),
+                   accepted_per_drafted=sig(median_run.acceptance_rate or 0.0, 3),
+                   tokens_per_round=sig(tokens_per_round, 3),
                    T_V_ms=sig(1e3 * T_V), T_D_ms=sig(1e3 * T_D),
-                   verify_ratio=sig(T_V / T_T, 3), verify_ratio_pred=sig(pred.verify_ratio, 3),
-                   draft_ratio=sig(T_D / T_T, 3), draft_ratio_pred=sig(pred.draft_ratio, 3),
+                   verify_ratio=sig(T_V / T_T, 3), draft_ratio=sig(T_D / T_T, 3),
                    speedup_pred_measured_T=sig(expected_tokens(gamma, alpha) * T_T / (gamma * T_D + T_V)),
-                   speedup_pred_cost_model=sig(predicted_speedup(pred, gamma, alpha)),
-                   pred_ms=dict(T_T=sig(1e3 * pred.T_T), T_V=sig(1e3 * pred.T_V), T_D=sig(1e3 * pred.T_D)),
                    simulated_acceptance=alpha_sim)
+        if cfg.draft.reads_cache:  # the cost model knows model drafts (a lookup draft costs no model pass)
+            pred = predict_times(args, hw, batch, context, gamma, cfg.draft.budget, dtype_bytes, draft_args=draft_args)
+            row.update(verify_ratio_pred=sig(pred.verify_ratio, 3), draft_ratio_pred=sig(pred.draft_ratio, 3),
+                       speedup_pred_cost_model=sig(predicted_speedup(pred, gamma, alpha)),
+                       pred_ms=dict(T_T=sig(1e3 * pred.T_T), T_V=sig(1e3 * pred.T_V), T_D=sig(1e3 * pred.T_D)))
     row["flags"] = sanity_flags(cfg, prompt_len, tps, base_tps, T_T, T_V, T_D)
     row["peak_memory_GiB"] = sig(max(s.peak_memory_bytes for s in runs) / 2**30, 3)
     return row
@@ -238,7 +244,7 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
                                   prefill_chunk, progress)
                 for i, cfg in enumerate([BASELINE] + configs):
                     row = make_row(cfg, batch, length, max_new, point.runs[i], point.paired[i], engine.model.args,
-                                   draft_args if cfg.draft.kind == "model" else None, hw, engine.dtype.itemsize,
+                                   draft_args if "model" in cfg.draft.stages else None, hw, engine.dtype.itemsize,
                                    alpha)
                     if profile_rounds and cfg is not BASELINE:
                         counts = profile_round_counts(engine, pool[:batch], cfg.draft)

@@ -95,7 +95,8 @@ def plot(meta: dict, rows: list, path: Path) -> None:
             xs = sorted(best)
             color = f"C{i}"
             ax.plot(xs, [best[x]["speedup"] for x in xs], "o-", color=color, label=f"prompt {length}")
-            ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], ":", color=color, alpha=0.7)
+            if all("speedup_pred_cost_model" in best[x] for x in xs):  # lookup drafts have no cost model
+                ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], ":", color=color, alpha=0.7)
             for x in xs:
                 ax.annotate(f"γ{best[x]['gamma']}", (x, best[x]["speedup"]), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=7, color=color)

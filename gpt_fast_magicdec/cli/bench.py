@@ -30,13 +30,21 @@ from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_n
 from gpt_fast_magicdec.benchmarking.sweep import DRAFTS, build_configs, sweep
 from gpt_fast_magicdec.benchmarking.sweep_report import merge_results, write_outputs
 from gpt_fast_magicdec.cli.options import model_options, resolve_device, resolve_dtype
-from gpt_fast_magicdec.config import PRESETS, ModelArgs
+from gpt_fast_magicdec.config import PRESETS
 from gpt_fast_magicdec.cost_model import PROFILES, get_profile
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts
-from gpt_fast_magicdec.engine import Engine, load_model, random_model, set_compiler_flags
-from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec import load_engine
+from gpt_fast_magicdec.engine import Engine, set_compiler_flags
+from gpt_fast_magicdec.errors import ParameterError, UserError
 from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
-from gpt_fast_magicdec.tokenizer import check_same_tokenizer, check_tokenizer_fits, load_tokenizer
+from gpt_fast_magicdec.tokenizer import check_tokenizer_fits, load_tokenizer
+
+
+# The library's parameter names as this CLI's flags, for ParameterError messages.
+FLAGS = {"gamma": "--gammas", "budget": "--budgets", "sink": "--sink", "window": "the window", "kv": "--drafts",
+         "kind": "--drafts", "checkpoint": "--checkpoint", "random_weights": "--random-weights",
+         "draft_checkpoint": "--draft-checkpoint", "draft_random_weights": "--draft-random-weights",
+         "attention": "--attention", "max_new_tokens": "--max-new-tokens", "prefill_chunk": "--prefill-chunk"}
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------
@@ -129,6 +137,9 @@ def main(**opts):
     warnings.showwarning = lambda message, *a, **k: tqdm.write(f"warning: {message}", file=sys.stderr)
     try:
         run(**opts)
+    except ParameterError as err:
+        click.echo(f"error: {err.named(FLAGS)}", err=True)
+        sys.exit(1)
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
@@ -179,7 +190,7 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
     has_draft_model = draft_checkpoint is not None or draft_random_weights is not None
     drafts = drafts or (["self-streaming", "self-snapkv"] + (["model-streaming", "model-full"] if has_draft_model
                                                               else []))
-    if not has_draft_model and any(DRAFTS[d][0] == "model" for d in drafts):
+    if not has_draft_model and any("model" in DRAFTS[d][0].split("+") for d in drafts):
         raise UserError("model-* drafts need --draft-checkpoint or --draft-random-weights")
     configs = build_configs(drafts, gammas, budgets, sink)
     dtype = resolve_dtype(dtype, device)
@@ -187,9 +198,10 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         set_compiler_flags()
     hw = get_profile(hardware, device)  # before the weights, while the memory is free
 
-    engine = load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype,
-                               attention, compile, seed)
-    args, draft_args = engine.model.args, (engine.draft_model.args if engine.draft_model is not None else None)
+    engine, _ = load_engine(checkpoint, draft_checkpoint=draft_checkpoint, random_weights=random_weights,
+                            draft_random_weights=draft_random_weights, device=device, dtype=dtype,
+                            attention=attention, compile=compile, seed=seed)
+    args, draft_args = engine.args, engine.draft_args
 
     tokenizer = None
     if prompts_file is not None:
@@ -210,23 +222,6 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
     rows, skipped = sweep(engine, configs, prompt_pool, batch_sizes, prompt_lengths, max_new_tokens, warmup, repeats,
                           alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
     write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir)
-
-
-def load_bench_engine(checkpoint, random_weights, draft_checkpoint, draft_random_weights, device, dtype, attention,
-                      compile, seed: int) -> Engine:
-    """The target (a checkpoint or random weights of a preset) and the optional standalone draft."""
-    if random_weights:
-        model = random_model(ModelArgs.from_preset(random_weights), device, dtype, seed)
-    else:
-        model = load_model(checkpoint, device, dtype)
-    draft_model = None
-    if draft_checkpoint is not None:
-        if checkpoint is not None:  # the same check as generate.py: one vocabulary, token for token
-            check_same_tokenizer(load_tokenizer(checkpoint), load_tokenizer(draft_checkpoint), draft_checkpoint)
-        draft_model = load_model(draft_checkpoint, device, dtype)
-    elif draft_random_weights is not None:
-        draft_model = random_model(ModelArgs.from_preset(draft_random_weights), device, dtype, seed + 1)
-    return Engine(model, draft_model=draft_model, attention=attention, compile=compile)
 
 
 def run_metadata(command: str, engine: Engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,

@@ -5,15 +5,16 @@ from typing import Optional
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParameterError
 
 
 class SelectionPolicy:
     """Which cache positions a sparse draft view reads besides its sliding window.
 
-    A policy is stateless: it checks a DraftConfig (filling in its default window), and after
-    prefill `select` returns the per-layer selected positions the draft's view reads, or None for
-    the full view. Budget = selected + window keys per query, fixed for the run."""
+    A policy is stateless: it checks a DraftConfig and names its default window, and after a
+    prefill `select` returns the per-layer selected positions the draft's view reads for the
+    prefilled rows, or None for the full view. Budget = selected + window keys per query, fixed
+    for the run."""
 
     name: str = ""
     help: str = ""  # one line; the CLI, bench and the acceptance tools show it
@@ -23,34 +24,33 @@ class SelectionPolicy:
         raise NotImplementedError
 
     def check(self, config) -> None:
-        """Policy-specific checks, run after the window default is filled in."""
+        """Policy-specific checks of the config (config.view_window is the resolved window)."""
 
     def smallest_budget(self, config) -> int:
         """The least budget worth clipping a default budget to (drafting.budget_for_context)."""
         raise NotImplementedError
 
-    def select(self, model, config, tokens: torch.Tensor, prompt_len: torch.Tensor,
-               backend: str) -> Optional[list]:
-        """After `model` prefilled tokens [B, L_max] (prompt_len [B]): per layer [B, H_kv, K]
-        positions (K = config.n_selected, -1 = unused slot), or None for the full view."""
+    def select(self, model, config, tokens: torch.Tensor, prompt_len: torch.Tensor, backend: str,
+               rows: Optional[torch.Tensor] = None) -> Optional[list]:
+        """After `model` prefilled tokens [b, L_max] (prompt_len [b]) into its cache rows `rows` [b]
+        (None: rows 0..b-1): per layer [b, H_kv, K] positions (K = config.n_selected, -1 = unused
+        slot), or None for the full view."""
         raise NotImplementedError
 
     def validate(self, config) -> None:
-        """Fill in config.window and check the budget; UserError in the CLI's flag names."""
+        """Check the budget and window of `config`; ParameterError naming the parameters."""
         if config.budget < 1:
-            raise UserError(f"--draft-budget must be positive (or -1 for a full-cache standalone draft), "
-                            f"got {config.budget}")
-        if config.window is None:
-            config.window = self.default_window(config)
+            raise ParameterError(f"{{budget}} must be positive, got {config.budget} (a standalone draft reads the "
+                                 "whole cache with {kv} 'full')")
         self.check(config)
-        if config.window > config.budget:
-            raise UserError(f"--draft-window {config.window} is larger than --draft-budget {config.budget} "
-                            "(the window is part of the budget): lower the window or raise the budget")
-        if config.window < config.gamma:
-            raise UserError(f"--draft-budget {config.budget} leaves a sliding window of {config.window} keys, "
-                            f"less than gamma={config.gamma} (the draft must see its own drafts): raise the "
-                            f"budget to at least {self.selected_name} + gamma = "
-                            f"{config.budget - config.window + config.gamma}")
+        window = config.view_window
+        if window > config.budget:
+            raise ParameterError(f"{{window}} {window} is larger than {{budget}} {config.budget} (the window is "
+                                 "part of the budget): lower the window or raise the budget")
+        if window < config.gamma:
+            raise ParameterError(f"{{budget}} {config.budget} leaves a sliding window of {window} keys, less than "
+                                 f"{{gamma}} {config.gamma} (the draft must see its own drafts): raise the budget "
+                                 f"to at least {self.selected_name} + gamma = {config.budget - window + config.gamma}")
 
     selected_name = "selected"  # how the error messages call the non-window part of the budget
 

@@ -1,7 +1,7 @@
 """The whole cache: classic speculative decoding with a standalone draft model."""
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import ParameterError
 from .base import SelectionPolicy
 
 
@@ -11,14 +11,14 @@ class Full(SelectionPolicy):
     full = True
 
     def validate(self, config) -> None:
-        if config.kind == "self":
-            raise UserError("the full-cache view (--draft-kv full, or --draft-budget -1) needs a standalone draft: "
-                            "a full-view self-draft is the target itself; pick a sparse --draft-kv and a positive budget")
+        if "self" in config.stages:
+            raise ParameterError("{kv} 'full' (the whole cache) needs a standalone draft: a full-view self-draft is "
+                                 "the target itself; pick a sparse {kv} and a positive {budget}")
 
     def smallest_budget(self, config) -> int:
         return config.budget
 
-    def select(self, model, config, tokens, prompt_len, backend):
+    def select(self, model, config, tokens, prompt_len, backend, rows=None):
         return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParameterError
 from .base import SelectionPolicy, same_positions
 
 
@@ -16,13 +16,14 @@ class Recent(SelectionPolicy):
         return config.budget
 
     def check(self, config) -> None:
-        if config.window != config.budget:
-            raise UserError(f"recent: --draft-window ({config.window}) must equal --draft-budget ({config.budget})")
+        if config.view_window != config.budget:
+            raise ParameterError(f"{{kv}} 'recent': {{window}} ({config.view_window}) must equal {{budget}} "
+                                 f"({config.budget})")
 
     def smallest_budget(self, config) -> int:
         return 4 * config.gamma
 
-    def select(self, model, config, tokens, prompt_len, backend):
+    def select(self, model, config, tokens, prompt_len, backend, rows=None):
         nothing = torch.arange(0, device=tokens.device)  # [0]: the view is its window alone
         return same_positions(tokens.shape[0], model.args.n_kv_heads, nothing, model.args.n_layers)
 

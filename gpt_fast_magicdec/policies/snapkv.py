@@ -3,10 +3,12 @@ attend to most. Scores are pooled over the observation window and the query head
 head, smoothed with a 1-D pooling, then top-k; plus the sliding window."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionView, ViewHooks
+from ..attention import AttentionView
 from .base import SelectionPolicy
 
 
@@ -20,17 +22,17 @@ class SnapKV(SelectionPolicy):
     def smallest_budget(self, config) -> int:
         return 4 * (config.gamma + 1) + 4  # a quarter-budget window of gamma + 1
 
-    def select(self, model, config, tokens, prompt_len, backend):
+    def select(self, model, config, tokens, prompt_len, backend, rows=None):
         """Re-runs the last obs_window prompt tokens (cache untouched) with an observer that scores
         every prompt position from their attention."""
         obs = max(1, min(config.obs_window, int(prompt_len.min())))
-        observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel)
-        start = prompt_len - obs  # [B]
-        rows = start[:, None] + torch.arange(obs, device=tokens.device)  # [B, obs]
+        observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel, cache_len=model.max_seq_len)
+        start = prompt_len - obs  # [b]
+        positions = start[:, None] + torch.arange(obs, device=tokens.device)  # [b, obs]
         view = AttentionView(cache_len=start, n_tokens=obs, backend=backend, kv_limit=int(prompt_len.max()),
-                             hooks=ViewHooks(observer=observer, write_cache=False))
+                             rows=rows, observer=observer, write_cache=False)
         with torch.no_grad():
-            model(tokens.gather(1, rows), view, output_index=rows[:, :1] - start[:, None])
+            model(tokens.gather(1, positions), view, output_index=positions[:, :1] - start[:, None])
         return observer.layers(model.args.n_layers)
 
 
@@ -77,16 +79,17 @@ def attention_votes(q: torch.Tensor, k_cache: torch.Tensor, cache_len: torch.Ten
 class SnapKVObserver:
     """Records, per layer, the top-k prompt positions by pooled observation-window attention.
 
-    Installed as the ViewHooks observer of one extra full-view pass over the last `T` prompt
+    Installed as the view's observer for one extra full-view pass over the last `T` prompt
     tokens after prefill (it rewrites their K/V with identical values), so prefill itself stays
     one plain code path and ragged prompts need no special casing."""
 
     def __init__(self, n_select: int, prompt_len: torch.Tensor, pool_kernel: int = 7,
-                 chunk: int = SNAPKV_CHUNK):
+                 chunk: int = SNAPKV_CHUNK, cache_len: Optional[int] = None):
         self.n_select = n_select
         self.prompt_len = prompt_len  # [B]
         self.pool_kernel = pool_kernel
         self.chunk = chunk
+        self.cache_len = cache_len  # positions of the whole cache (default: what the pass reads)
         self.selected: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, view) -> None:
@@ -108,7 +111,8 @@ class SnapKVObserver:
         slot = torch.arange(self.n_select, device=q.device)[None, None, :]
         spare = self.prompt_len[:, None, None] + slot - n_valid
         sel = torch.where(slot < n_valid, picks, spare)
-        self.selected[layer_id] = torch.where(sel < k_cache.shape[2], sel, -1)  # [B, H_kv, n_select]
+        limit = self.cache_len or k_cache.shape[2]
+        self.selected[layer_id] = torch.where(sel < limit, sel, -1)  # [B, H_kv, n_select]
 
     def layers(self, n_layers: int) -> list[torch.Tensor]:
         return [self.selected[i] for i in range(n_layers)]

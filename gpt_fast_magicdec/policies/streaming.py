@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import ParameterError
 from .base import SelectionPolicy, same_positions
 
 
@@ -17,15 +17,15 @@ class Streaming(SelectionPolicy):
 
     def check(self, config) -> None:
         if config.sink < 0 or config.sink > config.budget:
-            raise UserError(f"--sink {config.sink} must be between 0 and --draft-budget {config.budget}")
-        if config.window + config.sink != config.budget:
-            raise UserError(f"streaming: --sink ({config.sink}) + --draft-window ({config.window}) must equal "
-                            f"--draft-budget ({config.budget})")
+            raise ParameterError(f"{{sink}} {config.sink} must be between 0 and {{budget}} {config.budget}")
+        if config.view_window + config.sink != config.budget:
+            raise ParameterError(f"{{kv}} 'streaming': {{sink}} ({config.sink}) + {{window}} ({config.view_window}) "
+                                 f"must equal {{budget}} ({config.budget})")
 
     def smallest_budget(self, config) -> int:
         return config.sink + 4 * config.gamma
 
-    def select(self, model, config, tokens, prompt_len, backend):
+    def select(self, model, config, tokens, prompt_len, backend, rows=None):
         sink = torch.arange(config.n_selected, device=tokens.device)  # [sink]
         return same_positions(tokens.shape[0], model.args.n_kv_heads, sink, model.args.n_layers)
 

@@ -154,8 +154,7 @@ def load_hf_model(hf_dir: Path, max_position_embeddings: Optional[int] = None) -
 
     from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 
-    from gpt_fast_magicdec.checkpoint import load_engine_checkpoint
-    from gpt_fast_magicdec.engine import model_from_state_dict
+    from gpt_fast_magicdec.checkpoint import load_engine_checkpoint, model_from_state_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         args, state_dict = load_engine_checkpoint(convert_hf_checkpoint(hf_dir, Path(tmp) / "engine"))
@@ -174,7 +173,8 @@ def compare_with_transformers(hf_dir: Path, tokens: torch.Tensor) -> float:
 
     from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 
-    from gpt_fast_magicdec.engine import load_model
+    from gpt_fast_magicdec.checkpoint import load_model
+    from .causal import causal_logits
 
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -183,5 +183,5 @@ def compare_with_transformers(hf_dir: Path, tokens: torch.Tensor) -> float:
         ckpt = convert_hf_checkpoint(hf_dir, Path(tmp) / "engine")
         model = load_model(ckpt, "cpu", torch.float32)
         with torch.no_grad():
-            ours = model(tokens)  # [B, T, V] cache-free causal pass
+            ours = causal_logits(model, tokens)  # [B, T, V]
     return float((ours - ref).abs().max())

@@ -30,7 +30,8 @@ import torch
 
 from gpt_fast_magicdec.benchmarking.report import git_commit
 from gpt_fast_magicdec.drafting import DraftConfig
-from gpt_fast_magicdec.engine import Engine, load_model
+from gpt_fast_magicdec.checkpoint import load_model
+from gpt_fast_magicdec.engine import Engine
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.policies import SPARSE_POLICIES, policy_help
 from gpt_fast_magicdec.tokenizer import load_tokenizer

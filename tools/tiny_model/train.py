@@ -31,10 +31,11 @@ import click
 import torch
 import torch.nn.functional as F
 
-from gpt_fast_magicdec.attention import FULL_CAUSAL, CausalView
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.model import Transformer
+
+from .causal import FULL_CAUSAL, CausalView, causal_logits
 from .corpus import (BOS_ID, DEFAULT_CORPUS, EOS_ID, read_books, repo_root,
                      split_books, tokenizer_sample, train_tokenizer)
 from .export import export_hf, load_hf_model
@@ -105,7 +106,7 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch: int = 2) -> float
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
         inputs, targets = with_bos(windows[i:i + batch])
-        logits = model(inputs)  # [b, L, V]
+        logits = causal_logits(model, inputs)  # [b, L, V]
         total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
         count += targets.numel()
     model.train()
@@ -118,7 +119,7 @@ def score_window(model: Transformer, window: torch.Tensor, view: CausalView = FU
     with a twin `view`, also "kl", KL(target || its streaming self-draft), and "agreement", 1 where
     their argmaxes agree (a single drafted token accepted by greedy verification)."""
     inputs, targets = with_bos(window[None])
-    logits = model(inputs, view)  # [1, L, V], or [2, L, V] for a twin: target, then draft
+    logits = causal_logits(model, inputs, view)  # [1, L, V], or [2, L, V] for a twin: target, then draft
     scores = {"loss": F.cross_entropy(logits[0], targets[0], reduction="none")}
     if view.twin:
         scores["kl"] = view_kl(logits[0], logits[1], reduction="none")
@@ -157,7 +158,7 @@ def train_step_loss(model: Transformer, batch: torch.Tensor, teacher: Optional[T
     learns to predict what it would predict with the whole context from the draft's slice of it,
     and to lean less on what the slice leaves out."""
     inputs, targets = with_bos(batch)
-    logits = model(inputs, self_draft or FULL_CAUSAL).flatten(0, 1)  # [B * L, V] (twice that for a twin)
+    logits = causal_logits(model, inputs, self_draft or FULL_CAUSAL).flatten(0, 1)  # [B * L, V] (twice for a twin)
     draft_logits = None
     if self_draft is not None:
         logits, draft_logits = logits.chunk(2)
@@ -165,7 +166,7 @@ def train_step_loss(model: Transformer, batch: torch.Tensor, teacher: Optional[T
     objective = ce
     if teacher is not None:
         with torch.no_grad():
-            soft = torch.softmax(teacher(inputs).flatten(0, 1), dim=-1)
+            soft = torch.softmax(causal_logits(teacher, inputs).flatten(0, 1), dim=-1)
         objective = distill_weight * F.cross_entropy(logits, soft) + (1 - distill_weight) * ce
     if draft_logits is not None:
         objective = objective + self_draft_weight * view_kl(logits, draft_logits)

@@ -1,0 +1,89 @@
+"""What gfm-generate prints after its runs: completions, each run's statistics, --gamma auto's
+choices, and with --compare the speedup and the lossless check."""
+from __future__ import annotations
+
+from gpt_fast_magicdec.cost_model import decode_step_cost, measure_hardware
+from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec import lossless
+from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
+from gpt_fast_magicdec.tp import is_main_process
+
+
+def echo(line: str = "") -> None:
+    if is_main_process():
+        print(line, flush=True)
+
+
+def report(runs: list, timing, job) -> None:
+    """runs: [RunResult] (plain first with --compare); timing: (plain, speculative) tok/s Spreads or
+    None. Under torchrun rank 0 prints; with replicas, its own replica's share."""
+    o, final = job.o, runs[-1]
+    if o.out is None or o.verbose:
+        for i in sorted(final.completions):
+            toks = final.completions[i].tokens
+            shown = job.tokenizer.decode(toks) if job.tokenizer else " ".join(map(str, toks[:32])) + " ..."
+            echo(f"--- [{i}] {shown}")
+    if job.layout is not None and job.layout.replicas > 1:
+        echo(f"== replica {job.layout.replica} of {job.layout.replicas} (TP {job.layout.tp_size}): "
+             f"{len(final.completions)} of {len(job.prompt_ids)} prompts")
+    for run in runs:
+        echo(f"== {run.name}")
+        for line in run.stats.summary_lines():
+            echo("   " + line)
+    for line in auto_gamma_lines(final):
+        echo(line)
+    plain = [run for run in runs if not run.cfg.enabled]
+    if plain and (o.compare or o.verbose):
+        echo(bandwidth_line(job.engine, plain[0].stats))
+    if timing is None:
+        return
+    plain_tps, spec_tps = timing
+    echo(f"== speedup over plain decoding: {spec_tps.median / plain_tps.median:.2f}x")
+    if o.repeats > 1:
+        echo(timing_line(plain_tps, spec_tps, o.repeats))
+    if not job.sampling.greedy:
+        return
+    order = sorted(final.completions)
+    verdict = lossless.compare_greedy(job.engine, [job.prompt_ids[i] for i in order],
+                              [runs[0].completions[i].tokens for i in order], [final.completions[i].tokens for i in order])
+    for line in verdict.lines:
+        echo(f"   {line}")
+    if not verdict.ok:
+        raise UserError("greedy speculative output diverged from plain decoding where the target "
+                        "has no near-tie: speculative decoding is not lossless here (a bug)")
+
+
+def timing_line(plain: Spread, spec: Spread, repeats: int) -> str:
+    def say(s: Spread) -> str:
+        return f"{s.median:.1f} (min {s.lo:.1f}, max {s.hi:.1f})"
+
+    unstable = plain.unstable or spec.unstable
+    return (f"== tokens/s, median of {repeats} alternating runs after warm-up: plain {say(plain)}, speculative "
+            f"{say(spec)}" + (f" [unstable: spread > {UNSTABLE_SPREAD:.0%}]" if unstable else ""))
+
+
+def auto_gamma_lines(run) -> list[str]:
+    """What --gamma auto chose: each change of gamma with the round, context and acceptance
+    estimate it was decided at (gamma 0 is plain decoding: predicted speedup < 1)."""
+    controller = run.controller
+    if controller is None:
+        return []
+    history = controller.history
+    changes = [h for k, h in enumerate(history) if k == 0 or h[3] != history[k - 1][3]]
+    said = [f"{'plain decoding (predicted speedup < 1)' if g == 0 else f'gamma {g}'} from round {r} "
+            f"(context {c}, acceptance {a:.2f})" for r, c, a, g in changes[:6]]
+    more = f", then {len(changes) - 6} more changes" if len(changes) > 6 else ""
+    return ["== gamma auto: " + ", ".join(said) + more]
+
+
+def bandwidth_line(engine, stats) -> str:
+    """Plain decoding against the memory-bandwidth roofline: bytes one step must read (weights + live
+    KV, cost model) over the measured time per step, as a fraction of measured copy bandwidth."""
+    context = sum(stats.prompt_tokens) / len(stats.prompt_tokens) + sum(stats.new_tokens) / len(stats.new_tokens) / 2
+    tp_size = engine.tp.world_size if engine.tp else 1
+    step = decode_step_cost(engine.args, stats.batch_size, int(context), 1, engine.dtype.itemsize, tp_size)
+    achieved = step.bytes / (stats.decode_s / max(stats.rounds, 1))
+    copy_bw = measure_hardware(engine.device).mem_bandwidth
+    return (f"   memory bandwidth (plain decoding): {achieved / 1e9:.1f} GB/s achieved per rank = "
+            f"{100 * achieved / copy_bw:.0f}% of measured copy bandwidth ({copy_bw / 1e9:.0f} GB/s)")
+
