@@ -3,6 +3,7 @@ error), a non-zero exit, no traceback, and nothing run or written first. Plus th
 relies on: the plain command speculates, ignored options are said, outputs are written atomically.
 (The converter's matrix is in test_convert.py and test_convert_safety.py.)"""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from gpt_fast_magicdec.cli import bench
 from gpt_fast_magicdec.cli import generate
 from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
-from gpt_fast_magicdec.data import looks_like_jsonl, read_jsonl_prompts
+from gpt_fast_magicdec.data import check_prompt_text, looks_like_jsonl, read_jsonl_prompts
 from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
@@ -58,6 +59,8 @@ def _files(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "empty_text.jsonl").write_text('{"text": ""}\n')
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "half an emoji \\ud83d"}\n')
+    (tmp_path / "low_surrogate.jsonl").write_text('{"text": "\\udc00\\ud800 reversed pair"}\n')
     engine_cfg = tmp_path / "badcfg"
     engine_cfg.mkdir()
     (engine_cfg / "engine_config.json").write_text("{oops")
@@ -88,6 +91,9 @@ GENERATE = {  # name -> (arguments, substring of the one error line, exit code)
     "blank jsonl": (["--prompt-file", "{tmp}/blank.jsonl"], "is empty", 1),
     "broken jsonl line": (["--prompt-file", "{tmp}/broken.jsonl"], "line 2: not JSON", 1),
     "empty text field": (["--prompt-file", "{tmp}/empty_text.jsonl"], "empty 'text'", 1),
+    "unpaired surrogate escape": (["--prompt-file", "{tmp}/surrogate.jsonl"],
+                                  "surrogate.jsonl line 2: 'text' holds an unpaired surrogate U+D83D", 1),
+    "reversed surrogate pair": (["--prompt-file", "{tmp}/low_surrogate.jsonl"], "unpaired surrogate U+DC00", 1),
     "prompt file missing": (["--prompt-file", "{tmp}/none.txt"], "does not exist", 2),
     "invalid engine_config": (["--checkpoint", "{tmp}/badcfg"], "cannot read", 1),
     "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}"], "does not belong to this model", 1),
@@ -216,6 +222,33 @@ def test_ignore_eos_and_atomic_out(ckpts, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["new_tokens"] for r in rows] == [5, 5] and {r["finish_reason"] for r in rows} == {"length"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]  # no temporary file left
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "jsonl after blank lines", "joined files", "plain text"])
+def test_a_byte_order_mark_is_not_part_of_the_prompts(tmp_path, layout):
+    rows = '{"text": "a"}\n{"text": "b"}\n'
+    content = {"jsonl": BOM + rows, "jsonl after blank lines": BOM + "\n\n" + rows,
+               "joined files": BOM + rows + BOM + '{"text": "c"}\n', "plain text": BOM + "Once upon a time"}[layout]
+    (tmp_path / "p.txt").write_bytes(content.encode("utf-8"))
+    want = {"joined files": ["a", "b", "c"], "plain text": ["Once upon a time"]}.get(layout, ["a", "b"])
+    assert read_jsonl_prompts(tmp_path / "p.txt") == want
+
+
+def test_check_prompt_text():
+    assert check_prompt_text("caf\u00e9 \U0001F600", "--prompt") == "caf\u00e9 \U0001F600"  # pairs are fine
+    for text, needle in [("\ud800", "U+D800 at character 0 (a lone \\ud800 escape)"),
+                         ("ab\udcff", "U+DCFF at character 2 (a lone \\udcff escape, or the byte 0xff that is not UTF-8)"),
+                         ("\udfff\ud800", "U+DFFF at character 0")]:
+        with pytest.raises(UserError, match=re.escape(needle)) as err:
+            check_prompt_text(text, "--prompt")
+        assert str(err.value).startswith("--prompt holds an unpaired surrogate")
+    # What a shell passes for `--prompt $'caf\xe9'` (latin-1 bytes): Python keeps the byte as U+DCE9.
+    argv_like = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match="the byte 0xe9 that is not UTF-8"):
+        check_prompt_text(argv_like, "--prompt")
 
 
 def test_prompt_files_are_read_by_content(tmp_path):
