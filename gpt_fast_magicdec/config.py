@@ -131,7 +131,7 @@ class ModelArgs:
         check_checkpoint_dir(directory)
         if not path.is_file():
             raise ConfigError(
-                f"{directory} has no {ENGINE_CONFIG_NAME}: convert the Hugging Face checkpoint first "
+                f"{directory} has no {ENGINE_CONFIG_NAME}; convert the Hugging Face checkpoint first "
                 f"with `{CONVERT_COMMAND}`"
             )
         try:
