@@ -279,21 +279,149 @@ BENCH = {
     "merge foreign json": (["--merge", "{tmp}/foreign"], "not a complete bench.py results file", 1),
     "merge a list": (["--merge", "{tmp}/listy"], "not a complete bench.py results file", 1),
     "merge a missing dir": (["--merge", "{tmp}/nope"], "--merge", 2),
+    "merge over earlier results": (["--merge", "{tmp}/foreign", "--out-dir", "{tmp}/listy"],
+                                   "--out-dir {tmp}/listy already holds results.json from an earlier run", 1),
     "bogus device": (["--random-weights", "tiny", "--device", "gpu0"], "is not a device name", 1),
     "draft with another tokenizer": (["--checkpoint", "{ok}", "--draft-checkpoint", "{other_tok}"],
                                      "differs from the target's", 1),
+    "draft checkpoint is a file": (["--checkpoint", "{ok}", "--draft-checkpoint", "{tmp}/afile"],
+                                   "is a file, not a directory", 1),
     "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}", "--prompts-file", "{tmp}/docs.jsonl"],
                                "does not belong to this model", 1),
+    # Every input is read before the first run (the sweep below is never reached).
+    "prompts file not utf-8": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/latin1.txt"], "is not UTF-8", 1),
+    "prompts file empty": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/empty.txt"], "is empty", 1),
+    "prompts file with a lone surrogate": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/surrogate.jsonl"],
+                                           "line 2: 'text' holds an unpaired surrogate", 1),
+    "too few windows for the longest prompt": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/docs.jsonl",
+                                                "--prompt-lengths", "16,4096"], "windows of 4096 tokens", 1),
+    "random weights, prompts, no tokenizer": (["--random-weights", "tiny", "--prompts-file", "{tmp}/docs.jsonl"],
+                                              "needs --tokenizer DIR", 1),
+    "tokenizer dir without a tokenizer": (["--random-weights", "tiny", "--prompts-file", "{tmp}/docs.jsonl",
+                                           "--tokenizer", "{tmp}/empty"], "no tokenizer in", 1),
+    "out-dir under a file": (["--random-weights", "tiny", "--out-dir", "{tmp}/afile/out"], "is not a directory", 1),
+    "out-dir with earlier results": (["--random-weights", "tiny", "--out-dir", "{tmp}/corrupt"],
+                                     "already holds results.json from an earlier run; pass --overwrite", 1),
+    "kernels over earlier results": (["--kernels", "--out-dir", "{tmp}/kernels"], "already holds kernels.json", 1),
 }
 
 
+def _no_sweep(*_a, **_k):
+    raise AssertionError("the sweep started before every input was checked")
+
+
 @pytest.mark.parametrize("case", sorted(BENCH))
-def test_bench_bad_input(case, ckpts, tmp_path):
+def test_bench_bad_input(case, ckpts, tmp_path, monkeypatch):
+    _files(tmp_path)
     _results_dirs(tmp_path)
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "kernels.json").write_text("{}")
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": SAMPLE_TEXT}) + "\n")
+    monkeypatch.setattr(bench, "sweep", _no_sweep)
     args, needle, code = BENCH[case]
     args = [a.format(tmp=tmp_path, **ckpts) for a in args]
-    result = invoke(bench.main, *args, "--batch-sizes", 1, "--prompt-lengths", 16, "--max-new-tokens", 2,
-                    "--hardware", "H100-SXM", "--out-dir", tmp_path / "out")
-    assert_one_line_error(result, needle, code)
+    result = invoke(bench.main, "--batch-sizes", 1, "--prompt-lengths", 16, "--max-new-tokens", 2,
+                    "--hardware", "H100-SXM", "--out-dir", tmp_path / "out", *args)  # the case's options win
+    assert_one_line_error(result, needle.format(tmp=tmp_path), code)
     assert not (tmp_path / "out").exists()
+    assert (tmp_path / "corrupt" / "results.json").read_text() == '{"meta": '
+
+
+TINY_SWEEP = ["--random-weights", "tiny", "--batch-sizes", 1, "--prompt-lengths", 16, "--gammas", 2, "--budgets", 12,
+              "--sink", 4, "--max-new-tokens", 3, "--warmup", 0, "--drafts", "self-streaming", "--hardware",
+              "H100-SXM", "--device", "cpu"]
+
+
+def bench_ok(*args):
+    result = invoke(bench.main, *TINY_SWEEP, *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_bench_default_out_dir_is_new_every_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench_ok()
+    bench_ok()
+    runs = sorted((tmp_path / "bench_results").iterdir())
+    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+
+
+def test_bench_overwrite_replaces_only_when_asked(tmp_path):
+    out = tmp_path / "out"
+    bench_ok("--out-dir", out)
+    first = (out / "results.json").read_text()
+    result = invoke(bench.main, *TINY_SWEEP, "--out-dir", out)
+    assert_one_line_error(result, "pass --overwrite")
+    assert (out / "results.json").read_text() == first
+    bench_ok("--out-dir", out, "--overwrite")
+    assert json.loads((out / "results.json").read_text())["meta"]["date"]  # a complete, new results.json
+
+
+def test_bench_unwritable_out_dir_is_refused_before_the_sweep(unwritable_dir, monkeypatch):
+    monkeypatch.setattr(bench, "sweep", _no_sweep)
+    for out in (unwritable_dir / "bench", unwritable_dir / "a" / "b"):
+        assert_one_line_error(invoke(bench.main, *TINY_SWEEP, "--out-dir", out), "cannot write into")
+
+
+def _fail_writing(monkeypatch, how, out):
+    """Make the final write fail after a finished sweep, one way or another."""
+    import errno
+
+    from gpt_fast_magicdec.benchmarking import sweep_report
+
+    if how == "disk full":
+        def full(path, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(sweep_report, "_write_atomic", full)
+        return
+    real_sweep = bench.sweep
+
+    def then_break(*a, **k):
+        done = real_sweep(*a, **k)
+        if how == "out-dir became a file":
+            out.write_text("x")
+        else:  # another run with the same --out-dir finished first
+            out.mkdir()
+            (out / "results.json").write_text("theirs")
+        return done
+
+    monkeypatch.setattr(bench, "sweep", then_break)
+
+
+@pytest.mark.parametrize("how", ["disk full", "out-dir became a file", "results appeared meanwhile"])
+def test_bench_results_survive_a_failed_final_write(tmp_path, monkeypatch, how):
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path))
+    out = tmp_path / "out"
+    _fail_writing(monkeypatch, how, out)
+    result = invoke(bench.main, *TINY_SWEEP, "--out-dir", out)
+    assert_one_line_error(result, "the results are kept in")
+    kept = Path(re.search(r"kept in (\S+)$", result.output.strip().splitlines()[-1]).group(1))
+    rows = json.loads(kept.read_text())["rows"]
+    assert [r["draft"] for r in rows] == ["baseline", "self-streaming"]
+    assert "| batch |" in result.output  # the table was printed too
+    if how == "results appeared meanwhile":
+        assert (out / "results.json").read_text() == "theirs"
+
+
+def test_bench_refuses_weights_beyond_memory_before_loading(monkeypatch):
+    from gpt_fast_magicdec import memory
+
+    monkeypatch.setattr(memory, "_available", lambda device: (8 * 2**30, "available (MemAvailable)"))
+    monkeypatch.setattr(bench, "load_bench_engine", _no_sweep)
+    result = invoke(bench.main, "--random-weights", "llama-3.1-70b", "--device", "cpu", "--hardware", "H100-SXM",
+                    "--batch-sizes", 1, "--prompt-lengths", 16)
+    assert_one_line_error(result, "the weights (llama-3.1-70b) needs 262.8 GiB but 8.0 GiB are available")
+
+
+def test_bench_skips_cpu_points_beyond_memory(tmp_path, monkeypatch):
+    """On the CPU, as on a GPU, a (batch, prompt length) whose caches cannot fit is skipped with its
+    reason instead of meeting the OOM killer; the points that fit still run."""
+    from gpt_fast_magicdec import memory
+
+    monkeypatch.setattr(memory, "_available", lambda device: (4 * 2**20, "available (MemAvailable)"))
+    out = bench_ok("--batch-sizes", "1,64", "--out-dir", tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["batch"] for r in data["rows"]} == {1}
+    (skip,) = data["skipped"]
+    assert skip["batch"] == 64 and skip["reason"].startswith("KV cache for batch 64 x ") and "needs" in skip["reason"]
+    assert "skipped batch 64, prompt 16: KV cache" in out
