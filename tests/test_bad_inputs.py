@@ -4,11 +4,14 @@ relies on: the plain command speculates, ignored options are said, outputs are w
 (The converter's matrix is in test_convert.py and test_convert_safety.py.)"""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from gpt_fast_magicdec.cli import bench
 from gpt_fast_magicdec.cli import generate
@@ -29,14 +32,41 @@ def _checkpoint(root, model_vocab=VOCAB, text=SAMPLE_TEXT, seed=2):
     return convert_hf_checkpoint(hf, root / "engine")
 
 
+def _edited(ckpt, root, name, **changes):
+    """A copy of `ckpt` whose engine_config.json was edited afterwards."""
+    copy = Path(shutil.copytree(ckpt, root / name))
+    config = json.loads((copy / "engine_config.json").read_text())
+    (copy / "engine_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+def _padded(ckpt, root):
+    """A copy of `ckpt` (embedding 512 rows, tokenizer 400 pieces) whose head prefers the 112 rows
+    without a piece: every greedy token is an id the tokenizer cannot decode."""
+    copy = Path(shutil.copytree(ckpt, root / "padded"))
+    path = copy / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["output.weight"][:VOCAB] = 0.0  # logits 0 for every id with a piece; the max of the rest > 0
+    save_file(tensors, path, metadata=metadata)
+    return copy
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    return {"ok": _checkpoint(root / "ok"),
+    ok = _checkpoint(root / "ok", model_vocab=512)
+    llama3_rope = json.loads((ok / "engine_config.json").read_text())["rope_scaling"]
+    return {"ok": ok,
             # same vocabulary size, different tokens: a draft that cannot speculate for "ok"
-            "other_tok": _checkpoint(root / "other", text=SAMPLE_TEXT[::-1], seed=5),
+            "other_tok": _checkpoint(root / "other", model_vocab=512, text=SAMPLE_TEXT[::-1], seed=5),
             # a tokenizer with ids the model has no embedding for
-            "small_vocab": _checkpoint(root / "small", model_vocab=300)}
+            "small_vocab": _checkpoint(root / "small", model_vocab=300),
+            # twice the heads of half the size: every tensor keeps its shape
+            "regrouped": _edited(ok, root, "regrouped", n_heads=8, n_kv_heads=4, head_dim=8),
+            "zero_low_freq": _edited(ok, root, "zero_low_freq", rope_scaling=dict(llama3_rope, low_freq_factor=0)),
+            "padded": _padded(ok, root)}
 
 
 def invoke(cli, *args):
@@ -96,6 +126,13 @@ GENERATE = {  # name -> (arguments, substring of the one error line, exit code)
     "reversed surrogate pair": (["--prompt-file", "{tmp}/low_surrogate.jsonl"], "unpaired surrogate U+DC00", 1),
     "prompt file missing": (["--prompt-file", "{tmp}/none.txt"], "does not exist", 2),
     "invalid engine_config": (["--checkpoint", "{tmp}/badcfg"], "cannot read", 1),
+    "checkpoint is its weights file": (["--checkpoint", "{ok}/model.safetensors"],
+                                       "is a file, not a directory: pass the converted checkpoint's directory", 1),
+    "checkpoint is its config file": (["--checkpoint", "{ok}/engine_config.json"], "is a file, not a directory", 1),
+    "engine_config regrouped against its weights": (["--checkpoint", "{regrouped}"],
+                                                    "no longer matches the weights it was converted with", 1),
+    "engine_config rope divides by zero": (["--checkpoint", "{zero_low_freq}"],
+                                           "low_freq_factor must be a positive number, got 0", 1),
     "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}"], "does not belong to this model", 1),
     "draft with another tokenizer": (["--draft-checkpoint", "{other_tok}"], "differs from the target's", 1),
     "text with random weights": (["--checkpoint", None, "--random-weights", "tiny", "--prompt", "x"],
@@ -121,6 +158,17 @@ def test_generate_bad_input(case, ckpts, tmp_path):
     if "--prompt-file" in args or "--random-weights" in args:
         base = [a for a in base if a not in ("--prompt", "hi")]
     assert_one_line_error(invoke(generate.main, *base, *args), needle, code)
+
+
+def test_ids_beyond_the_tokenizer_do_not_lose_the_completions(ckpts, tmp_path):
+    """A padded embedding (512 rows, 400 pieces) whose every greedy token has no piece: generation
+    finishes, the text is what can be decoded, and the ids stay in --out."""
+    out = tmp_path / "o.jsonl"
+    run_ok("--checkpoint", ckpts["padded"], "--prompt", "the river", "--max-new-tokens", 4, "--ignore-eos",
+           "--out", out, "--no-progress")
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["completion_ids"]) == 4 and min(row["completion_ids"]) >= VOCAB
+    assert isinstance(row["completion"], str)
 
 
 def test_out_is_checked_before_the_model_loads(ckpts, tmp_path, monkeypatch):
