@@ -252,6 +252,8 @@ def conversion_lock(out_dir: Path, wait: bool = False):
             raise UserError(f"--out {out_dir}: another conversion to it is running"
                             f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish, or "
                             "choose another --out") from None
+        except OSError:  # a file system without locks (some network mounts): the final rename still
+            break        # refuses to replace what another conversion wrote
         # The holder we waited for may have removed the file on its way out: lock the current one.
         try:
             current = os.stat(path)
@@ -346,13 +348,11 @@ def _move_into_place(tmp: Path, out_dir: Path, before: Optional[tuple]) -> None:
             _conflict(tmp, out_dir)
     try:
         _rename_noreplace(tmp, out_dir)
-    except FileExistsError:
-        if old is not None:
+    except BaseException as err:
+        if old is not None:  # put the checkpoint back first, whatever went wrong
             os.rename(old, out_dir)
-        _conflict(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
+        if isinstance(err, FileExistsError):
+            _conflict(tmp, out_dir)
         raise
     if old is not None:
         shutil.rmtree(old)
