@@ -458,7 +458,7 @@ def test_bench_refuses_weights_beyond_memory_before_loading(monkeypatch):
     monkeypatch.setattr(bench, "load_bench_engine", _no_sweep)
     result = invoke(bench.main, "--random-weights", "llama-3.1-70b", "--device", "cpu", "--hardware", "H100-SXM",
                     "--batch-sizes", 1, "--prompt-lengths", 16)
-    assert_one_line_error(result, "the weights (llama-3.1-70b) needs 262.8 GiB but 8.0 GiB are available")
+    assert_one_line_error(result, "the model llama-3.1-70b needs 262.8 GiB but 8.0 GiB are available")
 
 
 def test_bench_skips_cpu_points_beyond_memory(tmp_path, monkeypatch):

@@ -205,7 +205,7 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
                   ModelArgs.load(draft_checkpoint) if draft_checkpoint is not None else None)
     pools = prompt_pools(args, prompts_file, tokenizer_dir, checkpoint, max(batch_sizes), prompt_lengths, seed)
     prompts_desc = f"windows of {prompts_file.name} (seed {seed})" if prompts_file else f"random tokens (seed {seed})"
-    check_fits(f"the weights ({random_weights or checkpoint}{' and the draft' if draft_args else ''})",
+    check_fits(f"the model {random_weights or checkpoint}{' with its draft' if draft_args else ''}",
                sum(model_bytes(a, dtype) for a in (args, draft_args) if a is not None), device,
                advice="use a smaller model, or a device with more memory")
     hw = get_profile(hardware, device)  # before the weights, while the memory is free
