@@ -6,9 +6,13 @@ Reads config.json (+ generation_config.json), the weights (sharded or single saf
 pytorch_model*.bin read with `weights_only=True`), renames and casts them, checks every tensor
 against the config, and writes safetensors + engine_config.json + the tokenizer files. Output is
 assembled in a temporary directory beside --out and renamed into place at the end, so a failed
-run never leaves a half-written checkpoint."""
+run never leaves a half-written checkpoint. A lock file beside --out is held for the whole run, so
+a second conversion to the same --out fails at once instead of replacing the first one's output."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import pickle
@@ -31,6 +35,11 @@ from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, WEIGHTS_INDEX_NAME, W
                                           save_engine_checkpoint, validate_state_dict)
 from gpt_fast_magicdec.config import ENGINE_CONFIG_NAME, ModelArgs
 from gpt_fast_magicdec.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: conversions are not locked against each other
+    fcntl = None
 
 DTYPES = {**CLI_DTYPES, "auto": None}  # auto: keep the checkpoint's own dtype
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old transformers versions saved
@@ -82,6 +91,17 @@ def _load_hf_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read weights file {path}: {first_line(e)}") from None
 
 
+def check_not_quantized(hf_dir: Path, hf_config: dict) -> None:
+    """Refuse a quantized checkpoint before reading its weights: its tensors are codes plus scales
+    (or float8 values plus scales) that the engine cannot run."""
+    quant = hf_config.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise UserError(f"{hf_dir} is a quantized checkpoint (quantization_config"
+                        f"{f'.quant_method {method!r}' if method else ''}): the engine runs unquantized "
+                        "float weights only; convert the original (unquantized) model")
+
+
 def read_hf_state_dict(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """All weights of `hf_dir` under engine names, cast to `dtype` (None keeps each tensor's)."""
     out: dict[str, torch.Tensor] = {}
@@ -95,6 +115,10 @@ def read_hf_state_dict(hf_dir: Path, args: ModelArgs, dtype: Optional[torch.dtyp
                 continue
             if name == "output.weight" and args.tie_word_embeddings:
                 continue  # tied: the engine reuses tok_embeddings, as transformers does
+            if not tensor.is_floating_point():  # checked before the cast, which would hide it
+                raise UserError(f"{hf_dir}: tensor {hf_name!r} in {path.name} is "
+                                f"{str(tensor.dtype).removeprefix('torch.')}, not floating point: quantized "
+                                "weights without their scales cannot be converted; use the unquantized model")
             out[name] = tensor if dtype is None else tensor.to(dtype)
     if unknown:
         raise UserError(f"{hf_dir} has {len(unknown)} tensor(s) the engine does not know (first: "
@@ -114,8 +138,9 @@ def _unshare(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = False,
-                          max_shard_gb: float = 0.0) -> Path:
-    """Convert the HF checkpoint in `hf_dir` into an engine checkpoint at `out_dir`; returns it."""
+                          max_shard_gb: float = 0.0, lock: bool = True) -> Path:
+    """Convert the HF checkpoint in `hf_dir` into an engine checkpoint at `out_dir`; returns it.
+    lock=False: the caller already holds `conversion_lock(out_dir)`."""
     hf_dir = Path(hf_dir)
     if not str(out_dir).strip():  # `--out "$UNSET"`: never let it mean the current directory
         raise UserError("--out is empty; give the directory to write the checkpoint to")
@@ -128,36 +153,124 @@ def convert_hf_checkpoint(hf_dir, out_dir, dtype: str = "auto", force: bool = Fa
         raise UserError(f"--hf-dir {hf_dir} is not a directory: point it at a downloaded Hugging Face "
                         "model (the folder holding config.json)")
     if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
         hf_real, out_real = hf_dir.resolve(), out_dir.resolve()
         if hf_real == out_real or out_real in hf_real.parents:
             raise UserError(f"--out {out_dir} holds the input checkpoint; choose another output path")
-        check_replaceable(out_dir, force)
+        cwd = Path.cwd().resolve()
+        if out_real == cwd or out_real in cwd.parents:
+            raise UserError(f"--out {out_dir} is the current directory or one above it; choose a new directory")
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     hf_config = _read_json(hf_dir / "config.json")
     gen_path = hf_dir / "generation_config.json"
     args = ModelArgs.from_hf_config(hf_config, _read_json(gen_path) if gen_path.is_file() else None)
+    check_not_quantized(hf_dir, hf_config)
     if not hf_config.get("_name_or_path"):  # transformers 5 no longer saves it: name after the folder
         args.name = hf_dir.resolve().name
-    state_dict = read_hf_state_dict(hf_dir, args, DTYPES[dtype])
-    validate_state_dict(args, state_dict, hint=f"the checkpoint in {hf_dir} is incomplete or does "
-                        "not match its config.json")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    created = make_parents(out_dir)
     try:
-        save_engine_checkpoint(tmp, args, _unshare(state_dict),
-                               max_shard_bytes=int(max_shard_gb * 2**30) or None)
-        _copy_tokenizer_files(hf_dir, tmp)
-        _move_into_place(tmp, out_dir)
+        with conversion_lock(out_dir) if lock else contextlib.nullcontext():
+            before = check_replaceable(out_dir, force)  # under the lock: nobody else converts to it now
+            state_dict = read_hf_state_dict(hf_dir, args, DTYPES[dtype])
+            validate_state_dict(args, state_dict, hint=f"the checkpoint in {hf_dir} is incomplete or does "
+                                "not match its config.json")
+            remove_stale_partials(out_dir)
+            _write(hf_dir, out_dir, args, _unshare(state_dict), max_shard_gb, before)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):  # only the (still empty) directories made for --out
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     return out_dir
+
+
+def _write(hf_dir: Path, out_dir: Path, args: ModelArgs, state_dict: dict, max_shard_gb: float, before) -> None:
+    """Assemble the checkpoint in a work directory beside `out_dir`, then move it into place."""
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+        save_engine_checkpoint(tmp, args, state_dict, max_shard_bytes=int(max_shard_gb * 2**30) or None)
+        _copy_tokenizer_files(hf_dir, tmp)
+        _move_into_place(tmp, out_dir, before)
+    except (OSError, SafetensorError) as e:  # disk full, quota, file-size limit: --out is unchanged
+        raise UserError(f"--out {out_dir}: cannot write the checkpoint into {out_dir.parent} "
+                        f"({getattr(e, 'strerror', None) or first_line(e)}); --out was left as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_parents(out_dir: Path) -> list[Path]:
+    """Create the missing parents of `out_dir` (returned, outermost first), refusing with one line a
+    parent that is a file or cannot be created."""
+    missing = []
+    parent = out_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out_dir}: {parent} is not a directory; choose another path")
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not path.is_dir():
+                raise UserError(f"--out {out_dir}: {path} is not a directory; choose another path") from None
+            continue
+        except OSError as e:
+            for made in reversed(created):
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            raise UserError(f"--out {out_dir}: cannot create {path} ({e.strerror}); choose another path") from None
+        created.append(path)
+    return created
+
+
+@contextlib.contextmanager
+def conversion_lock(out_dir: Path, wait: bool = False):
+    """Hold the lock file `.NAME.lock` beside `out_dir` for a whole conversion. A second conversion
+    to the same --out (another shell, a job started twice) fails at once, or with wait=True waits for
+    the first to finish, instead of replacing its finished checkpoint minutes later. An flock is
+    released by the kernel when its process dies, so a killed conversion never leaves it held."""
+    out_dir = Path(out_dir)
+    path = out_dir.parent / f".{out_dir.name}.lock"
+    if fcntl is None:
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: cannot write into {out_dir.parent} ({e.strerror}); choose "
+                            "another path") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"--out {out_dir}: another conversion to it is running"
+                            f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish, or "
+                            "choose another --out") from None
+        except OSError:  # a file system without locks (some network mounts): the final rename still
+            break        # refuses to replace what another conversion wrote
+        # The holder we waited for may have removed the file on its way out: lock the current one.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held, so a waiter finds it gone and retries
+        os.close(fd)
 
 
 def is_engine_checkpoint(directory: Path) -> bool:
@@ -167,20 +280,23 @@ def is_engine_checkpoint(directory: Path) -> bool:
     return ENGINE_CONFIG_NAME in names and all(n in _CHECKPOINT_FILES or _SHARD_RE.fullmatch(n) for n in names)
 
 
-def check_replaceable(out_dir: Path, force: bool) -> None:
+def check_replaceable(out_dir: Path, force: bool) -> Optional[tuple]:
     """An existing --out may be replaced only when empty, or with --force when it is an earlier
     engine checkpoint: anything else (the current directory, a home, a source tree) is refused,
-    whatever the flags, since replacing it deletes it."""
-    cwd = Path.cwd().resolve()
-    if out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
-        raise UserError(f"--out {out_dir} is the current directory or one above it; choose a new directory")
-    if not any(out_dir.iterdir()):
-        return
-    if not is_engine_checkpoint(out_dir):
+    whatever the flags, since replacing it deletes it. Returns what the final step may replace:
+    None (nothing there), or (identity, was empty) of the directory checked."""
+    if not os.path.lexists(out_dir):
+        return None
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory; choose another path")
+    st = out_dir.stat()
+    empty = not any(out_dir.iterdir())
+    if not empty and not is_engine_checkpoint(out_dir):
         raise UserError(f"--out {out_dir} exists and is not an engine checkpoint; refusing to replace it "
                         "(even with --force): choose a new or empty directory")
-    if not force:
+    if not empty and not force:
         raise UserError(f"--out {out_dir} already holds a checkpoint; pass --force to replace it")
+    return (st.st_dev, st.st_ino), empty
 
 
 def remove_stale_partials(out_dir: Path) -> None:
@@ -215,19 +331,58 @@ def _copy_tokenizer_files(hf_dir: Path, out_dir: Path) -> None:
         shutil.copy2(hf_dir / "original" / "tokenizer.model", out_dir / "tokenizer.model")
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`, replacing an existing (checked-before) `out_dir`."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(out_dir, old)
+def _move_into_place(tmp: Path, out_dir: Path, before: Optional[tuple]) -> None:
+    """Rename `tmp` to `out_dir`, replacing only what `check_replaceable` saw there (`before`): a
+    directory that appeared, changed or was replaced since is left alone, and the new checkpoint is
+    kept beside it. The rename itself cannot replace anything (see `_rename_noreplace`)."""
+    old = None
+    if os.path.lexists(out_dir):
+        st = out_dir.stat() if out_dir.is_dir() else None
+        ours = before is not None and st is not None and (st.st_dev, st.st_ino) == before[0]
+        if ours and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        elif ours and not before[1] and is_engine_checkpoint(out_dir):  # the checkpoint --force replaces
+            old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
+            os.rename(out_dir, old)
+        else:
+            _conflict(tmp, out_dir)
     try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
+        _rename_noreplace(tmp, out_dir)
+    except BaseException as err:
+        if old is not None:  # put the checkpoint back first, whatever went wrong
+            os.rename(old, out_dir)
+        if isinstance(err, FileExistsError):
+            _conflict(tmp, out_dir)
         raise
-    shutil.rmtree(old)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _conflict(tmp: Path, out_dir: Path) -> None:
+    kept = out_dir.parent / f"{out_dir.name}.converted-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(tmp, kept)
+    raise UserError(f"--out {out_dir} changed while this conversion ran (another process wrote it); left it "
+                    f"as it is and kept this conversion in {kept}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_RENAME_NOREPLACE, _AT_FDCWD = 1, -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that raises FileExistsError when `dst` exists, even as an empty directory (which a
+    plain rename replaces): renameat2(RENAME_NOREPLACE) where the kernel and libc have it, else a
+    check just before the rename (the lock keeps other conversions out of that window)."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # those: the file system or kernel lacks the flag
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
 
 
 def summarize(out_dir: Path) -> str:

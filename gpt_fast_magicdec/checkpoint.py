@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelArgs
+from .config import ENGINE_CONFIG_NAME, ModelArgs, check_checkpoint_dir
 from .errors import UserError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -45,6 +45,15 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+# The ModelArgs fields that say how the weights are read. Edit one in engine_config.json and the same
+# tensors can still have the expected shapes (8 heads of 32 instead of 4 of 64) but mean a different
+# model, which would generate garbage without an error. The converter records these fields in every
+# weights file's safetensors metadata and loading compares them. Left out: what may be edited without
+# changing what the weights mean (name, max_position_embeddings, bos_id, eos_ids).
+FINGERPRINT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+                      "norm_eps", "rope_base", "rope_scaling", "qkv_bias", "tie_word_embeddings")
+FINGERPRINT_KEY = "gpt_fast_magicdec.config"  # the safetensors metadata key holding them, as JSON
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -101,6 +110,37 @@ def validate_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor],
     if unexpected:
         raise UserError(f"checkpoint has {len(unexpected)} unexpected tensor(s) (first: "
                         f"{unexpected[0]!r}) that this config does not use; {hint}")
+    not_float = [k for k in expected if not state_dict[k].is_floating_point()]
+    if not_float:  # e.g. quantized codes without their scales: they would "run" as numbers
+        k = not_float[0]
+        raise UserError(f"tensor {k!r} is {str(state_dict[k].dtype).removeprefix('torch.')}, not floating point "
+                        f"({len(not_float)} such tensor(s)): the engine runs unquantized float weights only; {hint}")
+
+
+def config_fingerprint(args: ModelArgs) -> dict:
+    """The FINGERPRINT_FIELDS of `args`, as they are stored in (and read back from) JSON."""
+    return json.loads(json.dumps({k: v for k, v in args.to_dict().items() if k in FINGERPRINT_FIELDS}))
+
+
+def check_fingerprint(args: ModelArgs, metadata: Optional[dict], path: Path) -> None:
+    """Refuse weights whose recorded config differs from `args` (read from engine_config.json).
+    Files without a record (conversions by earlier versions, hand-made test checkpoints) pass."""
+    recorded = (metadata or {}).get(FINGERPRINT_KEY)
+    if recorded is None:
+        return
+    config = Path(path).parent / ENGINE_CONFIG_NAME
+    try:
+        recorded = json.loads(recorded)
+        current = config_fingerprint(args)
+        changed = [k for k in FINGERPRINT_FIELDS if recorded[k] != current[k]]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{path} has an unreadable {FINGERPRINT_KEY} record; {RECONVERT_HINT}") from None
+    if changed:
+        k = changed[0]
+        raise UserError(f"{config} no longer matches the weights it was converted with ({k} is "
+                        f"{json.dumps(current[k])} there, {json.dumps(recorded[k])} at conversion"
+                        f"{f', and {len(changed) - 1} more field(s)' if len(changed) > 1 else ''}): the same "
+                        f"tensors would be read as another model; restore it, or {RECONVERT_HINT}")
 
 
 def save_engine_checkpoint(directory: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor],
@@ -110,6 +150,7 @@ def save_engine_checkpoint(directory: Path, args: ModelArgs, state_dict: dict[st
     index. Returns the weight files written."""
     directory = Path(directory)
     args.save(directory)
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(config_fingerprint(args), sort_keys=True)}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state_dict.items():
@@ -120,12 +161,12 @@ def save_engine_checkpoint(directory: Path, args: ModelArgs, state_dict: dict[st
         shards[-1][name] = t.contiguous()
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata=metadata)
         return [directory / WEIGHTS_NAME]
     files, weight_map = [], {}
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / fname, metadata={"format": "pt"})
+        save_file(shard, directory / fname, metadata=metadata)
         files.append(directory / fname)
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
@@ -161,12 +202,18 @@ def engine_weight_files(directory: Path) -> list[Path]:
 def load_engine_checkpoint(directory: Path, device="cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """Read a converted checkpoint: (ModelArgs, state dict with the engine's names), validated."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"checkpoint directory {directory} does not exist; convert a Hugging Face "
-                        "model first with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`")
+    check_checkpoint_dir(directory)
     args = ModelArgs.load(directory)
+    files = engine_weight_files(directory)
+    for path in files:  # headers only, before any tensor is read
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata()
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {path} ({first_line(e)}); {RECONVERT_HINT}") from None
+        check_fingerprint(args, metadata, path)
     state_dict: dict[str, torch.Tensor] = {}
-    for path in engine_weight_files(directory):
+    for path in files:
         try:
             tensors = load_file(path, device=str(device))
         except (SafetensorError, OSError) as e:

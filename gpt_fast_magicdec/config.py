@@ -37,8 +37,24 @@ class RopeScaling:
             raise ConfigError(
                 f"unknown rope scaling type {self.rope_type!r}: supported are 'linear' and 'llama3'"
             )
-        if self.factor <= 0:
-            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+        # Checked here, so both a converted config.json and a hand-edited engine_config.json are
+        # refused with the parameter's name instead of a ZeroDivisionError (or nan angles) later:
+        # `rope_inv_freq` divides by factor, both freq factors and their difference.
+        self.factor = _positive_number("rope scaling factor", self.factor)
+        if self.rope_type == "linear":
+            return
+        self.low_freq_factor = _positive_number("rope scaling low_freq_factor", self.low_freq_factor)
+        self.high_freq_factor = _positive_number("rope scaling high_freq_factor", self.high_freq_factor)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"rope scaling high_freq_factor ({self.high_freq_factor:g}) must be larger than "
+                              f"low_freq_factor ({self.low_freq_factor:g}): llama3 scaling ramps between them")
+        old_len = self.original_max_position_embeddings
+        if isinstance(old_len, float) and old_len.is_integer():
+            old_len = int(old_len)
+        if not _is_int(old_len) or old_len <= 0:
+            raise ConfigError(f"rope scaling original_max_position_embeddings must be a positive integer, "
+                              f"got {self.original_max_position_embeddings!r}")
+        self.original_max_position_embeddings = old_len
 
 
 @dataclasses.dataclass
@@ -80,10 +96,10 @@ class ModelArgs:
                 self.rope_scaling = RopeScaling(**self.rope_scaling)
             except TypeError as e:
                 raise ConfigError(f"rope_scaling: {e}") from None
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
         for field in ("norm_eps", "rope_base"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ConfigError(f"{field} must be a positive number, got {value!r}")
+            setattr(self, field, _positive_number(field, getattr(self, field)))
         if self.bos_id is not None and not _is_int(self.bos_id):
             raise ConfigError(f"bos_id must be an integer or null, got {self.bos_id!r}")
         if not isinstance(self.eos_ids, (list, tuple)) or not all(_is_int(e) for e in self.eos_ids):
@@ -93,6 +109,14 @@ class ModelArgs:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        # Each parameter can be valid alone and the angles still overflow fp32 (rope_theta 1e-300,
+        # a factor of 1e-40): the model would compute cos(inf) = nan at every position.
+        top_angle = float(rope_inv_freq(self).max()) * self.max_position_embeddings
+        if not top_angle < torch.finfo(torch.float32).max:
+            scaling = self.rope_scaling
+            with_scaling = f" with {scaling.rope_type} rope scaling factor {scaling.factor:g}" if scaling else ""
+            raise ConfigError(f"rope_base {self.rope_base:g}{with_scaling} gives rotary angles that overflow "
+                              "float32; check rope_theta and the rope scaling parameters")
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -104,13 +128,11 @@ class ModelArgs:
     @classmethod
     def load(cls, directory: Path) -> "ModelArgs":
         path = Path(directory) / ENGINE_CONFIG_NAME
-        if not Path(directory).is_dir():
-            raise ConfigError(f"checkpoint directory {directory} does not exist; convert a Hugging Face model "
-                              "first with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`")
+        check_checkpoint_dir(directory)
         if not path.is_file():
             raise ConfigError(
-                f"{directory} has no {ENGINE_CONFIG_NAME}: convert the Hugging Face checkpoint first "
-                "with `python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR`"
+                f"{directory} has no {ENGINE_CONFIG_NAME}; convert the Hugging Face checkpoint first "
+                f"with `{CONVERT_COMMAND}`"
             )
         try:
             raw = json.loads(path.read_text())
@@ -123,7 +145,10 @@ class ModelArgs:
         if unknown:
             raise ConfigError(f"{path} has unknown key(s) {', '.join(map(repr, unknown))}: it was not written by "
                               "this version's converter; re-convert the checkpoint")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ConfigError as e:  # say which file: the same check also guards config.json
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_config(cls, hf: dict, generation_config: Optional[dict] = None) -> "ModelArgs":
@@ -157,7 +182,7 @@ class ModelArgs:
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         bos = gen.get("bos_token_id", hf.get("bos_token_id"))
-        return cls(
+        fields = dict(
             name=hf.get("_name_or_path") or model_type,
             vocab_size=_hf_int(hf, "vocab_size"),
             dim=_hf_int(hf, "hidden_size"),
@@ -175,6 +200,10 @@ class ModelArgs:
             bos_id=bos,
             eos_ids=eos_ids,
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"config.json: {e}") from None
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelArgs":
@@ -199,6 +228,30 @@ _ROPE_KEYS = {"linear": ("factor",),
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_number(name: str, value) -> float:
+    """`value` as a float when it is a finite number > 0 (not a bool, not NaN); else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+CONVERT_COMMAND = "python convert/convert_hf_checkpoint.py --hf-dir HF_DIR --out DIR"
+
+
+def check_checkpoint_dir(directory) -> None:
+    """Refuse a `--checkpoint` that is not a directory, saying what to pass instead."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return
+    if directory.exists():
+        inside = (directory.parent / ENGINE_CONFIG_NAME).is_file()
+        raise ConfigError(f"checkpoint {directory} is a file, not a directory: pass the converted checkpoint's "
+                          "directory (the one holding engine_config.json)"
+                          + (f", here {directory.parent}" if inside else ""))
+    raise ConfigError(f"checkpoint directory {directory} does not exist; convert a Hugging Face model first "
+                      f"with `{CONVERT_COMMAND}`")
 
 
 def _hf_int(hf: dict, key: str, default=...):
@@ -241,6 +294,8 @@ def _hf_rope(hf: dict) -> tuple[float, Optional[RopeScaling]]:
         raise ConfigError(f"config.json gives two rope_theta values {sorted(thetas)}; keep the right one")
     theta = _hf_float({"rope_theta": thetas.pop() if thetas else hf.get("rope_theta", 10000.0)},
                       "rope_theta", 10000.0)
+    if not 0 < theta < math.inf:
+        raise ConfigError(f"config.json: rope_theta must be a positive number, got {theta!r}")
     return theta, next(iter(parsed.values()), None)
 
 
@@ -256,7 +311,10 @@ def _parse_rope_scaling(raw: dict, key: str = "rope_scaling") -> Optional[RopeSc
     missing = [k for k in _ROPE_KEYS[rope_type] if not isinstance(raw.get(k), (int, float))]
     if missing:
         raise ConfigError(f"config.json: {key} of type {rope_type!r} lacks a numeric {missing[0]!r}")
-    return RopeScaling(rope_type=rope_type, **{k: raw[k] for k in _ROPE_KEYS[rope_type]})
+    try:
+        return RopeScaling(rope_type=rope_type, **{k: raw[k] for k in _ROPE_KEYS[rope_type]})
+    except ConfigError as e:
+        raise ConfigError(f"config.json: {key}: {e}") from None
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

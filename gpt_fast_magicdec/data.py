@@ -1,6 +1,7 @@
 """Prompt sources for generate.py and bench.py.
 
   read_jsonl_prompts   a prompt file: JSONL with a `text` field per line, or one plain-text prompt
+  check_prompt_text    refuse a prompt that is not encodable text (a lone surrogate)
   write_jsonl          one JSON object per line, written atomically
   check_writable       refuse an output path before any work is done
   long_document_prompts  fixed-length token windows cut from long documents (PG-19-style JSONL)
@@ -28,9 +29,11 @@ CHARS_PER_TOKEN = 16
 
 
 def read_text(path: PathLike) -> str:
-    """A file's text, refusing what is not UTF-8 with one line (not a UnicodeDecodeError)."""
+    """A file's text, refusing what is not UTF-8 with one line (not a UnicodeDecodeError). A byte-order
+    mark at the start (Windows editors write one) is dropped: it is not part of the text, and left in
+    it would hide a JSONL file's first `{` and make the whole file one plain-text prompt."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, e.g. "
                         "`iconv -f latin1 -t utf-8`") from None
@@ -38,9 +41,10 @@ def read_text(path: PathLike) -> str:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
-def parse_jsonl(text: str, path: PathLike) -> Iterator[dict]:
-    """The JSON objects of JSONL `text` (from `path`, for messages), one per non-blank line."""
+def _numbered_rows(text: str, path: PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) for each non-blank line of JSONL `text` (from `path`, for messages)."""
     for n, line in enumerate(text.splitlines(), 1):
+        line = line.lstrip("\ufeff")  # files joined with `cat` keep each one's byte-order mark
         if not line.strip():
             continue
         try:
@@ -49,7 +53,12 @@ def parse_jsonl(text: str, path: PathLike) -> Iterator[dict]:
             raise UserError(f"{path} line {n}: not JSON ({err.msg})")
         if not isinstance(row, dict):
             raise UserError(f"{path} line {n}: expected a JSON object")
-        yield row
+        yield n, row
+
+
+def parse_jsonl(text: str, path: PathLike) -> Iterator[dict]:
+    """The JSON objects of JSONL `text` (from `path`, for messages), one per non-blank line."""
+    return (row for _, row in _numbered_rows(text, path))
 
 
 def read_jsonl(path: PathLike) -> Iterator[dict]:
@@ -90,7 +99,7 @@ def looks_like_jsonl(text: str) -> bool:
     """JSONL when the first non-blank line is a JSON object; anything else is plain text. The
     content decides, not the file name. (The first line, not every line: a JSONL file with one
     broken line must be an error naming that line, not silently become one text prompt.)"""
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in text.splitlines() if line.strip()), "").lstrip("\ufeff")
     if not first.lstrip().startswith("{"):
         return False
     try:
@@ -108,13 +117,30 @@ def read_jsonl_prompts(path: PathLike) -> list[str]:
     if not looks_like_jsonl(text):
         return [text]
     texts = []
-    for n, row in enumerate(parse_jsonl(text, path), 1):
+    for n, row in _numbered_rows(text, path):
         if not isinstance(row.get("text"), str):
-            raise UserError(f"{path}: object {n} has no 'text' string field")
+            raise UserError(f"{path} line {n}: the object has no 'text' string field")
         if not row["text"]:
-            raise UserError(f"{path}: object {n} has an empty 'text'")
-        texts.append(row["text"])
+            raise UserError(f"{path} line {n}: the object has an empty 'text'")
+        texts.append(check_prompt_text(row["text"], f"{path} line {n}: 'text'"))
     return texts
+
+
+def check_prompt_text(text: str, where: str) -> str:
+    """`text` unchanged when it can be encoded as UTF-8; else one UserError naming `where` (e.g.
+    "--prompt", "docs.jsonl line 3: 'text'"). What cannot be encoded is a lone surrogate: from a
+    JSON escape such as "\\ud800" without its pair, or, in a command-line argument, from a byte
+    that is not UTF-8 (Python keeps those as U+DC80..U+DCFF). No tokenizer can take it, and
+    replacing it would change the prompt without a word, so it is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        source = f"a lone \\u{code:04x} escape" + (f", or the byte 0x{code - 0xDC00:02x} that is not UTF-8"
+                                                     if 0xDC80 <= code <= 0xDCFF else "")
+        raise UserError(f"{where} holds an unpaired surrogate U+{code:04X} at character {err.start} ({source}): "
+                        "it is not text a tokenizer can encode; fix or remove it") from None
+    return text
 
 
 def long_document_prompts(path: PathLike, tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:

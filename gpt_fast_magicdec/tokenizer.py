@@ -37,8 +37,9 @@ def byte_level_alphabet() -> dict[int, str]:
 
 
 class Tokenizer:
-    """Subclasses implement `_encode(text)`, `decode(ids)`, `token_to_id(token)` (None when
-    absent) and `_vocab()` (id -> token string); `load_tokenizer` sets `bos_id` and `eos_ids`."""
+    """Subclasses implement `_encode(text)`, `_decode(ids)` (ids it has), `token_to_id(token)`
+    (None when absent) and `_vocab()` (id -> token string); `load_tokenizer` sets `bos_id` and
+    `eos_ids`."""
 
     kind: str = ""
     vocab_size: int = 0  # 1 + the largest id the tokenizer can produce, specials included
@@ -50,8 +51,21 @@ class Tokenizer:
         return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Decodes every id given, specials included; callers strip what they don't want."""
-        raise NotImplementedError
+        """The text of `ids`, specials included (callers strip what they don't want). An id the
+        tokenizer has no piece for is skipped: a model's embedding often has more rows than its
+        tokenizer has pieces (vocabularies padded to a multiple of 64 or 128), and the model may
+        produce one; `decode_counted` also says how many were skipped."""
+        return self.decode_counted(ids)[0]
+
+    def decode_counted(self, ids: Iterable[int]) -> tuple[str, int]:
+        """(text, n_unknown): `decode(ids)` and the number of ids skipped for having no piece."""
+        ids = [int(i) for i in ids]
+        known = [i for i in ids if self.has_id(i)]
+        return self._decode(known), len(ids) - len(known)
+
+    def has_id(self, i: int) -> bool:
+        """Whether id `i` has a piece (a token string) in this tokenizer."""
+        return 0 <= i < self.vocab_size
 
     def fingerprint(self) -> str:
         """sha256 of the id -> token table, spelled as in HF `tokenizer.json`, so the same vocab
@@ -79,8 +93,8 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text):
         return self.sp.encode(text)
 
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
+    def _decode(self, ids):
+        return self.sp.decode(ids)
 
     def token_to_id(self, token):
         i = self.sp.piece_to_id(token)  # unknown pieces map to unk_id, so check the round trip
@@ -123,8 +137,8 @@ class TiktokenTokenizer(Tokenizer):
         # Special-token text (chat markup) becomes its id, as with HF-format Llama-3 tokenizers.
         return self.enc.encode(text, allowed_special="all", disallowed_special=())
 
-    def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids])
+    def _decode(self, ids):
+        return self.enc.decode(ids)
 
     def token_to_id(self, token):
         return self.special.get(token, self.ranks.get(token.encode("utf-8")))
@@ -156,8 +170,13 @@ class HFTokenizer(Tokenizer):
     def _encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids  # BOS is ours to add
 
-    def decode(self, ids):
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def has_id(self, i):  # a tokenizer.json's ids may have gaps below its largest
+        if not hasattr(self, "_ids"):
+            self._ids = frozenset(self._vocab())
+        return i in self._ids
 
     def token_to_id(self, token):
         return self.tok.token_to_id(token)

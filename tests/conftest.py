@@ -17,6 +17,30 @@ if not torch.cuda.is_available():
 # fp32 output on CPU; on a CUDA machine they would otherwise default to bf16 with compile and graphs.
 # A test that names --device still gets that device; the GPU-only tests build their models directly.
 os.environ.setdefault("GPT_FAST_MAGICDEC_DEVICE", "cpu")
+# The bundled model's cache: tests choose theirs with XDG_CACHE_HOME, which this would override.
+os.environ.pop("GPT_FAST_MAGICDEC_CACHE", None)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory in which nothing can be created: a read-only one, or as root (who ignores
+    permissions) /sys, where the kernel refuses new entries even to root. Skipped where neither."""
+    if os.geteuid() != 0:
+        d = tmp_path / "read-only"
+        d.mkdir()
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    d = Path("/sys")
+    probe = d / f"gpt-fast-magicdec-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        yield d
+        return
+    probe.rmdir()
+    pytest.skip("running as root and /sys accepts new entries: no unwritable directory to test with")
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,20 @@ error), a non-zero exit, no traceback, and nothing run or written first. Plus th
 relies on: the plain command speculates, ignored options are said, outputs are written atomically.
 (The converter's matrix is in test_convert.py and test_convert_safety.py.)"""
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from gpt_fast_magicdec.cli import bench
 from gpt_fast_magicdec.cli import generate
 from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
-from gpt_fast_magicdec.data import looks_like_jsonl, read_jsonl_prompts
+from gpt_fast_magicdec.data import check_prompt_text, looks_like_jsonl, read_jsonl_prompts
 from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
@@ -28,14 +32,41 @@ def _checkpoint(root, model_vocab=VOCAB, text=SAMPLE_TEXT, seed=2):
     return convert_hf_checkpoint(hf, root / "engine")
 
 
+def _edited(ckpt, root, name, **changes):
+    """A copy of `ckpt` whose engine_config.json was edited afterwards."""
+    copy = Path(shutil.copytree(ckpt, root / name))
+    config = json.loads((copy / "engine_config.json").read_text())
+    (copy / "engine_config.json").write_text(json.dumps({**config, **changes}))
+    return copy
+
+
+def _padded(ckpt, root):
+    """A copy of `ckpt` (embedding 512 rows, tokenizer 400 pieces) whose head prefers the 112 rows
+    without a piece: every greedy token is an id the tokenizer cannot decode."""
+    copy = Path(shutil.copytree(ckpt, root / "padded"))
+    path = copy / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    tensors["output.weight"][:VOCAB] = 0.0  # logits 0 for every id with a piece; the max of the rest > 0
+    save_file(tensors, path, metadata=metadata)
+    return copy
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    return {"ok": _checkpoint(root / "ok"),
+    ok = _checkpoint(root / "ok", model_vocab=512)
+    llama3_rope = json.loads((ok / "engine_config.json").read_text())["rope_scaling"]
+    return {"ok": ok,
             # same vocabulary size, different tokens: a draft that cannot speculate for "ok"
-            "other_tok": _checkpoint(root / "other", text=SAMPLE_TEXT[::-1], seed=5),
+            "other_tok": _checkpoint(root / "other", model_vocab=512, text=SAMPLE_TEXT[::-1], seed=5),
             # a tokenizer with ids the model has no embedding for
-            "small_vocab": _checkpoint(root / "small", model_vocab=300)}
+            "small_vocab": _checkpoint(root / "small", model_vocab=300),
+            # twice the heads of half the size: every tensor keeps its shape
+            "regrouped": _edited(ok, root, "regrouped", n_heads=8, n_kv_heads=4, head_dim=8),
+            "zero_low_freq": _edited(ok, root, "zero_low_freq", rope_scaling=dict(llama3_rope, low_freq_factor=0)),
+            "padded": _padded(ok, root)}
 
 
 def invoke(cli, *args):
@@ -58,6 +89,8 @@ def _files(tmp_path):
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "empty_text.jsonl").write_text('{"text": ""}\n')
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "half an emoji \\ud83d"}\n')
+    (tmp_path / "low_surrogate.jsonl").write_text('{"text": "\\udc00\\ud800 reversed pair"}\n')
     engine_cfg = tmp_path / "badcfg"
     engine_cfg.mkdir()
     (engine_cfg / "engine_config.json").write_text("{oops")
@@ -88,8 +121,18 @@ GENERATE = {  # name -> (arguments, substring of the one error line, exit code)
     "blank jsonl": (["--prompt-file", "{tmp}/blank.jsonl"], "is empty", 1),
     "broken jsonl line": (["--prompt-file", "{tmp}/broken.jsonl"], "line 2: not JSON", 1),
     "empty text field": (["--prompt-file", "{tmp}/empty_text.jsonl"], "empty 'text'", 1),
+    "unpaired surrogate escape": (["--prompt-file", "{tmp}/surrogate.jsonl"],
+                                  "surrogate.jsonl line 2: 'text' holds an unpaired surrogate U+D83D", 1),
+    "reversed surrogate pair": (["--prompt-file", "{tmp}/low_surrogate.jsonl"], "unpaired surrogate U+DC00", 1),
     "prompt file missing": (["--prompt-file", "{tmp}/none.txt"], "does not exist", 2),
     "invalid engine_config": (["--checkpoint", "{tmp}/badcfg"], "cannot read", 1),
+    "checkpoint is its weights file": (["--checkpoint", "{ok}/model.safetensors"],
+                                       "is a file, not a directory: pass the converted checkpoint's directory", 1),
+    "checkpoint is its config file": (["--checkpoint", "{ok}/engine_config.json"], "is a file, not a directory", 1),
+    "engine_config regrouped against its weights": (["--checkpoint", "{regrouped}"],
+                                                    "no longer matches the weights it was converted with", 1),
+    "engine_config rope divides by zero": (["--checkpoint", "{zero_low_freq}"],
+                                           "low_freq_factor must be a positive number, got 0", 1),
     "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}"], "does not belong to this model", 1),
     "draft with another tokenizer": (["--draft-checkpoint", "{other_tok}"], "differs from the target's", 1),
     "text with random weights": (["--checkpoint", None, "--random-weights", "tiny", "--prompt", "x"],
@@ -115,6 +158,17 @@ def test_generate_bad_input(case, ckpts, tmp_path):
     if "--prompt-file" in args or "--random-weights" in args:
         base = [a for a in base if a not in ("--prompt", "hi")]
     assert_one_line_error(invoke(generate.main, *base, *args), needle, code)
+
+
+def test_ids_beyond_the_tokenizer_do_not_lose_the_completions(ckpts, tmp_path):
+    """A padded embedding (512 rows, 400 pieces) whose every greedy token has no piece: generation
+    finishes, the text is what can be decoded, and the ids stay in --out."""
+    out = tmp_path / "o.jsonl"
+    run_ok("--checkpoint", ckpts["padded"], "--prompt", "the river", "--max-new-tokens", 4, "--ignore-eos",
+           "--out", out, "--no-progress")
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["completion_ids"]) == 4 and min(row["completion_ids"]) >= VOCAB
+    assert isinstance(row["completion"], str)
 
 
 def test_out_is_checked_before_the_model_loads(ckpts, tmp_path, monkeypatch):
@@ -218,6 +272,33 @@ def test_ignore_eos_and_out_in_input_order(ckpts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]  # no temporary or part file left
 
 
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "jsonl after blank lines", "joined files", "plain text"])
+def test_a_byte_order_mark_is_not_part_of_the_prompts(tmp_path, layout):
+    rows = '{"text": "a"}\n{"text": "b"}\n'
+    content = {"jsonl": BOM + rows, "jsonl after blank lines": BOM + "\n\n" + rows,
+               "joined files": BOM + rows + BOM + '{"text": "c"}\n', "plain text": BOM + "Once upon a time"}[layout]
+    (tmp_path / "p.txt").write_bytes(content.encode("utf-8"))
+    want = {"joined files": ["a", "b", "c"], "plain text": ["Once upon a time"]}.get(layout, ["a", "b"])
+    assert read_jsonl_prompts(tmp_path / "p.txt") == want
+
+
+def test_check_prompt_text():
+    assert check_prompt_text("caf\u00e9 \U0001F600", "--prompt") == "caf\u00e9 \U0001F600"  # pairs are fine
+    for text, needle in [("\ud800", "U+D800 at character 0 (a lone \\ud800 escape)"),
+                         ("ab\udcff", "U+DCFF at character 2 (a lone \\udcff escape, or the byte 0xff that is not UTF-8)"),
+                         ("\udfff\ud800", "U+DFFF at character 0")]:
+        with pytest.raises(UserError, match=re.escape(needle)) as err:
+            check_prompt_text(text, "--prompt")
+        assert str(err.value).startswith("--prompt holds an unpaired surrogate")
+    # What a shell passes for `--prompt $'caf\xe9'` (latin-1 bytes): Python keeps the byte as U+DCE9.
+    argv_like = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match="the byte 0xe9 that is not UTF-8"):
+        check_prompt_text(argv_like, "--prompt")
+
+
 def test_prompt_files_are_read_by_content(tmp_path):
     (tmp_path / "rows.txt").write_text('{"text": "a"}\n\n{"text": "b"}\n')
     assert read_jsonl_prompts(tmp_path / "rows.txt") == ["a", "b"]
@@ -246,21 +327,149 @@ BENCH = {
     "merge foreign json": (["--merge", "{tmp}/foreign"], "not a complete bench.py results file", 1),
     "merge a list": (["--merge", "{tmp}/listy"], "not a complete bench.py results file", 1),
     "merge a missing dir": (["--merge", "{tmp}/nope"], "--merge", 2),
+    "merge over earlier results": (["--merge", "{tmp}/foreign", "--out-dir", "{tmp}/listy"],
+                                   "--out-dir {tmp}/listy already holds results.json from an earlier run", 1),
     "bogus device": (["--random-weights", "tiny", "--device", "gpu0"], "is not a device name", 1),
     "draft with another tokenizer": (["--checkpoint", "{ok}", "--draft-checkpoint", "{other_tok}"],
                                      "differs from the target's", 1),
+    "draft checkpoint is a file": (["--checkpoint", "{ok}", "--draft-checkpoint", "{tmp}/afile"],
+                                   "is a file, not a directory", 1),
     "tokenizer beyond vocab": (["--checkpoint", "{small_vocab}", "--prompts-file", "{tmp}/docs.jsonl"],
                                "does not belong to this model", 1),
+    # Every input is read before the first run (the sweep below is never reached).
+    "prompts file not utf-8": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/latin1.txt"], "is not UTF-8", 1),
+    "prompts file empty": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/empty.txt"], "is empty", 1),
+    "prompts file with a lone surrogate": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/surrogate.jsonl"],
+                                           "line 2: 'text' holds an unpaired surrogate", 1),
+    "too few windows for the longest prompt": (["--checkpoint", "{ok}", "--prompts-file", "{tmp}/docs.jsonl",
+                                                "--prompt-lengths", "16,4096"], "windows of 4096 tokens", 1),
+    "random weights, prompts, no tokenizer": (["--random-weights", "tiny", "--prompts-file", "{tmp}/docs.jsonl"],
+                                              "needs --tokenizer DIR", 1),
+    "tokenizer dir without a tokenizer": (["--random-weights", "tiny", "--prompts-file", "{tmp}/docs.jsonl",
+                                           "--tokenizer", "{tmp}/empty"], "no tokenizer in", 1),
+    "out-dir under a file": (["--random-weights", "tiny", "--out-dir", "{tmp}/afile/out"], "is not a directory", 1),
+    "out-dir with earlier results": (["--random-weights", "tiny", "--out-dir", "{tmp}/corrupt"],
+                                     "already holds results.json from an earlier run; pass --overwrite", 1),
+    "kernels over earlier results": (["--kernels", "--out-dir", "{tmp}/kernels"], "already holds kernels.json", 1),
 }
 
 
+def _no_sweep(*_a, **_k):
+    raise AssertionError("the sweep started before every input was checked")
+
+
 @pytest.mark.parametrize("case", sorted(BENCH))
-def test_bench_bad_input(case, ckpts, tmp_path):
+def test_bench_bad_input(case, ckpts, tmp_path, monkeypatch):
+    _files(tmp_path)
     _results_dirs(tmp_path)
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "kernels.json").write_text("{}")
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": SAMPLE_TEXT}) + "\n")
+    monkeypatch.setattr(bench, "sweep", _no_sweep)
     args, needle, code = BENCH[case]
     args = [a.format(tmp=tmp_path, **ckpts) for a in args]
-    result = invoke(bench.main, *args, "--batch-sizes", 1, "--prompt-lengths", 16, "--max-new-tokens", 2,
-                    "--hardware", "H100-SXM", "--out-dir", tmp_path / "out")
-    assert_one_line_error(result, needle, code)
+    result = invoke(bench.main, "--batch-sizes", 1, "--prompt-lengths", 16, "--max-new-tokens", 2,
+                    "--hardware", "H100-SXM", "--out-dir", tmp_path / "out", *args)  # the case's options win
+    assert_one_line_error(result, needle.format(tmp=tmp_path), code)
     assert not (tmp_path / "out").exists()
+    assert (tmp_path / "corrupt" / "results.json").read_text() == '{"meta": '
+
+
+TINY_SWEEP = ["--random-weights", "tiny", "--batch-sizes", 1, "--prompt-lengths", 16, "--gammas", 2, "--budgets", 12,
+              "--sink", 4, "--max-new-tokens", 3, "--warmup", 0, "--drafts", "self-streaming", "--hardware",
+              "H100-SXM", "--device", "cpu"]
+
+
+def bench_ok(*args):
+    result = invoke(bench.main, *TINY_SWEEP, *args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_bench_default_out_dir_is_new_every_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench_ok()
+    bench_ok()
+    runs = sorted((tmp_path / "bench_results").iterdir())
+    assert len(runs) == 2 and all((r / "results.json").is_file() for r in runs)
+
+
+def test_bench_overwrite_replaces_only_when_asked(tmp_path):
+    out = tmp_path / "out"
+    bench_ok("--out-dir", out)
+    first = (out / "results.json").read_text()
+    result = invoke(bench.main, *TINY_SWEEP, "--out-dir", out)
+    assert_one_line_error(result, "pass --overwrite")
+    assert (out / "results.json").read_text() == first
+    bench_ok("--out-dir", out, "--overwrite")
+    assert json.loads((out / "results.json").read_text())["meta"]["date"]  # a complete, new results.json
+
+
+def test_bench_unwritable_out_dir_is_refused_before_the_sweep(unwritable_dir, monkeypatch):
+    monkeypatch.setattr(bench, "sweep", _no_sweep)
+    for out in (unwritable_dir / "bench", unwritable_dir / "a" / "b"):
+        assert_one_line_error(invoke(bench.main, *TINY_SWEEP, "--out-dir", out), "cannot write into")
+
+
+def _fail_writing(monkeypatch, how, out):
+    """Make the final write fail after a finished sweep, one way or another."""
+    import errno
+
+    from gpt_fast_magicdec.benchmarking import sweep_report
+
+    if how == "disk full":
+        def full(path, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(sweep_report, "_write_atomic", full)
+        return
+    real_sweep = bench.sweep
+
+    def then_break(*a, **k):
+        done = real_sweep(*a, **k)
+        if how == "out-dir became a file":
+            out.write_text("x")
+        else:  # another run with the same --out-dir finished first
+            out.mkdir()
+            (out / "results.json").write_text("theirs")
+        return done
+
+    monkeypatch.setattr(bench, "sweep", then_break)
+
+
+@pytest.mark.parametrize("how", ["disk full", "out-dir became a file", "results appeared meanwhile"])
+def test_bench_results_survive_a_failed_final_write(tmp_path, monkeypatch, how):
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path))
+    out = tmp_path / "out"
+    _fail_writing(monkeypatch, how, out)
+    result = invoke(bench.main, *TINY_SWEEP, "--out-dir", out)
+    assert_one_line_error(result, "the results are kept in")
+    kept = Path(re.search(r"kept in (\S+)$", result.output.strip().splitlines()[-1]).group(1))
+    rows = json.loads(kept.read_text())["rows"]
+    assert [r["draft"] for r in rows] == ["baseline", "self-streaming"]
+    assert "| batch |" in result.output  # the table was printed too
+    if how == "results appeared meanwhile":
+        assert (out / "results.json").read_text() == "theirs"
+
+
+def test_bench_refuses_weights_beyond_memory_before_loading(monkeypatch):
+    from gpt_fast_magicdec import memory
+
+    monkeypatch.setattr(memory, "_available", lambda device: (8 * 2**30, "available (MemAvailable)"))
+    monkeypatch.setattr(bench, "load_engine", _no_sweep)
+    result = invoke(bench.main, "--random-weights", "llama-3.1-70b", "--device", "cpu", "--hardware", "H100-SXM",
+                    "--batch-sizes", 1, "--prompt-lengths", 16)
+    assert_one_line_error(result, "the model llama-3.1-70b needs 262.8 GiB but 8.0 GiB are available")
+
+
+def test_bench_skips_cpu_points_beyond_memory(tmp_path, monkeypatch):
+    """On the CPU, as on a GPU, a (batch, prompt length) whose caches cannot fit is skipped with its
+    reason instead of meeting the OOM killer; the points that fit still run."""
+    from gpt_fast_magicdec import memory
+
+    monkeypatch.setattr(memory, "_available", lambda device: (4 * 2**20, "available (MemAvailable)"))
+    out = bench_ok("--batch-sizes", "1,64", "--out-dir", tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["batch"] for r in data["rows"]} == {1}
+    (skip,) = data["skipped"]
+    assert skip["batch"] == 64 and skip["reason"].startswith("KV cache for batch 64 x ") and "needs" in skip["reason"]
+    assert "skipped batch 64, prompt 16: KV cache" in out

@@ -242,11 +242,11 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(conv, "_copy_tokenizer_files", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device"):
         convert_hf_checkpoint(hf, tmp_path / "new")
     assert_no_output_left(tmp_path / "new")
     before = sorted(p.name for p in old.iterdir())
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="--out was left as it was"):
         convert_hf_checkpoint(hf, old, force=True)
     assert sorted(p.name for p in old.iterdir()) == before  # the previous output survives
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "old"]

@@ -146,3 +146,43 @@ def test_fingerprint(dirs, tmp_path):
     }
     for kind, d in others.items():
         assert load_tokenizer(d).fingerprint() != fps[kind], kind
+
+
+# ---- ids beyond the tokenizer (a padded embedding) ---------------------------------------------
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken", "hf-bpe"])
+@pytest.mark.parametrize("beyond", [lambda n: [n], lambda n: [n, n + 63, 2**40], lambda n: [-1]])
+def test_ids_without_a_piece_are_skipped_and_counted(dirs, kind, beyond):
+    """A model whose embedding has more rows than its tokenizer has pieces can produce an id the
+    tokenizer never saw; decoding skips it (the raw libraries raise) and says how many."""
+    tok = load_tokenizer(dirs[kind])
+    ids = tok.encode("the river ran low", bos=False)
+    extra = beyond(tok.vocab_size)
+    mixed = ids[:2] + extra + ids[2:]
+    assert tok.decode(mixed) == "the river ran low"
+    assert tok.decode_counted(mixed) == ("the river ran low", len(extra))
+    assert tok.decode_counted(ids) == ("the river ran low", 0)
+    assert tok.decode_counted(extra) == ("", len(extra))
+    assert not any(tok.has_id(i) for i in extra) and all(tok.has_id(i) for i in ids)
+
+
+def test_the_raw_libraries_do_raise_on_such_ids(dirs):
+    """What the skip protects against (so the test above tests something)."""
+    sp = load_tokenizer(dirs["sentencepiece"])
+    with pytest.raises(IndexError, match="out of range"):
+        sp.sp.decode([sp.vocab_size])
+    tt = load_tokenizer(dirs["tiktoken"])
+    with pytest.raises(Exception):
+        tt.enc.decode([tt.vocab_size + 5])
+
+
+def test_hf_tokenizer_with_a_gap_in_its_ids(dirs, tmp_path):
+    """tokenizer.json ids need not be contiguous: an added token far above the rest leaves a gap."""
+    import json
+
+    path = shutil.copytree(dirs["hf-bpe"], tmp_path / "gap") / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    spec["model"]["vocab"]["Ġpadding"] = 1000  # reachable by no merge, but a piece all the same
+    path.write_text(json.dumps(spec))
+    tok = load_tokenizer(path.parent)
+    assert tok.vocab_size == 1001 and tok.has_id(1000) and not tok.has_id(999)
+    assert tok.decode_counted([999, 1000]) == (" padding", 1)

@@ -31,6 +31,7 @@ from ..engine import Engine
 from ..stats import GenerationStats
 from ..policies import POLICIES, SPARSE_POLICIES
 from ..errors import UserError
+from ..memory import fits_reason
 from ..profiling import profile_rounds as profile_round_counts
 from ..timing import Spread
 from .report import sig
@@ -216,6 +217,17 @@ def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list,
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------
+def why_point_not_fits(engine: Engine, batch: int, seq_len: int, held_bytes: int = 0) -> Optional[str]:
+    """Why the caches of one point cannot be allocated, or None: the engine's own check (the GPU), and
+    on the CPU the caches against the memory available now, plus `held_bytes` of caches an earlier
+    point left, which are released first. Without it a batch beyond RAM meets the OOM killer."""
+    reason = engine.why_not_fits(batch, seq_len)
+    if reason or engine.device.type != "cpu":
+        return reason
+    return fits_reason(f"KV cache for batch {batch} x {engine.cache_slots(seq_len)} positions",
+                       engine.cache_bytes(batch, seq_len), engine.device, freed_bytes=held_bytes)
+
+
 def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], list], batch_sizes: list[int],
           prompt_lengths: list[int], max_new: int, warmup: int, repeats: int, alpha: Optional[float], seed: int,
           prefill_chunk: int, hw: HardwareProfile, draft_args=None, profile_rounds: bool = False
@@ -223,6 +235,7 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
     """(rows, skipped) over every (prompt length, batch size); prompt_pool(length) gives the prompts
     (at least max(batch_sizes) of them). A point that does not fit in memory is skipped whole."""
     rows, skipped = [], []
+    held = 0  # bytes of the caches the last point that ran left allocated
     per_point = len(interleaved(len(configs), repeats))  # timed runs of one point
     bar = tqdm(total=len(prompt_lengths) * len(batch_sizes) * per_point, desc="bench", unit="run")
     for length in prompt_lengths:
@@ -237,9 +250,11 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
                 done += 1
 
             try:
-                reason = engine.why_not_fits(batch, length + max_new + max(c.draft.gamma for c in configs) + 1)
+                seq_len = length + max_new + max(c.draft.gamma for c in configs) + 1
+                reason = why_point_not_fits(engine, batch, seq_len, held)
                 if reason:
                     raise MemoryError(reason)
+                held = engine.cache_bytes(batch, seq_len)
                 point = run_point(engine, pool[:batch], max_new, configs, warmup, repeats, alpha, seed,
                                   prefill_chunk, progress)
                 for i, cfg in enumerate([BASELINE] + configs):

@@ -2,7 +2,12 @@
 and --merge, which combines earlier runs' results.json into one."""
 from __future__ import annotations
 
+import errno
+import itertools
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -119,15 +124,102 @@ def plot(meta: dict, rows: list, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+RESULT_FILES = ("results.json", "results.md", "speedup_vs_batch.png")
+
+
+def default_out_dir() -> Path:
+    """A new directory per run, so that the default never replaces an earlier run's results."""
+    base = Path("bench_results") / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():  # two runs started within one second
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def check_out_dir(out_dir: Path, names=RESULT_FILES, overwrite: bool = False) -> None:
+    """Before any work: `out_dir` must be a directory (or creatable as one) that can be written, and
+    hold none of `names` from an earlier run unless `overwrite`. Tried with a probe file in it or in
+    its nearest existing parent (removed again), not judged from permission bits, which root ignores."""
+    existing = Path(os.path.abspath(out_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out-dir {out_dir}: {existing} is not a directory; choose another --out-dir")
+    earlier = [n for n in names if (existing / n).exists()] if existing == Path(os.path.abspath(out_dir)) else []
+    if earlier and not overwrite:
+        raise UserError(f"--out-dir {out_dir} already holds {earlier[0]} from an earlier run; pass --overwrite to "
+                        "replace it, or choose another --out-dir")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".bench-write-probe-")
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"--out-dir {out_dir}: cannot write into {existing} ({err.strerror}); choose another "
+                        "--out-dir") from None
+
+
+def _claim(out_dir: Path) -> Path:
+    """`out_dir`, or `out_dir-2`, `-3`, ...: the first that this call creates (for default_out_dir)."""
+    for k in itertools.count(1):
+        path = out_dir if k == 1 else out_dir.with_name(f"{out_dir.name}-{k}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def write_outputs(result: dict, out_dir: Path, overwrite: bool = True, new_dir: bool = False) -> None:
+    """Print the table and write results.json, results.md and the plot into `out_dir` (with new_dir,
+    into a directory of that name created for this run). An earlier results.json is replaced only
+    with `overwrite`. When the write fails (disk full, the directory gone read-only, results that
+    appeared meanwhile), the results are kept in a temporary file named in the one-line error."""
     table = markdown(result["meta"], result["rows"], result["skipped"])
-    (out_dir / "results.md").write_text(table)
-    if result["rows"]:
-        plot(result["meta"], result["rows"], out_dir / "speedup_vs_batch.png")
     click.echo(table)
-    click.echo(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'speedup_vs_batch.png'}")
+    text = json.dumps(result, indent=1, ensure_ascii=False) + "\n"
+    target = out_dir / "results.json"
+    try:
+        if new_dir:
+            out_dir = _claim(out_dir)
+            target = out_dir / "results.json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not overwrite and target.exists():  # another run with this --out-dir finished first
+            raise FileExistsError(errno.EEXIST, "written by another run meanwhile")
+        _write_atomic(target, text)  # an earlier results.json survives a failed write
+        _write_atomic(out_dir / "results.md", table)
+        if result["rows"]:
+            plot(result["meta"], result["rows"], out_dir / "speedup_vs_batch.png")
+    except OSError as err:
+        raise UserError(f"cannot write {target} ({err.strerror or err}); {keep_results(text)}") from None
+    click.echo(f"wrote {target}, {out_dir / 'results.md'}, {out_dir / 'speedup_vs_batch.png'}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def keep_results(text: str) -> str:
+    """Save `text` (a results.json that could not be written where asked) in the temporary directory;
+    returns the clause saying where it went."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="bench-results-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return f"the results are kept in {path}"
+    except OSError:
+        click.echo(text)
+        return "the results are printed above as JSON"
 
 
 def read_results(path: Path) -> dict:

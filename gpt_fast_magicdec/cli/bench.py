@@ -28,14 +28,16 @@ from tqdm.auto import tqdm
 
 from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_now
 from gpt_fast_magicdec.benchmarking.sweep import DRAFTS, build_configs, sweep
-from gpt_fast_magicdec.benchmarking.sweep_report import merge_results, write_outputs
+from gpt_fast_magicdec.benchmarking.sweep_report import (RESULT_FILES, check_out_dir, default_out_dir, merge_results,
+                                                         write_outputs)
 from gpt_fast_magicdec.cli.options import model_options, resolve_device, resolve_dtype
-from gpt_fast_magicdec.config import PRESETS
+from gpt_fast_magicdec.config import PRESETS, ModelArgs
 from gpt_fast_magicdec.cost_model import PROFILES, get_profile
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts
 from gpt_fast_magicdec import load_engine
 from gpt_fast_magicdec.engine import Engine, set_compiler_flags
 from gpt_fast_magicdec.errors import ParameterError, UserError
+from gpt_fast_magicdec.memory import check_fits, model_bytes
 from gpt_fast_magicdec.tiny import resolve_draft_checkpoint
 from gpt_fast_magicdec.tokenizer import check_tokenizer_fits, load_tokenizer
 
@@ -118,8 +120,12 @@ def _draft_list(ctx, param, value):
                    "sits between two plain runs); medians and min/max are reported, a spread > 10% is flagged.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of random weights, prompts and simulated acceptance.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench_results"),
-              show_default=True, help="Where results.json, results.md and speedup_vs_batch.png are written.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where results.json, results.md and speedup_vs_batch.png are written. Default: a new "
+                   "bench_results/<date>-<time>/ per run. Checked before anything runs: an --out-dir that holds an "
+                   "earlier run's results is refused unless --overwrite.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace the results of an earlier run in --out-dir.")
 @click.option("--merge", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
               help="Run nothing: combine the results.json of earlier --out-dir runs (e.g. one per prompt length, "
                    "to keep each command short) into one table and plot in --out-dir. Repeatable.")
@@ -164,16 +170,22 @@ def command_line(opts: dict) -> str:
 
 def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batch_sizes, prompt_lengths, gammas,
         budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
-        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False):
-    opts = {key: value for key, value in locals().items() if key not in ("kernels", "profile_rounds") or value}
+        prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False,
+        overwrite=False):
+    opts = {key: value for key, value in locals().items()
+            if key not in ("kernels", "profile_rounds", "overwrite") or value}
     device = resolve_device(device) if not merge else None  # a bad device fails before any work
+    new_dir = out_dir is None
+    out_dir = default_out_dir() if new_dir else out_dir
+    check_out_dir(out_dir, ("kernels.json",) if kernels else RESULT_FILES, overwrite)  # before the work
     if kernels:  # no model: the attention kernels alone
         from gpt_fast_magicdec.benchmarking.kernel_report import kernel_bench_cli
         kernel_bench_cli(out_dir, command_line(opts), device, resolve_dtype(dtype, device), batch_sizes,
                          prompt_lengths, gammas, budgets[0], sink, hardware)
         return
     if merge:
-        write_outputs(merge_results(merge, command_line(dict(merge=merge, out_dir=out_dir))), out_dir)
+        write_outputs(merge_results(merge, command_line(dict(merge=merge, out_dir=out_dir))), out_dir,
+                      overwrite, new_dir)
         return
     if (checkpoint is None) == (random_weights is None):
         raise UserError("give exactly one of --checkpoint DIR or --random-weights PRESET")
@@ -181,7 +193,8 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         raise UserError("give at most one of --draft-checkpoint and --draft-random-weights")
     draft_checkpoint = resolve_draft_checkpoint(draft_checkpoint)  # 'bundled-draft' -> its directory
     if draft_checkpoint is not None and not draft_checkpoint.is_dir():
-        raise UserError(f"--draft-checkpoint {draft_checkpoint}: no such directory")
+        raise UserError(f"--draft-checkpoint {draft_checkpoint}: "
+                        f"{'is a file, not a directory' if draft_checkpoint.exists() else 'no such directory'}")
     if alpha is not None and random_weights is None:
         raise UserError("--simulate-acceptance is for --random-weights runs; a checkpoint's acceptance is real, "
                         "measure it")
@@ -196,32 +209,39 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
     dtype = resolve_dtype(dtype, device)
     if device.type == "cuda":
         set_compiler_flags()
+    # Every input is read and checked before the first run: a prompt file that is not UTF-8, or too short
+    # for the longest --prompt-lengths, must not surface after a sweep's first points.
+    args = ModelArgs.from_preset(random_weights) if random_weights else ModelArgs.load(checkpoint)
+    draft_args = (ModelArgs.from_preset(draft_random_weights) if draft_random_weights else
+                  ModelArgs.load(draft_checkpoint) if draft_checkpoint is not None else None)
+    pools = prompt_pools(args, prompts_file, tokenizer_dir, checkpoint, max(batch_sizes), prompt_lengths, seed)
+    prompts_desc = f"windows of {prompts_file.name} (seed {seed})" if prompts_file else f"random tokens (seed {seed})"
+    check_fits(f"the model {random_weights or checkpoint}{' with its draft' if draft_args else ''}",
+               sum(model_bytes(a, dtype) for a in (args, draft_args) if a is not None), device,
+               advice="use a smaller model, or a device with more memory")
     hw = get_profile(hardware, device)  # before the weights, while the memory is free
 
     engine, _ = load_engine(checkpoint, draft_checkpoint=draft_checkpoint, random_weights=random_weights,
                             draft_random_weights=draft_random_weights, device=device, dtype=dtype,
                             attention=attention, compile=compile, seed=seed)
-    args, draft_args = engine.args, engine.draft_args
-
-    tokenizer = None
-    if prompts_file is not None:
-        if tokenizer_dir is None and checkpoint is None:
-            raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
-        tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
-        check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
-    prompts_desc = (f"windows of {prompts_file.name} (seed {seed})" if tokenizer else f"random tokens (seed {seed})")
-
     meta = run_metadata(command_line(opts), engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
                         draft_random_weights, alpha, prompts_desc, max_new_tokens, warmup, repeats)
+    rows, skipped = sweep(engine, configs, pools.__getitem__, batch_sizes, prompt_lengths, max_new_tokens, warmup,
+                          repeats, alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
+    write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir, overwrite,
+                  new_dir)
 
-    def prompt_pool(length: int) -> list:
-        if tokenizer:
-            return long_document_prompts(prompts_file, tokenizer, max(batch_sizes), length, seed)
-        return random_prompts(args.vocab_size, max(batch_sizes), length, seed)
 
-    rows, skipped = sweep(engine, configs, prompt_pool, batch_sizes, prompt_lengths, max_new_tokens, warmup, repeats,
-                          alpha, seed, prefill_chunk, hw, draft_args, profile_rounds)
-    write_outputs(dict(meta=meta, simulated_acceptance=alpha, rows=rows, skipped=skipped), out_dir)
+def prompt_pools(args: ModelArgs, prompts_file, tokenizer_dir, checkpoint, n: int, prompt_lengths: list,
+                 seed: int) -> dict:
+    """{prompt length: n prompts}, all built up front: windows of --prompts-file, else random ids."""
+    if prompts_file is None:
+        return {length: random_prompts(args.vocab_size, n, length, seed) for length in prompt_lengths}
+    if tokenizer_dir is None and checkpoint is None:
+        raise UserError("--prompts-file with --random-weights needs --tokenizer DIR")
+    tokenizer = load_tokenizer(tokenizer_dir or checkpoint)
+    check_tokenizer_fits(tokenizer, args.vocab_size, tokenizer_dir or checkpoint)
+    return {length: long_document_prompts(prompts_file, tokenizer, n, length, seed) for length in prompt_lengths}
 
 
 def run_metadata(command: str, engine: Engine, device, dtype, hw, checkpoint, random_weights, draft_checkpoint,
