@@ -104,6 +104,7 @@ class PointRuns:
     """The timed runs at one (batch, prompt length), indexed like [BASELINE] + configs."""
     runs: list  # [[GenerationStats]]: each configuration's runs
     paired: list  # [[GenerationStats]]: the baseline runs next to them (the baseline's: all of its own)
+    warmups: list  # [[GenerationStats]]: each configuration's untimed warm-up runs
 
 
 def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config], warmup: int, repeats: int,
@@ -126,9 +127,7 @@ def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config]
     everything = [BASELINE] + configs
     few = min(WARMUP_TOKENS, max_new)
     warm_prompts = [_lengthen(p, len(p) + max_new - few) for p in prompts]
-    for cfg in everything:
-        for _ in range(warmup):
-            run(cfg, warm_prompts, few)
+    warmups = [[run(cfg, warm_prompts, few) for _ in range(warmup)] for cfg in everything]
     order = interleaved(len(configs), repeats)
     results = []
     for i in order:
@@ -141,7 +140,7 @@ def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config]
         if i:
             paired[i] += [results[k - 1], results[k + 1]]
     paired[0] = runs[0]
-    return PointRuns(runs, paired)
+    return PointRuns(runs, paired, warmups)
 
 
 def _lengthen(prompt: list, length: int) -> list:
@@ -170,9 +169,11 @@ def sanity_flags(cfg: Config, prompt_len: int, tps: Spread, base_tps: Spread, T_
 
 
 def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list, base_runs: list, args,
-             draft_args, hw: HardwareProfile, dtype_bytes: int, alpha_sim: Optional[float]) -> dict:
+             draft_args, hw: HardwareProfile, dtype_bytes: int, alpha_sim: Optional[float],
+             warmups: tuple = ()) -> dict:
     """One table row from a configuration's runs and its paired baseline runs (medians).
-    Predictions use the mean context of the decode: prompt + max_new / 2."""
+    Predictions use the mean context of the decode: prompt + max_new / 2. capture_s: compile + CUDA-graph
+    capture over all of the configuration's runs at this point, warm-ups (`warmups`) included."""
     context = prompt_len + max_new // 2
     tps = Spread.of([s.tokens_per_s for s in runs])
     base_tps = Spread.of([s.tokens_per_s for s in base_runs])
@@ -206,6 +207,8 @@ def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list,
                    simulated_acceptance=alpha_sim)
     row["flags"] = sanity_flags(cfg, prompt_len, tps, base_tps, T_T, T_V, T_D)
     row["peak_memory_GiB"] = sig(max(s.peak_memory_bytes for s in runs) / 2**30, 3)
+    row["prefill_s"] = sig(Spread.of([s.prefill_s for s in runs]).median, 3)
+    row["capture_s"] = sig(sum(s.capture_s for s in [*warmups, *runs]), 3)
     return row
 
 
@@ -239,7 +242,7 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
                 for i, cfg in enumerate([BASELINE] + configs):
                     row = make_row(cfg, batch, length, max_new, point.runs[i], point.paired[i], engine.model.args,
                                    draft_args if cfg.draft.kind == "model" else None, hw, engine.dtype.itemsize,
-                                   alpha)
+                                   alpha, point.warmups[i])
                     if profile_rounds and cfg is not BASELINE:
                         counts = profile_round_counts(engine, pool[:batch], cfg.draft)
                         row.update({f"{k}_per_round": v for k, v in counts.items() if k != "rounds_compared"})

@@ -23,7 +23,7 @@ COLUMNS = [
     ("verify_ratio", "T_V/T_T"), ("verify_ratio_pred", "T_V/T_T pred."),
     ("draft_ratio", "T_D/T_T"), ("draft_ratio_pred", "T_D/T_T pred."),
     ("bandwidth_GBps", "GB/s"), ("bandwidth_frac", "of HW BW"), ("peak_memory_GiB", "peak GiB"),
-    ("flags", "flags"),
+    ("prefill_s", "prefill s"), ("capture_s", "compile+capture s"), ("flags", "flags"),
 ]
 
 
