@@ -73,7 +73,7 @@ def markdown(meta: dict, rows: list, skipped: list) -> str:
 
 def plot(meta: dict, rows: list, path: Path) -> None:
     """Speedup vs batch size (log2), one panel per draft, one line per prompt length; each point
-    is the best gamma/budget there (labelled), dotted: the cost model's prediction for it."""
+    is the best gamma/budget there (labelled), dashed: the cost model's prediction for it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +95,7 @@ def plot(meta: dict, rows: list, path: Path) -> None:
             xs = sorted(best)
             color = f"C{i}"
             ax.plot(xs, [best[x]["speedup"] for x in xs], "o-", color=color, label=f"prompt {length}")
-            ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], ":", color=color, alpha=0.7)
+            ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], "--", color=color, alpha=0.7)
             for x in xs:
                 ax.annotate(f"γ{best[x]['gamma']}", (x, best[x]["speedup"]), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=7, color=color)
@@ -107,7 +107,7 @@ def plot(meta: dict, rows: list, path: Path) -> None:
         ax.set_xlabel("batch size")
         ax.set_title(draft, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="solid: measured, dotted: cost model", title_fontsize=7)
+        ax.legend(fontsize=8, title="solid: measured, dashed: cost model", title_fontsize=7)
     axes[0][0].set_ylabel("speedup over plain decoding")
     title = f"MagicDec speedup vs batch size: {meta['model']}, {meta['device_name']}"
     if meta["simulated_acceptance"] is not None:
