@@ -21,7 +21,9 @@ from typing import Optional
 import click
 import torch
 
+from ..cli.options import resolve_device
 from ..cost_model import measure_hardware
+from ..errors import UserError
 from .report import device_name, sig
 
 NVIDIA_SMI_FIELDS = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit"
@@ -90,12 +92,9 @@ def summary(env: dict) -> str:
 def main(device: str, out: Optional[Path]) -> None:
     """Print the machine's versions and measured ceilings (one line), optionally as JSON too."""
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        click.echo(f"error: --device {device!r} is not a device name", err=True)
-        sys.exit(1)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        click.echo("error: --device cuda: no CUDA GPU is visible on this machine", err=True)
+        dev = resolve_device(device)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
         sys.exit(1)
     env = describe(dev)
     if out is not None:
