@@ -61,6 +61,7 @@ CAPTURE_S = 5.0  # Triton JIT + CUDA-graph capture of one batch size's eager ste
 COMPILE_S = 120.0  # torch.compile of one 8B step shape with coordinate-descent tuning, cold cache
 KV_HEADROOM = 0.85  # of GPU memory for weights + KV: the rest is prefill activations and graph pools
 TIMEOUT_PER_TEST_S = 120  # pytest-timeout, where installed (the device image has it)
+MIN_SELF_ACCEPTANCE = 0.9  # the bundled model's self streaming draft on its README passage (1.00 on the CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +260,16 @@ def lossless_bundled_stage(run: StageRun, s: Shapes) -> Outcome:
             "--no-compile"]
     variants = {"self streaming": [], "self snapkv": ["--draft-kv", "snapkv"],
                 "bundled draft": ["--draft-checkpoint", "bundled-draft"]}
-    return lossless_runs(run, {name: generate_command(s, *base, *extra) for name, extra in variants.items()})
+    outcome = lossless_runs(run, {name: generate_command(s, *base, *extra) for name, extra in variants.items()})
+    # Lossless holds even when the drafts are wrong (verification rejects them), so a draft step that
+    # proposes the wrong tokens on the device shows only as acceptance: the self-draft accepts every
+    # draft of this passage on the CPU (README, quick start).
+    accepted = outcome.data["self streaming"]["runs"][-1]["acceptance"]
+    if not s.dry and accepted is not None and accepted < MIN_SELF_ACCEPTANCE:
+        outcome.ok = False
+        outcome.result = (f"missed: self streaming accepted {accepted:.2f} of its drafts (>= {MIN_SELF_ACCEPTANCE} "
+                          "expected: 1.00 on the CPU); " + outcome.result)
+    return outcome
 
 
 def lossless_8b_stage(run: StageRun, s: Shapes) -> Outcome:
@@ -392,8 +402,9 @@ def first_light_stages(s: Shapes) -> list[Stage]:
         Stage("cuda-cpu-tests", "the CPU tests that take another path on a CUDA machine (test files that call "
               "torch.cuda.is_available()). Target: all pass", 60, 120, functools.partial(cuda_cpu_tests_stage, s=s)),
         Stage("lossless-bundled", f"bundled model, {s.dtype}, eager steps in CUDA graphs: self streaming, self "
-              "SnapKV and the bundled draft, `generate.py --compare`. Target: greedy speculative == plain except at "
-              "reported near-ties", 45, 120, functools.partial(lossless_bundled_stage, s=s)),
+              "SnapKV and the bundled draft, `generate.py --compare`. Targets: greedy speculative == plain except at "
+              "reported near-ties; self streaming accepts >= 0.9 of its drafts (1.00 on the CPU)", 45, 120,
+              functools.partial(lossless_bundled_stage, s=s)),
         Stage("lossless-8b", f"random {s.model} {s.dtype}, batch {batch}, {length}-token prompts, self streaming: "
               "the same target", round(lossless_8b_s), 120, functools.partial(lossless_8b_stage, s=s)),
         Stage("headline", f"random {s.model} {s.dtype}, {s.headline_prompt}-token prompts, batch "
