@@ -529,9 +529,11 @@ def run(out_dir, budget_s, stage_set, only, dry_run, commit, work_dir, list_only
     meta = dict(command=recorded_command(sys.argv[1:]), commit=commit or git_commit() or "unknown (pass --commit)",
                 device_name=None, date=utc_now(), stage_set=stage_set, dry_run=dry_run)
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    # The rehearsal hides any GPU from its commands: it runs the CPU path on every machine, CI's or a GPU's.
-    hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if dry_run else None
-    lease = Lease(name, stages, budget_s, out_dir, work_dir, meta, child_env=hide_gpus)
+    # The rehearsal hides any GPU from its commands (it runs the CPU path on every machine, CI's or a
+    # GPU's) and gives each one thread: its tiny steps gain nothing from more, and on a busy machine
+    # OpenMP threads waiting for each other made them ~20x slower.
+    rehearsal = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"} if dry_run else None
+    lease = Lease(name, stages, budget_s, out_dir, work_dir, meta, child_env=rehearsal)
     try:
         entries = lease.run()
     finally:
