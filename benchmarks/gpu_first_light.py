@@ -490,7 +490,8 @@ def plan_lines(stages: list[Stage], budget_s: float) -> list[str]:
               help="Run only these stages of the set (e.g. to re-run one after a fix); see --list for the names.")
 @click.option("--dry-run", is_flag=True,
               help="Rehearse on the CPU: the same stages and commands at tiny shapes (the bundled model in fp32, "
-                   "random tiny-llama3), in well under a minute, so an argument, import or path error shows in CI.")
+                   "random tiny-llama3), in about a minute on two cores, so an argument, import or path error shows "
+                   "in CI.")
 @click.option("--commit", default=None,
               help="The commit being measured, recorded in every output. Default: this checkout's git HEAD; give "
                    "it when the tree was copied without its .git directory (as on the device machine).")
