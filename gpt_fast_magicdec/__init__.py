@@ -31,6 +31,7 @@ from .drafters import DRAFT_KINDS
 from .drafting import DraftConfig
 from .engine import Engine
 from .errors import ParameterError, UserError
+from .memory import check_fits, model_bytes
 from .policies import POLICIES
 from .sampling import SamplingParams
 from .stats import Completion, GenerationResult, GenerationStats
@@ -71,17 +72,26 @@ def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Opti
     tokenizer = None
     if random_weights is not None:
         args = ModelArgs.from_preset(random_weights)
-        model = tp.random_model(args, device, dtype, seed) if tp else random_model(args, device, dtype, seed)
     else:
         checkpoint = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
         args = ModelArgs.load(checkpoint)  # the whole shape (under TP, model.args is this rank's shard)
         tokenizer = load_tokenizer(checkpoint)
         check_tokenizer_fits(tokenizer, args.vocab_size, checkpoint)
-        model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
-    draft_model = draft_args = None
     draft_checkpoint = resolve_draft_checkpoint(None if draft_checkpoint is None else Path(draft_checkpoint))
+    draft_args = (ModelArgs.load(draft_checkpoint) if draft_checkpoint is not None
+                  else ModelArgs.from_preset(draft_random_weights) if draft_random_weights is not None else None)
+    # Before any weight is read: a model that cannot fit is one line with the numbers, not the OOM killer.
+    ranks = tp.world_size if tp else 1
+    check_fits(f"loading {random_weights or checkpoint}" + (" and its draft" if draft_args else "")
+               + (f" (one of {ranks} tensor-parallel shards)" if ranks > 1 else ""),
+               sum(model_bytes(a, dtype) for a in (args, draft_args) if a is not None) // ranks, device,
+               advice="use a smaller model or dtype, more tensor-parallel ranks, or a device with more memory")
+    if random_weights is not None:
+        model = tp.random_model(args, device, dtype, seed) if tp else random_model(args, device, dtype, seed)
+    else:
+        model = tp.load_model(checkpoint, device, dtype) if tp else load_model(checkpoint, device, dtype)
+    draft_model = None
     if draft_checkpoint is not None:
-        draft_args = ModelArgs.load(draft_checkpoint)
         if tokenizer is not None:
             check_same_tokenizer(tokenizer, load_tokenizer(draft_checkpoint), draft_checkpoint)
         if tp is None:
@@ -91,7 +101,6 @@ def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Opti
     elif draft_random_weights is not None:
         if tp is not None:
             raise ParameterError("{draft_random_weights} runs on one device only (no tensor parallelism)")
-        draft_args = ModelArgs.from_preset(draft_random_weights)
         draft_model = random_model(draft_args, device, dtype, seed + 1)
     engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp, args=args,
                     draft_args=draft_args)

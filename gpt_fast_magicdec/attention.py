@@ -19,7 +19,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from .kernels import decode_attention_reference, full_view_mask, kernel_supports
 
@@ -125,6 +124,8 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        view: AttentionView, scale: float) -> torch.Tensor:
     """Full view for a long chunk of new tokens: SDPA picks a fused kernel (flash / memory-
     efficient on GPU), so scores [T, S] are never materialised in fp32 at 100K-token prompts."""
+    from torch.nn.attention.bias import causal_lower_right  # here: importing it starts dynamo (~2 s per CLI run)
+
     T = q.shape[2]
     if view.prefill_start is not None:
         # Keys 0..start+T-1, causal aligned to the bottom right: one mask for the whole batch,

@@ -25,6 +25,7 @@ from .drafters import DraftContext, Drafter, make_drafter
 from .drafting import DraftConfig
 from .errors import ParameterError
 from .job import Job
+from .memory import fits_reason
 from .model import Transformer
 from .prefill import prefill
 from .sampling import GREEDY, SamplingParams
@@ -107,6 +108,10 @@ class Engine:
         shape = (batch, self.cache_slots(seq_len))
         if shape == self._cache_shape:
             return
+        reason = self.why_not_fits(batch, seq_len)
+        if reason is not None:
+            raise ParameterError(f"{reason}: use fewer {{slots}}, shorter prompts or a lower {{max_new_tokens}} "
+                                 "(or more tensor-parallel ranks)")
         # Release the old caches and everything that points at them before allocating: at long
         # context the KV cache is most of the memory, and two of them at once would not fit.
         self._cache_shape = None
@@ -173,15 +178,26 @@ class Engine:
 
     def cache_bytes(self, batch: int, seq_len: int) -> int:
         """Bytes of the KV caches (target and standalone draft) a job of this shape allocates."""
-        per_slot = sum(m.args.n_layers * 2 * m.args.n_kv_heads * m.args.head_dim for m in self._models())
-        return per_slot * batch * self.cache_slots(seq_len) * self.dtype.itemsize
+        return self._bytes_per_position() * batch * self.cache_slots(seq_len)
+
+    def _bytes_per_position(self) -> int:
+        return sum(m.args.n_layers * 2 * m.args.n_kv_heads * m.args.head_dim for m in self._models()) * self.dtype.itemsize
+
+    def _allocated_cache_bytes(self) -> int:
+        if self._cache_shape is None:
+            return 0
+        batch, slots = self._cache_shape
+        return self._bytes_per_position() * batch * slots
 
     def why_not_fits(self, batch: int, seq_len: int, headroom: float = 0.92) -> Optional[str]:
-        """None, or why caches of (batch, seq_len) plus the weights cannot fit in `headroom` of the GPU
-        (room is left for activations, logits and graph pools). Checked before allocating; None on CPU."""
-        if self.device.type != "cuda":
-            return None
+        """None, or why caches of (batch, seq_len) cannot be allocated, checked before allocating: on a
+        GPU with the weights in `headroom` of its memory (room is left for activations, logits and
+        graph pools), on the CPU against the memory available now (the caches they replace freed)."""
         kv = self.cache_bytes(batch, seq_len)
+        if self.device.type != "cuda":
+            held = self._allocated_cache_bytes()
+            return fits_reason(f"the KV cache for {batch} slots x {self.cache_slots(seq_len)} positions", kv,
+                               self.device, freed_bytes=held)
         weights = sum(p.numel() * p.element_size() for m in self._models() for p in m.parameters())
         total = torch.cuda.get_device_properties(self.device).total_memory
         if weights + kv > headroom * total:

@@ -471,5 +471,5 @@ def test_bench_skips_cpu_points_beyond_memory(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["batch"] for r in data["rows"]} == {1}
     (skip,) = data["skipped"]
-    assert skip["batch"] == 64 and skip["reason"].startswith("KV cache for batch 64 x ") and "needs" in skip["reason"]
-    assert "skipped batch 64, prompt 16: KV cache" in out
+    assert skip["batch"] == 64 and skip["reason"].startswith("the KV cache for 64 slots x ") and "needs" in skip["reason"]
+    assert "skipped batch 64, prompt 16: the KV cache" in out

@@ -285,6 +285,7 @@ def _measure_rank(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_measure_hardware_all_reduce_under_process_group():
     import socket
 

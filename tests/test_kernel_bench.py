@@ -42,6 +42,7 @@ def _table(md: str, header: str) -> list[list[str]]:
     return body
 
 
+@pytest.mark.slow
 @needs_triton
 def test_kernel_benchmark_smoke(tmp_path):
     copy_bw = 1e10  # given: the fractions are then checkable by hand

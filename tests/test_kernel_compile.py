@@ -23,6 +23,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles every Triton launch the engine makes
+
 pytest.importorskip("triton", reason="triton is not installed")
 
 ARCHS = (90, 80)

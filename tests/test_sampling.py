@@ -53,6 +53,7 @@ def always_accept(proposal, target_logits, params, state):
     return n, torch.cat([drafts, bonus[:, None]], dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
                                     SamplingParams(temperature=0.8, top_k=10, top_p=0.9)])
 def test_speculative_sampling_matches_target_distribution(params, monkeypatch):

@@ -139,6 +139,7 @@ def test_generation_longer_than_budget_keeps_window_sliding(target):
     assert engine_for(target, draft).generate(p, 200, draft=draft).tokens == plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv", ["streaming", "snapkv"])
 def test_triton_kernels_inside_the_engine(target, kv):
     """--attention triton: verify and draft steps run the kernels, same output. Interpreted on CPU;
@@ -155,6 +156,7 @@ def test_triton_kernels_inside_the_engine(target, kv):
     assert result.tokens == Engine(model, attention="torch", **eager).generate(p, 6).tokens
 
 
+@pytest.mark.slow
 def test_compiled_steps_match_eager(target):
     """torch.compile'd forward_step (what CUDA graphs capture on GPU) gives the same output."""
     p = prompts(lens=(20, 7))

@@ -15,6 +15,8 @@ from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec import Engine, load_model
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # 5K-token prompts on the bundled model
+
 LONG_PASSAGE = Path(__file__).parent / "data" / "long_passage.txt"
 PROMPT_LENS = (4096, 4352, 4608, 4864)  # tokens, <s> included: a ragged batch, all past 4K
 NEW_TOKENS = 32

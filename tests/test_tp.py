@@ -21,6 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+pytestmark = pytest.mark.slow  # process launches: torchrun, 2-4 gloo ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 400
 PROMPTS = ["--prompt", "The old house", "--prompt", "A letter came today, and it said"]
@@ -175,6 +177,34 @@ def test_torchrun_fails_on_every_rank_when_heads_do_not_split(ckpts, tmp_path):
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
     assert errors == ["error: the target model has 1 query heads, which 2 ranks cannot split evenly (each rank "
                       "needs a whole, equal number of heads); valid sizes for the target model: 1"]
+
+
+# -- data-parallel replicas -----------------------------------------------------------------------------
+def prompt_file(tmp_path: Path, n: int = 7) -> Path:
+    texts = ["The old house", "A letter came today, and it said", "Once upon a time", "It was late",
+             "The rain fell on the roofs of the town", "She said nothing", "In the morning the ship"][:n]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.mark.parametrize("nproc, tp", [(4, 2), (2, 1)], ids=["2 replicas x TP 2", "2 replicas x TP 1"])
+def test_replicas_of_tensor_parallel_groups_give_the_single_process_completions(ckpts, tmp_path, nproc, tp):
+    """world = replicas x tp: each replica serves its share of the prompts with its own refill loop
+    (--bsz 2 slots for 3-4 prompts), the parts are merged into one --out in input order."""
+    prompts = prompt_file(tmp_path)
+    args = ["--checkpoint", ckpts["split"], "--prompt-file", prompts, "--bsz", 2, "--max-new-tokens", 10,
+            "--no-progress", "--draft", "self", "--draft-budget", 8, "--sink", 2, "--gamma", 2]
+    expected, _ = single_process(args, tmp_path / "single.jsonl")
+    out = tmp_path / "dp.jsonl"
+    run = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc,
+                  "generate.py", *args, "--tp", tp, "--out", out], timeout=2 * LAUNCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(7))  # one file, in input order
+    assert [r["completion_ids"] for r in rows] == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp.jsonl", "prompts.jsonl", "single.jsonl"]  # parts merged
+    assert run.stdout.count("== replica 0 of 2") == 1  # rank 0 reports its replica's share
 
 
 # -- the driver: several CLI runs in one 2-rank process group --------------------------------------------

@@ -17,6 +17,8 @@ import torch
 
 from test_tp import launch
 
+pytestmark = pytest.mark.slow  # a torchrun launch
+
 CASES = {  # name -> (vocab, tied embeddings)
     "odd_vocab_tied": (509, True),
     "even_vocab_untied": (512, False),

@@ -31,7 +31,6 @@ from ..engine import Engine
 from ..stats import GenerationStats
 from ..policies import POLICIES, SPARSE_POLICIES
 from ..errors import UserError
-from ..memory import fits_reason
 from ..profiling import profile_rounds as profile_round_counts
 from ..timing import Spread
 from .report import sig
@@ -109,6 +108,7 @@ class PointRuns:
     """The timed runs at one (batch, prompt length), indexed like [BASELINE] + configs."""
     runs: list  # [[GenerationStats]]: each configuration's runs
     paired: list  # [[GenerationStats]]: the baseline runs next to them (the baseline's: all of its own)
+    warmups: list  # [[GenerationStats]]: each configuration's untimed warm-up runs
 
 
 def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config], warmup: int, repeats: int,
@@ -131,9 +131,7 @@ def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config]
     everything = [BASELINE] + configs
     few = min(WARMUP_TOKENS, max_new)
     warm_prompts = [_lengthen(p, len(p) + max_new - few) for p in prompts]
-    for cfg in everything:
-        for _ in range(warmup):
-            run(cfg, warm_prompts, few)
+    warmups = [[run(cfg, warm_prompts, few) for _ in range(warmup)] for cfg in everything]
     order = interleaved(len(configs), repeats)
     results = []
     for i in order:
@@ -146,7 +144,7 @@ def run_point(engine: Engine, prompts: list, max_new: int, configs: list[Config]
         if i:
             paired[i] += [results[k - 1], results[k + 1]]
     paired[0] = runs[0]
-    return PointRuns(runs, paired)
+    return PointRuns(runs, paired, warmups)
 
 
 def _lengthen(prompt: list, length: int) -> list:
@@ -175,9 +173,11 @@ def sanity_flags(cfg: Config, prompt_len: int, tps: Spread, base_tps: Spread, T_
 
 
 def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list, base_runs: list, args,
-             draft_args, hw: HardwareProfile, dtype_bytes: int, alpha_sim: Optional[float]) -> dict:
+             draft_args, hw: HardwareProfile, dtype_bytes: int, alpha_sim: Optional[float],
+             warmups: tuple = ()) -> dict:
     """One table row from a configuration's runs and its paired baseline runs (medians).
-    Predictions use the mean context of the decode: prompt + max_new / 2."""
+    Predictions use the mean context of the decode: prompt + max_new / 2. capture_s: compile + CUDA-graph
+    capture over all of the configuration's runs at this point, warm-ups (`warmups`) included."""
     context = prompt_len + max_new // 2
     tps = Spread.of([s.tokens_per_s for s in runs])
     base_tps = Spread.of([s.tokens_per_s for s in base_runs])
@@ -213,21 +213,12 @@ def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list,
                        pred_ms=dict(T_T=sig(1e3 * pred.T_T), T_V=sig(1e3 * pred.T_V), T_D=sig(1e3 * pred.T_D)))
     row["flags"] = sanity_flags(cfg, prompt_len, tps, base_tps, T_T, T_V, T_D)
     row["peak_memory_GiB"] = sig(max(s.peak_memory_bytes for s in runs) / 2**30, 3)
+    row["prefill_s"] = sig(Spread.of([s.prefill_s for s in runs]).median, 3)
+    row["capture_s"] = sig(sum(s.capture_s for s in [*warmups, *runs]), 3)
     return row
 
 
 # ---- the sweep -------------------------------------------------------------------------------------------
-def why_point_not_fits(engine: Engine, batch: int, seq_len: int, held_bytes: int = 0) -> Optional[str]:
-    """Why the caches of one point cannot be allocated, or None: the engine's own check (the GPU), and
-    on the CPU the caches against the memory available now, plus `held_bytes` of caches an earlier
-    point left, which are released first. Without it a batch beyond RAM meets the OOM killer."""
-    reason = engine.why_not_fits(batch, seq_len)
-    if reason or engine.device.type != "cpu":
-        return reason
-    return fits_reason(f"KV cache for batch {batch} x {engine.cache_slots(seq_len)} positions",
-                       engine.cache_bytes(batch, seq_len), engine.device, freed_bytes=held_bytes)
-
-
 def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], list], batch_sizes: list[int],
           prompt_lengths: list[int], max_new: int, warmup: int, repeats: int, alpha: Optional[float], seed: int,
           prefill_chunk: int, hw: HardwareProfile, draft_args=None, profile_rounds: bool = False
@@ -235,7 +226,6 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
     """(rows, skipped) over every (prompt length, batch size); prompt_pool(length) gives the prompts
     (at least max(batch_sizes) of them). A point that does not fit in memory is skipped whole."""
     rows, skipped = [], []
-    held = 0  # bytes of the caches the last point that ran left allocated
     per_point = len(interleaved(len(configs), repeats))  # timed runs of one point
     bar = tqdm(total=len(prompt_lengths) * len(batch_sizes) * per_point, desc="bench", unit="run")
     for length in prompt_lengths:
@@ -251,16 +241,15 @@ def sweep(engine: Engine, configs: list[Config], prompt_pool: Callable[[int], li
 
             try:
                 seq_len = length + max_new + max(c.draft.gamma for c in configs) + 1
-                reason = why_point_not_fits(engine, batch, seq_len, held)
+                reason = engine.why_not_fits(batch, seq_len)  # GPU or CPU, the current caches counted as freed
                 if reason:
                     raise MemoryError(reason)
-                held = engine.cache_bytes(batch, seq_len)
                 point = run_point(engine, pool[:batch], max_new, configs, warmup, repeats, alpha, seed,
                                   prefill_chunk, progress)
                 for i, cfg in enumerate([BASELINE] + configs):
                     row = make_row(cfg, batch, length, max_new, point.runs[i], point.paired[i], engine.model.args,
                                    draft_args if "model" in cfg.draft.stages else None, hw, engine.dtype.itemsize,
-                                   alpha)
+                                   alpha, point.warmups[i])
                     if profile_rounds and cfg is not BASELINE:
                         counts = profile_round_counts(engine, pool[:batch], cfg.draft)
                         row.update({f"{k}_per_round": v for k, v in counts.items() if k != "rounds_compared"})

@@ -28,7 +28,7 @@ COLUMNS = [
     ("verify_ratio", "T_V/T_T"), ("verify_ratio_pred", "T_V/T_T pred."),
     ("draft_ratio", "T_D/T_T"), ("draft_ratio_pred", "T_D/T_T pred."),
     ("bandwidth_GBps", "GB/s"), ("bandwidth_frac", "of HW BW"), ("peak_memory_GiB", "peak GiB"),
-    ("flags", "flags"),
+    ("prefill_s", "prefill s"), ("capture_s", "compile+capture s"), ("flags", "flags"),
 ]
 
 
@@ -78,7 +78,7 @@ def markdown(meta: dict, rows: list, skipped: list) -> str:
 
 def plot(meta: dict, rows: list, path: Path) -> None:
     """Speedup vs batch size (log2), one panel per draft, one line per prompt length; each point
-    is the best gamma/budget there (labelled), dotted: the cost model's prediction for it."""
+    is the best gamma/budget there (labelled), dashed: the cost model's prediction for it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +101,7 @@ def plot(meta: dict, rows: list, path: Path) -> None:
             color = f"C{i}"
             ax.plot(xs, [best[x]["speedup"] for x in xs], "o-", color=color, label=f"prompt {length}")
             if all("speedup_pred_cost_model" in best[x] for x in xs):  # lookup drafts have no cost model
-                ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], ":", color=color, alpha=0.7)
+                ax.plot(xs, [best[x]["speedup_pred_cost_model"] for x in xs], "--", color=color, alpha=0.7)
             for x in xs:
                 ax.annotate(f"γ{best[x]['gamma']}", (x, best[x]["speedup"]), textcoords="offset points",
                             xytext=(0, 6), ha="center", fontsize=7, color=color)
@@ -113,7 +113,7 @@ def plot(meta: dict, rows: list, path: Path) -> None:
         ax.set_xlabel("batch size")
         ax.set_title(draft, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="solid: measured, dotted: cost model", title_fontsize=7)
+        ax.legend(fontsize=8, title="solid: measured, dashed: cost model", title_fontsize=7)
     axes[0][0].set_ylabel("speedup over plain decoding")
     title = f"MagicDec speedup vs batch size: {meta['model']}, {meta['device_name']}"
     if meta["simulated_acceptance"] is not None:

@@ -26,8 +26,8 @@ from gpt_fast_magicdec import load_engine
 from gpt_fast_magicdec.cli.options import model_options, resolve_device, resolve_dtype
 from gpt_fast_magicdec.cli.report import report
 from gpt_fast_magicdec.config import PRESETS
-from gpt_fast_magicdec.cost_model import PROFILES, get_profile
-from gpt_fast_magicdec.data import read_jsonl_prompts
+from gpt_fast_magicdec.cost_model import PROFILES, get_profile, measure_hardware
+from gpt_fast_magicdec.data import check_prompt_text, read_jsonl_prompts
 from gpt_fast_magicdec.drafters import DRAFT_KINDS
 from gpt_fast_magicdec.drafting import DEFAULT_BUDGET_FRACTION, DraftConfig, budget_for_context
 from gpt_fast_magicdec.engine import set_compiler_flags
@@ -355,7 +355,8 @@ def run(o: Options, explicit: frozenset = frozenset()) -> None:
     cfg, sampling, gamma_auto = check_options(o, explicit)
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
-    texts = list(o.prompt) + (read_jsonl_prompts(o.prompt_file) if o.prompt_file is not None else [])
+    texts = [check_prompt_text(t, "--prompt") for t in o.prompt]
+    texts += read_jsonl_prompts(o.prompt_file) if o.prompt_file is not None else []
     if o.random_weights and texts:
         raise UserError("--random-weights has no tokenizer: use --prompt-length instead of prompt text")
     output = JobOutput(o.out, run_fingerprint(o, cfg, sampling), o.resume, o.prompt_file) if o.out else None
@@ -366,12 +367,16 @@ def run(o: Options, explicit: frozenset = frozenset()) -> None:
     torch.manual_seed(o.seed)  # random weights: the same seed on every rank
     if device.type == "cuda":
         set_compiler_flags()
+    # The bandwidth line's ceiling, measured while the device is still empty (at the end the caches
+    # hold the memory a copy test needs).
+    copy_bandwidth = measure_hardware(device).mem_bandwidth if o.compare or o.verbose else None
     with fail_together(layout):  # one rank failing to load makes every rank fail with its message
         engine, tokenizer = load_engine(o.checkpoint, draft_checkpoint=o.draft_checkpoint,
                                         random_weights=o.random_weights, device=device, dtype=dtype,
                                         attention=o.attention, compile=o.compile, tp=tp, seed=o.seed)
     prompt_ids = tokenize(tokenizer, texts, engine.args.vocab_size, o.prompt_length, o.bsz, o.seed)
     job = GenerationJob(o, explicit, engine, tokenizer, texts, prompt_ids, cfg, sampling, layout, output)
+    job.copy_bandwidth = copy_bandwidth
     if gamma_auto:
         job.auto_gamma = auto_gamma_factory(o.hardware, device, engine, dtype)
     signal.signal(signal.SIGTERM, _interrupt)  # a preempted job stops like Ctrl-C: what is written stays
@@ -439,7 +444,9 @@ class GenerationJob:
         self.prompt_ids, self.cfg, self.sampling, self.layout, self.output = prompt_ids, cfg, sampling, layout, output
         self.stop_ids = () if o.ignore_eos or tokenizer is None else tokenizer.eos_ids
         self.auto_gamma = None
+        self.copy_bandwidth = None  # --compare / --verbose: measured before loading (bytes / s)
         self.written = 0
+        self.ids_without_piece = 0  # generated ids the tokenizer has no piece for (left out of the text)
         replicas = layout.replicas if layout else 1
         self.writes = output is not None and (layout is None or layout.leader)
         hashes = {i: text_hash(texts[i] if texts else ids) for i, ids in enumerate(prompt_ids)}
@@ -548,12 +555,14 @@ class GenerationJob:
         return shown[0], shown[1], tuple(spreads)
 
     def row(self, c) -> dict:
-        """The --out line of one completion."""
-        text = self.texts[c.index] if self.texts else None
-        return {"index": c.index, "prompt_sha256": self.hashes[c.index], "prompt": text,
-                "completion": self.tokenizer.decode(c.tokens) if self.tokenizer else None,
-                "completion_ids": c.tokens, "prompt_tokens": c.prompt_tokens, "new_tokens": len(c.tokens),
-                "finish_reason": c.finish_reason, "run": self.output.run}
+        """The --out line of one completion. Ids the tokenizer has no piece for (a padded embedding's
+        rows) are left out of the text, counted, and kept in completion_ids."""
+        completion, unknown = self.tokenizer.decode_counted(c.tokens) if self.tokenizer else (None, 0)
+        self.ids_without_piece += unknown
+        return {"index": c.index, "prompt_sha256": self.hashes[c.index],
+                "prompt": self.texts[c.index] if self.texts else None, "completion": completion,
+                "completion_ids": c.tokens, "ids_without_piece": unknown, "prompt_tokens": c.prompt_tokens,
+                "new_tokens": len(c.tokens), "finish_reason": c.finish_reason, "run": self.output.run}
 
     # -- the end --------------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -564,7 +573,9 @@ class GenerationJob:
         if self.writes:
             self.output.close()
         layout = self.layout
-        if layout is None or layout.replicas == 1:
+        if self.output.direct:  # a device or a pipe: written as the job ran, nothing to read back
+            problem = None
+        elif layout is None or layout.replicas == 1:
             problem = self.output.rewrite_in_order(read_rows(self.output.path)) if is_main_process() else None
         else:
             import torch.distributed as dist
@@ -578,6 +589,9 @@ class GenerationJob:
             problem = broadcast_object(problem)
             if layout.leader and problem is None:
                 part_path(self.output.path, layout.replica).unlink(missing_ok=True)
+        if self.ids_without_piece:
+            echo(f"warning: {self.ids_without_piece} generated ids have no piece in the tokenizer (the model's "
+                 "embedding is larger): left out of the text, kept in completion_ids", err=True)
         if problem:
             echo(f"warning: could not rewrite {self.o.out} in input order ({problem}); every completion is in it "
                  "(and in its .part files with several replicas), in the order they finished", err=True)

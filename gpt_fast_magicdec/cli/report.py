@@ -2,7 +2,7 @@
 choices, and with --compare the speedup and the lossless check."""
 from __future__ import annotations
 
-from gpt_fast_magicdec.cost_model import decode_step_cost, measure_hardware
+from gpt_fast_magicdec.cost_model import decode_step_cost
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec import lossless
 from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
@@ -34,7 +34,7 @@ def report(runs: list, timing, job) -> None:
         echo(line)
     plain = [run for run in runs if not run.cfg.enabled]
     if plain and (o.compare or o.verbose):
-        echo(bandwidth_line(job.engine, plain[0].stats))
+        echo(bandwidth_line(job.engine, plain[0].stats, job.copy_bandwidth))
     if timing is None:
         return
     plain_tps, spec_tps = timing
@@ -76,14 +76,13 @@ def auto_gamma_lines(run) -> list[str]:
     return ["== gamma auto: " + ", ".join(said) + more]
 
 
-def bandwidth_line(engine, stats) -> str:
+def bandwidth_line(engine, stats, copy_bw: float) -> str:
     """Plain decoding against the memory-bandwidth roofline: bytes one step must read (weights + live
     KV, cost model) over the measured time per step, as a fraction of measured copy bandwidth."""
     context = sum(stats.prompt_tokens) / len(stats.prompt_tokens) + sum(stats.new_tokens) / len(stats.new_tokens) / 2
     tp_size = engine.tp.world_size if engine.tp else 1
     step = decode_step_cost(engine.args, stats.batch_size, int(context), 1, engine.dtype.itemsize, tp_size)
     achieved = step.bytes / (stats.decode_s / max(stats.rounds, 1))
-    copy_bw = measure_hardware(engine.device).mem_bandwidth
     return (f"   memory bandwidth (plain decoding): {achieved / 1e9:.1f} GB/s achieved per rank = "
             f"{100 * achieved / copy_bw:.0f}% of measured copy bandwidth ({copy_bw / 1e9:.0f} GB/s)")
 

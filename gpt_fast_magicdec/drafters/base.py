@@ -138,8 +138,10 @@ class ModelDrafter(Drafter):
         drafts, probs = [], []
         for i in range(gamma):
             out = self.run_step(tokens, start, sampling.greedy)[:, -1]  # greedy: ids [B]; sampling: logits [B, V]
+            # A captured step's output is its graph's static buffer, rewritten by the next replay: keep
+            # a copy of the ids (sampling draws new tensors from the logits before the next step runs).
             # Draft i takes position cache_len + 1 + i; its draw belongs to that position.
-            token, p = (out, None) if sampling.greedy else select_tokens(
+            token, p = (out.clone(), None) if sampling.greedy else select_tokens(
                 out, sampling, state.keys, state.cache_len + 1 + i, DRAFT_STREAM)
             drafts.append(token)
             probs.append(p)
