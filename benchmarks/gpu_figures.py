@@ -8,7 +8,7 @@ that come after first light, sized to fit next to it.
   speedup-plot      bench.py --merge of the three: speedup_vs_batch.png, the cost model dashed beside the measured line
   kernels-sweep     bench.py --kernels at batch 8 / 32 / 64 and context 4K-128K
   where-loses       batch 1-4 at a 512-token context: bench per gamma, and what --gamma auto chooses there
-  drafts            the bundled draft beside self-speculation on the bundled model, lossless, tokens/s
+  drafts            the bundled draft and prompt lookup beside self-speculation on the bundled model, lossless, tokens/s
   cost-model        benchmarks.validate_cost_model --device cuda on Llama-3.2-1B shapes (compiled steps)
 
 Gammas: one per context, the one `--gamma auto`'s cost model (H200 preset, alpha 0.82, budget 512)
@@ -102,7 +102,7 @@ def kernels_sweep_stage(run: StageRun, s: Shapes) -> Outcome:
     outcome = judge_kernels(report, judge=not s.dry)
     flat = [f for f in report["summary"]["sparse_flat"] if f["flat"] is not None]
     within = [f["spread"] <= SPARSE_FLAT for f in flat]
-    if flat:  # this issue's flatness target is tighter than the kernel report's own
+    if flat:  # the figures' flatness target is tighter than the kernel report's own
         outcome.result += (f"; sparse time within 10% from {min(contexts)} to {max(contexts)}: "
                            f"{sum(within)} of {len(flat)}")
         if outcome.ok is not None:
@@ -146,10 +146,12 @@ def where_loses_stage(run: StageRun, s: Shapes) -> Outcome:
 
 
 def drafts_stage(run: StageRun, s: Shapes) -> Outcome:
-    """The bundled draft beside self-speculation: lossless and tokens/s, three alternating repeats."""
+    """The bundled draft and prompt lookup beside self-speculation: lossless and tokens/s, three
+    alternating repeats each."""
     base = ["--prompt-file", s.bundled_prompt, "--max-new-tokens", s.bundled_new, "--ignore-eos", "--compare",
             "--repeats", 3, "--no-compile"]
-    variants = {"self streaming": [], "bundled draft": ["--draft-checkpoint", "bundled-draft"]}
+    variants = {"self streaming": [], "bundled draft": ["--draft-checkpoint", "bundled-draft"],
+                "lookup": ["--draft", "lookup"], "lookup+self": ["--draft", "lookup+self"]}
     outcome = lossless_runs(run, {n: generate_command(s, *base, *extra) for n, extra in variants.items()})
     tps = {n: d["runs"][-1]["tokens_per_s"] for n, d in outcome.data.items() if d["runs"]}
     outcome.result += "; tokens/s: " + ", ".join(f"{n} {v}" for n, v in tps.items())
@@ -191,8 +193,8 @@ def figures_stages(s: Shapes) -> list[Stage]:
         Stage("where-loses", f"batch {'/'.join(map(str, LOSES_BATCHES))} at a {LOSES_CONTEXT}-token context, "
               f"gamma 1-3, and --gamma auto's choice. Target: auto chooses plain decoding, or a measured speedup "
               ">= 1.0", round(START_S * 3 + 40), 240, functools.partial(where_loses_stage, s=s)),
-        Stage("drafts", "the bundled draft beside self-speculation, bundled model bf16 in CUDA graphs, 3 alternating "
-              "repeats: lossless, tokens/s", 60, 150, functools.partial(drafts_stage, s=s)),
+        Stage("drafts", "the bundled draft and prompt lookup beside self-speculation, bundled model bf16 in CUDA "
+              "graphs, 3 alternating repeats: lossless, tokens/s", 110, 220, functools.partial(drafts_stage, s=s)),
         Stage("cost-model", "benchmarks.validate_cost_model --device cuda, Llama-3.2-1B shapes, compiled graph "
               "steps. Target: predicted step times within 10% of measured", 300, 420,
               functools.partial(cost_model_stage, s=s)),

@@ -385,7 +385,7 @@ def roofline_stage(run: StageRun, s: Shapes, compile: bool) -> Outcome:
 
 
 def first_light_stages(s: Shapes) -> list[Stage]:
-    """The stages in the issue's order, with planned seconds and hard limits."""
+    """The stages in their planned order, with planned seconds and hard limits."""
     model = ModelArgs.from_preset(s.model)
     batches = [*s.headline_batches, 48]  # 48: the largest batch that fits an H200 at 16K (planning only)
     headline_s = bench_estimate_s(model, batches, s.headline_prompt, s.headline_new)

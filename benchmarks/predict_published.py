@@ -171,7 +171,7 @@ def roofline_only(hw: HardwareProfile) -> HardwareProfile:
 
 
 def old_speedup(t: PredictedTimes, hw: HardwareProfile, gamma: int, alpha: float) -> float:
-    """The model before issue 14: one max(bytes / bandwidth, flops / rate) per step + step overhead."""
+    """The model before its overhead and collective terms: one max(bytes / bandwidth, flops / rate) per step + step overhead."""
     def step(cost):
         return max(cost.bytes / hw.mem_bandwidth, cost.flops / hw.matmul_flops) + hw.step_overhead_s
     return expected_tokens(gamma, alpha) * step(t.target) / (gamma * step(t.draft) + step(t.verify))
@@ -324,7 +324,7 @@ the best SnapKV budget). In cost a SnapKV draft is a StreamingLLM draft: the tar
 prompts is taken to be Llama-2-7B-32K (same shapes). Context = the prefill length; bf16; CUDA graphs
 (MagicDec compiles its steps).
 
-Columns: **old model** = one max(bytes/bandwidth, flops/rate) per step + 20 us (before issue 14);
+Columns: **old model** = one max(bytes/bandwidth, flops/rate) per step + 20 us (before the overhead and collective terms were added);
 **+ split roofline** = linear layers and attention as separate rooflines, summed; **+ all-reduce &
 launches** = the full model (2 all-reduces per layer per step under TP, ~1 us per graphed kernel);
 **residual** = published / full model - 1; **fixed share** = all-reduce + launch time as a share of

@@ -1,4 +1,4 @@
-"""Roofline cost model for decoding and MagicDec speculation (DESIGN.md, decision 11).
+"""Roofline cost model for decoding and MagicDec speculation: the model behind --gamma auto and bench's predictions.
 
 A forward step over `n_tokens` new tokens for each of `batch` sequences costs
 
@@ -25,9 +25,10 @@ bucketed key range the eager path uses (`decode_step_cost(kv_bucket=)`). Not cou
 page faults of score temporaries that glibc maps fresh (benchmarks/cost_model_validation_cpu.md).
 
 Everything counts bytes and FLOPs *per tensor-parallel rank*: attention heads, KV heads and MLP
-columns are sharded over `tp` ranks; norms and the output head are replicated (decision 9).
-Not counted: activations and logits (small next to weights and KV at the shapes that matter), and
-no logits gather under TP (the output head is replicated, decision 9).
+columns are sharded over `tp` ranks, and so is the output head, by vocabulary rows (tp.VocabShard);
+norms are replicated. Under TP a step makes 2 all-reduces per layer (counted). Not counted:
+activations and logits (small next to weights and KV at the shapes that matter), the one tiny
+all-gather of each rank's (max, index) for the greedy argmax, and sampling's gather of the logits.
 """
 from __future__ import annotations
 
@@ -443,11 +444,12 @@ def param_count(args: ModelArgs) -> int:
 
 
 def params_touched(args: ModelArgs, tp: int = 1) -> int:
-    """Parameters one decode step reads on one rank: every layer, the final norm and the output
-    head. Not the embedding table: decode gathers one embedding row per token (counted in
-    `decode_step_cost`). With tied embeddings the head *is* the table, read once as the head."""
+    """Parameters one decode step reads on one rank: every layer, the final norm and this rank's
+    rows of the output head (vocabulary-parallel under TP). Not the embedding table: decode gathers
+    one embedding row per token (counted in `decode_step_cost`). With tied embeddings the head *is*
+    the table, read once as the head."""
     sharded, replicated = layer_params(args, tp)
-    return args.n_layers * (sharded + replicated) + args.dim + args.vocab_size * args.dim
+    return args.n_layers * (sharded + replicated) + args.dim + _per_rank(args.vocab_size, tp) * args.dim
 
 
 def weight_bytes(args: ModelArgs, dtype_bytes: int = 2, tp: int = 1) -> int:

@@ -80,7 +80,7 @@ def test_tensor_parallel_per_rank_by_hand():
     B, S, tp = 4, 1000, 2
     cost = decode_step_cost(LLAMA3_8B, B, S, 1, tp=tp)
     sharded = (4096 * 4096 + 4096 * 1024 + 4096 * 1024 + 4096 * 4096 + 3 * 4096 * 14336) // tp
-    touched = 32 * (sharded + 2 * 4096) + 4096 + 128256 * 4096  # norms and head replicated
+    touched = 32 * (sharded + 2 * 4096) + 4096 + 128256 // tp * 4096  # norms replicated, the head vocab-parallel
     assert params_touched(LLAMA3_8B, tp=tp) == touched
     assert cost.bytes == 2 * touched + B * 4096 * 2 + B * S * 65536 + B * 65536
     assert cost.flops == 2 * touched * B + 4 * B * S * 16 * 128 * 32

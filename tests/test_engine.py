@@ -192,7 +192,7 @@ def test_sampling_through_graph_steps_sharing_one_logits_buffer_equals_eager():
 
 
 def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
-    """Issue 14: eager steps attend over a key range rounded up to a bucket. Outputs do not depend
+    """Eager steps attend over a key range rounded up to a bucket. Outputs do not depend
     on the bucket, and with a 256-key bucket a short run sees one key range, not one per step."""
     from gpt_fast_magicdec.steps import bucketed_kv_limit
 

@@ -94,7 +94,7 @@ def test_model_bytes_counts_every_parameter_once(preset):
 def test_published_sizes():
     args = ModelArgs.from_preset("llama-3.1-8b")
     assert model_bytes(args, torch.bfloat16) == pytest.approx(16.06e9, rel=1e-3)  # 8.03B parameters
-    assert kv_cache_bytes(args, 1, 1, torch.bfloat16) == 128 * 1024  # DESIGN.md: 128 KiB per token
+    assert kv_cache_bytes(args, 1, 1, torch.bfloat16) == 128 * 1024  # Llama-3.1-8B: 128 KiB per token
     assert kv_cache_bytes(args, 32, 16384, torch.bfloat16) == 64 * GiB
 
 

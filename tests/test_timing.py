@@ -1,4 +1,4 @@
-"""The shared timing helpers and bench's paired, interleaved timing (issue 14), without a model."""
+"""The shared timing helpers and bench's paired, interleaved timing, without a model."""
 from __future__ import annotations
 
 import time

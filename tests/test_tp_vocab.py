@@ -1,4 +1,4 @@
-"""The vocabulary-parallel output head under tensor parallelism (issue 11): each rank computes only
+"""The vocabulary-parallel output head under tensor parallelism: each rank computes only
 its slice of the logits; greedy combines (max, index) pairs, sampling gathers the full logits.
 
 One `torchrun --nproc_per_node 2` launch runs this file as a driver on CPU (gloo). Each rank builds

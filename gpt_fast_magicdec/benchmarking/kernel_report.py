@@ -34,7 +34,7 @@ def kernel_meta(device, dtype: torch.dtype, *, command: Optional[str] = None, co
 
 
 def summarize(rows: list) -> dict:
-    """Issue 5's two checks: the full-view bandwidth target, and sparse time flat in context."""
+    """The two kernel targets: the full-view bandwidth target, and sparse time flat in context."""
     region = [r for r in rows if r["meets_target"] is not None]
     target = dict(rows=len(region), meeting=sum(r["meets_target"] for r in region),
                   lowest_frac=min((r["frac_copy_bw"] for r in region), default=None))
@@ -77,7 +77,7 @@ def kernels_markdown(rows: list, meta: dict, summary: dict) -> str:
               "compact vs triton_sparse.", "", "Methods:"]
     lines += [f"- `{m}`: {desc}" for m, (_, desc) in METHODS.items() if any(r["method"] == m for r in rows)]
     t = summary["target"]
-    lines += ["", "## Issue 5 targets", ""]
+    lines += ["", "## Targets", ""]
     if t["rows"]:
         ok = "✅" if t["meeting"] == t["rows"] else "❌"
         lines.append(f"- {ok} full view (triton_full) ≥ {TARGET_FRAC:.0%} of copy bandwidth at batch ≥ "
@@ -241,6 +241,6 @@ def kernel_bench_cli(out_dir, command: str, device: torch.device, dtype: torch.d
     with contextlib.suppress(OSError):
         partial.unlink()
     md = paths["md"].read_text()
-    print(md[md.index("## Issue 5 targets"):md.index("## All measured rows")].rstrip())  # the full table: in the file
+    print(md[md.index("## Targets"):md.index("## All measured rows")].rstrip())  # the full table: in the file
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths

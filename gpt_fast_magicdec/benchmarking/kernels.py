@@ -1,4 +1,4 @@
-"""Decode-attention micro-benchmark (issue 5): the Triton kernels against the torch paths, in bytes/s.
+"""Decode-attention micro-benchmark: the Triton kernels against the torch paths, in bytes/s.
 
 For every (batch B, context L, new tokens T) it allocates K and V caches [B, H_kv, L + 16, D] holding
 L committed tokens plus the T new ones (cache_len = L for every sequence) and times
@@ -54,7 +54,7 @@ from .report import sig
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
 DEFAULT_CONTEXTS = (4096, 16384, 32768, 65536, 131072)
 SLACK = 16  # cache slots past the context: room for up to 16 new tokens
-TARGET_FRAC, TARGET_MIN_BATCH, TARGET_MIN_CONTEXT = 0.8, 8, 16384  # issue 5: full view >= 80% of copy BW
+TARGET_FRAC, TARGET_MIN_BATCH, TARGET_MIN_CONTEXT = 0.8, 8, 16384  # the target: full view >= 80% of copy BW
 SPARSE_FLAT_TOL = 1.25  # sparse view "independent of context": max / min time over contexts <= this
 MEMORY_FRACTION = 0.8  # of the free GPU memory, for the caches of one point
 FLUSH_BYTES = 256 << 20  # read before every timed rep: 5x the L2 of an H100 / H200
@@ -96,7 +96,7 @@ def bytes_moved(batch: int, keys_per_seq: int, n_queries: int, n_heads: int, n_k
 
 
 def meets_target(row: dict) -> Optional[bool]:
-    """Issue 5's bar for a measured triton_full row at batch >= 8 and context >= 16K: >= 80% of the
+    """The bar for a measured triton_full row at batch >= 8 and context >= 16K: >= 80% of the
     copy bandwidth. None for every other row."""
     if (row["method"] != "triton_full" or row.get("skipped") or row["batch"] < TARGET_MIN_BATCH
             or row["context"] < TARGET_MIN_CONTEXT or row.get("frac_copy_bw") is None):

@@ -132,6 +132,14 @@ def _draft_list(ctx, param, value):
 @click.option("--profile-rounds", is_flag=True, default=False,
               help="Also profile each speculative configuration (torch.profiler, two runs differenced) and "
                    "report CUDA-graph launches, host syncs and device-to-host copies per round.")
+@click.option("--job", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run the batch-job benchmark instead of the sweep: N prompts cut from --prompts-file, their lengths "
+                   "drawn from the range of --prompt-lengths (MIN,MAX) and their token limits from --job-limits, "
+                   "with real EOS, through the first of --batch-sizes slots; static batches against in-flight "
+                   "refill, plain decoding and the first of --drafts (first --gammas and --budgets). Writes job.json "
+                   "and job.md into --out-dir.")
+@click.option("--job-limits", default="16,256", show_default=True, callback=_int_list, metavar="MIN,MAX",
+              help="With --job: the range each prompt's token limit is drawn from.")
 @click.option("--kernels", is_flag=True, default=False,
               help="Run the attention kernel micro-benchmark instead of the end-to-end sweep, using --batch-sizes "
                    "and --prompt-lengths as the contexts (T = 1 and gamma + 1 per --gammas; sparse view from the "
@@ -171,13 +179,17 @@ def command_line(opts: dict) -> str:
 def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batch_sizes, prompt_lengths, gammas,
         budgets, sink, drafts, prompts_file, tokenizer_dir, max_new_tokens, device, dtype, attention, compile,
         prefill_chunk, hardware, alpha, warmup, repeats, seed, out_dir, merge, profile_rounds=False, kernels=False,
-        overwrite=False):
+        overwrite=False, job=None, job_limits=(16, 256)):
     opts = {key: value for key, value in locals().items()
-            if key not in ("kernels", "profile_rounds", "overwrite") or value}
+            if key not in ("kernels", "profile_rounds", "overwrite", "job", "job_limits") or value}
     device = resolve_device(device) if not merge else None  # a bad device fails before any work
     new_dir = out_dir is None
     out_dir = default_out_dir() if new_dir else out_dir
-    check_out_dir(out_dir, ("kernels.json",) if kernels else RESULT_FILES, overwrite)  # before the work
+    check_out_dir(out_dir, ("kernels.json",) if kernels else ("job.json",) if job else RESULT_FILES, overwrite)
+    if job is not None:
+        run_job_benchmark(opts, job, job_limits, checkpoint, prompts_file, prompt_lengths, batch_sizes, drafts,
+                          gammas, budgets, sink, device, dtype, attention, compile, prefill_chunk, seed, out_dir)
+        return
     if kernels:  # no model: the attention kernels alone
         from gpt_fast_magicdec.benchmarking.kernel_report import kernel_bench_cli
         kernel_bench_cli(out_dir, command_line(opts), device, resolve_dtype(dtype, device), batch_sizes,
@@ -256,6 +268,31 @@ def run_metadata(command: str, engine: Engine, device, dtype, hw, checkpoint, ra
                 cuda_graphs=engine.use_graphs, hardware=hw.name, hardware_profile=dataclasses.asdict(hw),
                 simulated_acceptance=alpha, prompts=prompts_desc, max_new_tokens=max_new_tokens,
                 warmup=warmup, repeats=repeats)
+
+
+def run_job_benchmark(opts, n, limits, checkpoint, prompts_file, prompt_lengths, batch_sizes, drafts, gammas,
+                      budgets, sink, device, dtype, attention, compile, prefill_chunk, seed, out_dir) -> None:
+    """--job: static batches against refill on one ragged job (benchmarking/job.py)."""
+    import json
+
+    from gpt_fast_magicdec.benchmarking import job as job_bench
+
+    if prompts_file is None:
+        raise UserError("--job cuts its prompts from --prompts-file (a PG-19-style JSONL); give one")
+    lengths, limit_range = job_bench.parse_range(prompt_lengths, "--prompt-lengths"), job_bench.parse_range(
+        limits, "--job-limits")
+    draft = build_configs((drafts or ["self-streaming"])[:1], gammas[:1], budgets[:1], sink)[0].draft
+    dtype = resolve_dtype(dtype, device)
+    engine, tokenizer = load_engine(checkpoint, device=device, dtype=dtype, attention=attention, compile=compile)
+    result = job_bench.job_benchmark(engine, tokenizer, prompts_file, n, lengths, limit_range, batch_sizes[0],
+                                     draft, seed, prefill_chunk, echo=tqdm.write)
+    meta = dict(command=command_line(opts | dict(job=n, job_limits=limits)), git_commit=git_commit(),
+                device_name=device_name(device), torch_version=torch.__version__, date=utc_now(),
+                model=checkpoint.name if checkpoint else "bundled tiny model", dtype=str(dtype).removeprefix("torch."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "job.json").write_text(json.dumps(dict(meta=meta, **result), indent=1) + "\n")
+    (out_dir / "job.md").write_text(job_bench.markdown(meta, result))
+    click.echo(job_bench.markdown(meta, result))
 
 
 def console_main() -> None:
