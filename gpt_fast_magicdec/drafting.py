@@ -34,6 +34,7 @@ class DraftConfig:
     obs_window: int = 32  # snapkv: last prompt tokens whose attention votes for positions
     pool_kernel: int = 7  # snapkv: 1-D pooling over the votes
     ngram: int = 3  # lookup: the longest n-gram matched (shorter ones are tried when it has no match)
+    ngram_min: int = 1  # lookup: the shortest n-gram that may propose (raise it to trust only long matches)
 
     def __post_init__(self):
         from .drafters import DRAFT_KINDS, drafter_class
@@ -94,7 +95,9 @@ class DraftConfig:
     def describe(self) -> str:
         if not self.enabled:
             return "none (plain decoding)"
-        names = {"self": "self", "model": "standalone model", "lookup": f"prompt lookup (n-gram <= {self.ngram})"}
+        grams = (f"<= {self.ngram}" if self.ngram_min == 1 else f"{self.ngram}" if self.ngram_min == self.ngram
+                 else f"{self.ngram_min}-{self.ngram}")
+        names = {"self": "self", "model": "standalone model", "lookup": f"prompt lookup (n-gram {grams})"}
         who = " then ".join(names.get(stage, stage) for stage in self.stages)
         if not self.reads_cache:
             return f"{who}, gamma {self.gamma}"

@@ -94,3 +94,44 @@ def test_statistics_are_read_in_one_transfer(monkeypatch):
     ctl = controller()
     ctl(fake_state(32, 32768), 0)
     assert reads == [torch.Size([4])]
+
+
+def _standalone_controller(every=2):
+    """--gamma auto pricing a Llama-3.1-8B target with a Llama-3.2-1B draft on an H100: a draft step
+    costs a fraction of a target step, so speculation pays from the first round (the engine below
+    runs tiny models; the controller only reads acceptance and lengths from it)."""
+    draft = DraftConfig(kind="model", kv="full", gamma=3)
+    return AutoGamma(ModelArgs.from_preset("llama-3.1-8b"), PROFILES["H100-SXM"], draft, dtype_bytes=2,
+                     draft_args=ModelArgs.from_preset("llama-3.2-1b"), prior_alpha=0.7, every=every), draft
+
+
+def test_auto_gamma_speculates_where_the_cost_model_says_it_pays():
+    import copy
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    prompts = [[1, 2, 3, 4, 5], list(range(7, 40))]
+    plain = Engine(model, attention="torch").generate(prompts, 40).tokens
+    ctl, draft = _standalone_controller()
+    result = Engine(model, draft_model=copy.deepcopy(model), attention="torch").generate(
+        prompts, 40, draft=draft, gamma_controller=ctl)
+    assert result.tokens == plain
+    assert all(g > 0 for _, _, _, g in ctl.history) and result.stats.acceptance_rate == 1.0
+    assert ctl.alpha > 0.9  # it measured the draft's perfect acceptance
+
+
+def test_auto_gamma_switches_speculation_off_mid_run_when_drafts_fail():
+    import copy
+
+    model = random_model(ModelArgs.from_preset("tiny"), "cpu", torch.float32, seed=0)
+    anti = copy.deepcopy(model)
+    with torch.no_grad():
+        anti.output.weight.neg_()  # its argmax is the target's argmin: never accepted
+    prompts = [[1, 2, 3, 4, 5], list(range(7, 40))]
+    plain = Engine(model, attention="torch").generate(prompts, 60).tokens
+    ctl, draft = _standalone_controller()
+    result = Engine(model, draft_model=anti, attention="torch").generate(prompts, 60, draft=draft,
+                                                                        gamma_controller=ctl)
+    assert result.tokens == plain
+    gammas = [g for _, _, _, g in ctl.history]
+    assert gammas[0] > 0 and 0 in gammas, gammas  # speculated first, then decoded plainly
+    assert result.stats.drafted > 0 and result.stats.accepted == 0

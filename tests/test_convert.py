@@ -1,7 +1,6 @@
 """HF -> engine checkpoint conversion: exact round trips for every family and storage format, dtype
 casting, and one-line errors (no traceback, no half-written output) for every bad input."""
 import argparse
-import json
 import os
 import subprocess
 import sys

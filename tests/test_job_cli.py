@@ -219,3 +219,20 @@ def test_ctrl_c_says_what_is_safe_and_exits_130(cache, tmp_path):
     assert "Traceback" not in stderr
     safe = int(said[0].split()[1])
     assert safe == len(out.read_text().splitlines()) >= 2
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_job_with_one_error_line(cache, tmp_path):
+    """What a scheduler's stop (or torchrun, after another rank failed) sends: the job closes --out,
+    says on one error line what is safe, exits 143; --resume then finishes it."""
+    prompts = write_prompts(tmp_path / "p.jsonl", n=10)
+    out = tmp_path / "o.jsonl"
+    proc = spawn(["--prompt-file", prompts, "--out", out, *LONG_JOB], cache)
+    wait_for_rows(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    said = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 143 and len(said) == 1 and said[0].startswith("error: stopped by SIGTERM"), stderr
+    resumed = spawn(["--prompt-file", prompts, "--out", out, *LONG_JOB, "--resume"], cache)
+    assert resumed.wait(timeout=300) == 0
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == list(range(10))

@@ -49,9 +49,19 @@ def test_proposals_copy_what_followed_and_never_read_past_the_text():
     assert proposal.count.tolist() == [2] and proposal.tokens[0, :2].tolist() == [4, 3]
 
 
+def test_ngram_min_leaves_short_matches_unproposed():
+    tokens = history([4, 4], [1, 2, 9, 1, 2])  # row 0 only has a 1-gram match, row 1 a 2-gram
+    state = types.SimpleNamespace(tokens=tokens, cache_len=torch.tensor([1, 4]))
+    for ngram_min, counts in ((1, [1, 2]), (2, [0, 2])):
+        drafter = LookupDrafter(DraftConfig(kind="lookup", ngram=3, ngram_min=ngram_min, gamma=2), None)
+        assert drafter.propose(state, 2, SamplingParams()).count.tolist() == counts
+
+
 def test_ngram_must_be_positive():
     with pytest.raises(UserError, match="^ngram must be >= 1"):
         DraftConfig(kind="lookup", ngram=0)
+    with pytest.raises(UserError, match="^ngram_min must be between 1 and ngram"):
+        DraftConfig(kind="lookup", ngram=2, ngram_min=3)
 
 
 def repetitive_prompts():

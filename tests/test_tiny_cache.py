@@ -6,7 +6,6 @@ import os
 import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 

@@ -211,8 +211,6 @@ def test_replicas_of_tensor_parallel_groups_give_the_single_process_completions(
 def _driver(cases_file: str, out_dir: str) -> None:
     """Under torchrun: run each case's generate.py arguments (plus its per-rank extras) through the CLI
     and record this rank's exit code and output in out_dir/rank<r>.json."""
-    import torch.distributed as dist
-
     from gpt_fast_magicdec.cli import generate
 
     rank = int(os.environ["RANK"])

@@ -8,7 +8,6 @@ vocabulary (uneven shards) with tied embeddings and an even one without.
 """
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -43,12 +43,14 @@ PLAIN = "plain decoding"
 DEFAULT_PROMPT = "Once upon a time"
 # The library's parameter names as this CLI's flags, for ParameterError messages.
 FLAGS = {"kind": "--draft", "kv": "--draft-kv", "budget": "--draft-budget", "window": "--draft-window",
-         "sink": "--sink", "gamma": "--gamma", "ngram": "--ngram", "temperature": "--temperature",
+         "sink": "--sink", "gamma": "--gamma", "ngram": "--ngram", "ngram_min": "--ngram-min",
+         "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "max_new_tokens": "--max-new-tokens", "max_seq_len": "--max-seq-len",
          "prefill_chunk": "--prefill-chunk", "slots": "--bsz", "checkpoint": "--checkpoint",
          "draft_checkpoint": "--draft-checkpoint", "random_weights": "--random-weights",
          "draft_model": "--draft-checkpoint", "attention": "--attention", "prompts": "the prompt"}
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+EXIT_TERMINATED = 143  # ... and by SIGTERM (a scheduler's stop, or torchrun stopping a failed job's ranks)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -102,6 +104,9 @@ EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
               help="Sliding window of the draft. Default: budget - sink (streaming), budget / 4 (snapkv).")
 @click.option("--ngram", type=int, default=3, show_default=True,
               help="Prompt lookup: the longest n-gram matched against earlier text (shorter ones when it finds none).")
+@click.option("--ngram-min", type=int, default=1, show_default=True,
+              help="Prompt lookup: the shortest n-gram that may propose. With lookup+self, raising it (2-3) leaves "
+                   "rows whose only match is a short, common one to the model's draft.")
 @click.option("--gamma", default="3", show_default=True,
               help="Draft tokens per round; 0 = plain decoding; 'auto' picks it (or plain decoding) from the cost "
                    "model and the running acceptance rate, and prints what it chose.")
@@ -151,14 +156,20 @@ def main(**opts):
     warnings.showwarning = _one_line_warning
     ctx = click.get_current_context()
     explicit = frozenset(name for name in opts if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a preempted or failed job stops cleanly
     try:
         run(Options(**opts), explicit)
+    except (KeyboardInterrupt, Terminated):  # before the job started: nothing to keep
+        echo("interrupted before any generation: nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except ParameterError as err:
         echo(f"error: {err.named(FLAGS)}", err=True)
         sys.exit(1)
     except UserError as err:
         echo(f"error: {err}", err=True)  # under torchrun every rank raises the same error; rank 0 says it
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +200,7 @@ class Options:
     sink: int
     draft_window: Optional[int]
     ngram: int
+    ngram_min: int
     gamma: str
     hardware: str
     tp_size: Optional[int]
@@ -249,7 +261,7 @@ def build_draft_config(o: Options) -> DraftConfig:
     kv = "full" if o.draft_budget == -1 else o.draft_kv
     budget = 512 if o.draft_budget == -1 else o.draft_budget
     return DraftConfig(kind=kind, kv=kv, budget=budget, sink=o.sink, window=o.draft_window, ngram=o.ngram,
-                       gamma=3 if gamma is None else gamma)
+                       ngram_min=o.ngram_min, gamma=3 if gamma is None else gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +306,7 @@ IGNORED_WHEN = {
     "sink": lambda m: _draft_view_unused(m, "sink") or (
         None if m.cfg.kv == "streaming" else f"with --draft-kv {m.cfg.kv} (--sink is the streaming view's)"),
     "ngram": lambda m: None if "lookup" in m.cfg.stages else "without a lookup draft (--draft lookup...)",
+    "ngram_min": lambda m: None if "lookup" in m.cfg.stages else "without a lookup draft (--draft lookup...)",
     "gamma": lambda m: None if m.cfg.enabled or m.gamma_zero else "with --draft none",
     "hardware": lambda m: None if m.gamma_auto else "without --gamma auto",
     "tp_size": lambda m: None if m.torchrun else "outside torchrun (one process)",
@@ -379,16 +392,23 @@ def run(o: Options, explicit: frozenset = frozenset()) -> None:
     job.copy_bandwidth = copy_bandwidth
     if gamma_auto:
         job.auto_gamma = auto_gamma_factory(o.hardware, device, engine, dtype)
-    signal.signal(signal.SIGTERM, _interrupt)  # a preempted job stops like Ctrl-C: what is written stays
     try:
         job.run()
     except KeyboardInterrupt:
-        job.interrupted()
+        job.interrupted("interrupted:")
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        job.interrupted("error: stopped by SIGTERM (a scheduler, or torchrun after another rank failed):",
+                        every_rank=True)
+        sys.exit(EXIT_TERMINATED)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class Terminated(Exception):
+    """SIGTERM arrived: stop the job as Ctrl-C would, but say it as an error on every rank."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
 
 
 def run_fingerprint(o: Options, cfg: DraftConfig, sampling: SamplingParams) -> str:
@@ -489,11 +509,12 @@ class GenerationJob:
         self.finish()
 
     def job_config(self, cfg: DraftConfig) -> DraftConfig:
-        """The draft config of this job: its budget clipped to the shortest prompt when the user chose
-        neither budget nor window."""
+        """The draft config of this job: its budget clipped to the input's shortest prompt when the
+        user chose neither budget nor window (the whole input's, not this replica's or this resume's
+        share, so the draft, and with it a sampled completion, never depends on the layout)."""
         if {"draft_budget", "draft_window"} & self.explicit:
             return cfg
-        return budget_for_context(cfg, min(len(self.prompt_ids[i]) for i in self.share))
+        return budget_for_context(cfg, min(map(len, self.prompt_ids)))
 
     def run_once(self, cfg: DraftConfig, write: bool) -> RunResult:
         """One pass over the share: a job with --bsz slots, each completion written as it finishes."""
@@ -598,17 +619,20 @@ class GenerationJob:
         elif not self.output.direct:
             echo(f"wrote {self.o.out}")
 
-    def interrupted(self) -> None:
-        """Ctrl-C or SIGTERM: close --out (synced), say how much is safe and how to resume."""
-        if self.output is None:
-            echo("interrupted: nothing was written (no --out)", err=True)
-            return
+    def interrupted(self, prefix: str, every_rank: bool = False) -> None:
+        """Ctrl-C or SIGTERM: close --out (synced), say how much is safe and how to resume: on rank 0
+        (each replica's first rank with several), or with every_rank on every rank."""
         if self.writes:
             self.output.close()
-        safe = len(self.done) + self.written
-        echo(f"interrupted: {safe} of {len(self.prompt_ids)} prompts are safely in {self.o.out}"
-             f"{' (this replica)' if self.layout and self.layout.replicas > 1 else ''}; re-run the same command "
-             "with --resume to finish the rest", err=True)
+        if not (every_rank or is_main_process() or (self.layout is not None and self.layout.leader)):
+            return
+        if self.output is None:
+            line = f"{prefix} nothing was written (no --out)"
+        else:
+            mine = " by this replica" if self.layout is not None and self.layout.replicas > 1 else ""
+            line = (f"{prefix} {len(self.done) + self.written} of {len(self.prompt_ids)} prompts are safely in "
+                    f"{self.o.out}{mine}; re-run the same command with --resume to finish the rest")
+        click.echo(line, err=True)
 
 
 def console_main() -> None:

@@ -1,8 +1,8 @@
 """Prompt lookup (n-gram) drafting: no model pass; the draft is copied from the text itself.
 
-For each sequence it matches the last n tokens (n = config.ngram, then shorter) against every
-earlier position of the prompt and the text generated so far, and proposes the gamma tokens that
-followed the most recent match. It pays where the output repeats its context: summaries, code
+For each sequence it matches the last n tokens (n = config.ngram, then shorter, down to
+config.ngram_min) against every earlier position of the prompt and the text generated so far, and
+proposes the gamma tokens that followed the most recent match. It pays where the output repeats its context: summaries, code
 edits, extraction, "repeat the paragraph that begins ...". A sequence with no match proposes
 nothing that round (acceptance 0; verification still emits the target's next token).
 
@@ -22,12 +22,14 @@ class LookupDrafter(Drafter):
     def check(cls, config) -> None:
         if config.ngram < 1:
             raise ParameterError(f"{{ngram}} must be >= 1, got {config.ngram}")
+        if not 1 <= config.ngram_min <= config.ngram:
+            raise ParameterError(f"{{ngram_min}} must be between 1 and {{ngram}} ({config.ngram}), got {config.ngram_min}")
 
     def propose(self, state, gamma, sampling) -> Proposal:
         history, last = state.tokens, state.cache_len  # [B, S]; known positions are 0..last[b]
         B, S = history.shape
         start = torch.full_like(last, -1)  # [B] where the proposal's tokens start (-1: no match yet)
-        for n in range(self.config.ngram, 0, -1):  # the longest n-gram that matches wins
+        for n in range(self.config.ngram, self.config.ngram_min - 1, -1):  # the longest n-gram that matches wins
             found = most_recent_match(history, last, n)  # [B] position after the match, or -1
             start = torch.where(start < 0, found, start)
         # Only known tokens are proposed: positions start .. last (never past the history's end).

@@ -26,7 +26,7 @@ from gpt_fast_magicdec.benchmarking.report import git_commit
 from .causal import FULL_CAUSAL, CausalView
 from .corpus import DEFAULT_CORPUS, read_books, repo_root, split_books
 from .export import load_hf_model
-from .train import parse_self_draft, score_window, tokenize_books, with_bos
+from .train import parse_self_draft, score_window, tokenize_books
 
 
 def held_out_windows(hf_dir: Path, corpus: Path, context: int, stride: int) -> torch.Tensor:
