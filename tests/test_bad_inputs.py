@@ -138,6 +138,10 @@ GENERATE = {  # name -> (arguments, substring of the one error line, exit code)
     "text with random weights": (["--checkpoint", None, "--random-weights", "tiny", "--prompt", "x"],
                                  "--random-weights has no tokenizer", 1),
     "unknown hardware": (["--gamma", "auto", "--hardware", "tpu"], "--hardware", 2),
+    # Memory, estimated before anything is allocated (on the CPU: MemAvailable, a cgroup limit).
+    "a 70B model on a CPU": (["--checkpoint", None, "--random-weights", "llama-3.1-70b"],
+                             "loading llama-3.1-70b needs 262.8 GiB", 1),
+    "a KV cache beyond RAM": (["--bsz", "200000", "--max-new-tokens", "200"], "use fewer --bsz", 1),
 }
 if torch.cuda.is_available():
     GENERATE.pop("unsupported device")
