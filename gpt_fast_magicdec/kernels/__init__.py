@@ -1,8 +1,14 @@
 """Decode-attention kernels (Triton) and their plain-torch reference twins.
 
-`decode_attention_triton` is imported lazily (module __getattr__): `import kernels` never needs
+The modules live in the repository's top-level `kernels/` folder (its layout) and are linked in
+here, so they install and import as `gpt_fast_magicdec.kernels`. The top-level folder has no
+`__init__.py` on purpose: run from a checkout, where the checkout is on sys.path, it is then at most
+a namespace portion, and never shadows the published `kernels` package that other libraries
+(transformers among them) import.
+
+`decode_attention_triton` is imported lazily (module __getattr__): importing this package never needs
 triton, and TRITON_INTERPRET is read when the kernel module is first imported (that is when
-`@triton.jit` decides between compiled and interpreted kernels), not when `kernels` is.
+`@triton.jit` decides between compiled and interpreted kernels), not when this package is.
 """
 from __future__ import annotations
 

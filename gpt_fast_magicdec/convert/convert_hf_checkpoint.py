@@ -1,0 +1,1 @@
+../../convert/convert_hf_checkpoint.py
