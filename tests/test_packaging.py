@@ -17,8 +17,9 @@ def test_a_published_package_of_the_same_name_wins_over_the_checkout(tmp_path, n
     site.mkdir(parents=True)
     (site / "__init__.py").write_text("PUBLISHED = True\n")
     # The checkout first on sys.path (as `python -m pytest` or `python generate.py` put it), the
-    # published package after it, as in a virtual environment.
-    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}]; sys.path.append({str(site.parent)!r}); "
+    # published package right after it, as site-packages is (ahead of the real site-packages, which
+    # may hold the real `kernels`).
+    code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(site.parent)!r}]; "
             f"import {name}; assert {name}.PUBLISHED, {name}.__path__; "
             f"import gpt_fast_magicdec.{name} as ours; assert 'gpt_fast_magicdec' in ours.__file__")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
