@@ -74,7 +74,8 @@ class Job:
         self.slots = min(slots or n, n)
         self.sampling, self.draft, self.seed = sampling, draft, seed
         self.indices = list(range(n)) if indices is None else list(indices)
-        self.eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=engine.device)
+        self.eos_ids = set(eos_ids)  # on the host too: a finished sequence's reason needs no device read
+        self.eos = torch.tensor(sorted(self.eos_ids) or [-1], device=engine.device)
         self.chunk, self.progress, self.refill = prefill_chunk, progress, refill
         self.accept_override, self.controller = accept_override, gamma_controller
         self.gamma = draft.gamma if draft.enabled else 0
@@ -172,12 +173,11 @@ class Job:
         at = (state.prompt_len[r][:, None] + torch.arange(width, device=r.device)).clamp(max=state.tokens.shape[1] - 1)
         outputs = state.tokens[r].gather(1, at).tolist()
         now = time.perf_counter()
-        eos = set(self.eos.tolist())
         completions = []
         for b, (n_out, prompt_len, accepted, drafted, slot_rounds), out in zip(rows, counters, outputs):
             tokens = out[:n_out]
             completions.append(Completion(
                 index=self.indices[occupant[b]], tokens=tokens, prompt_tokens=prompt_len,
-                finish_reason="eos" if tokens[-1] in eos else "length", latency_s=now - admitted_at[b],
+                finish_reason="eos" if tokens[-1] in self.eos_ids else "length", latency_s=now - admitted_at[b],
                 accepted=accepted, drafted=drafted, rounds=slot_rounds))
         return completions

@@ -90,7 +90,7 @@ def accept_greedy(proposal: Proposal, target: torch.Tensor) -> tuple[torch.Tenso
     d_1..d_n, plus the bonus t_{n+1}."""
     matches = proposal.tokens == target[:, :-1]  # [B, g]
     n = matches.long().cumprod(dim=1).sum(dim=1)  # [B] length of the all-match prefix
-    return torch.minimum(n, proposal.counts()), target
+    return proposal.cap(n), target
 
 
 def accept_sampling(proposal: Proposal, target_logits: torch.Tensor, params: SamplingParams,
@@ -134,10 +134,10 @@ def accept_sampling(proposal: Proposal, target_logits: torch.Tensor, params: Sam
     return n, emitted
 
 
-def commit(state: DecodeState, n: torch.Tensor, emitted: torch.Tensor, drafted: torch.Tensor) -> None:
+def commit(state: DecodeState, n: torch.Tensor, emitted: torch.Tensor, drafted) -> None:
     """Emit emitted[:, :n+1], advance the cache by n + 1, stop sequences at EOS / their limit.
 
-    n [B] drafts accepted; drafted [B] drafts proposed this round (statistics)."""
+    n [B] drafts accepted; drafted [B] (or an int for every row) drafts proposed this round."""
     B, width = emitted.shape
     slots = torch.arange(width, device=emitted.device)[None, :]  # [1, g+1]
     count = n + 1  # tokens this round produces
@@ -182,9 +182,9 @@ def speculative_round(state: DecodeState, verify: VerifyFn, drafter, gamma: int,
         else:
             n, emitted = accept_sampling(proposal, target_out, params, state)
         if accept_override is not None:
-            n = torch.minimum(accept_override(n), proposal.counts())
+            n = proposal.cap(accept_override(n))
             rows = torch.arange(n.shape[0], device=n.device)
             bonus = emitted[rows, n]
             emitted = torch.cat([proposal.tokens, bonus[:, None]], dim=1)
             emitted[rows, n] = bonus
-        commit(state, n, emitted, proposal.counts())
+        commit(state, n, emitted, proposal.proposed)

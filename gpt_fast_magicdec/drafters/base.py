@@ -33,6 +33,15 @@ class Proposal:
         B, g = self.tokens.shape
         return torch.full((B,), g, dtype=torch.long, device=self.tokens.device)
 
+    def cap(self, n: torch.Tensor) -> torch.Tensor:
+        """Accepted counts n [B], never past what was proposed (a no-op when every row proposed all)."""
+        return n if self.count is None else torch.minimum(n, self.count)
+
+    @property
+    def proposed(self):
+        """What each row proposed, for the statistics: count [B], or the int g when all did."""
+        return self.tokens.shape[1] if self.count is None else self.count
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftContext:
