@@ -6,8 +6,11 @@ queries, keys and values to the view it was given, and the view writes the cache
   sparse view the draft's bounded slice: per-layer selected positions (StreamingLLM sink or
               SnapKV picks) plus a sliding window of the most recent `window` positions.
 KV selection policies (policies/) choose what a sparse view reads; they are not new model classes.
+A sliding-window layer (Mistral-7B-v0.1, Qwen2/3 windows) bounds either view: no query at p reads
+a key s <= p - sliding_window, whatever the view would show; the layer passes its window to attend.
 
-A view is anything with `rotary(model, n_tokens) -> (cos, sin)` and `attend(layer_id, q, k, v, kv_cache)`;
+A view is anything with `rotary(model, n_tokens) -> (cos, sin)` and
+`attend(layer_id, q, k, v, kv_cache, sliding_window)`;
 the engine only ever uses AttentionView. (The bundled model's trainer, tools/tiny_model, passes a
 cache-free view of its own through the same Transformer.)
 """
@@ -63,15 +66,17 @@ class AttentionView:
         pos = self.input_pos
         return model.rope_cos[pos].unsqueeze(1), model.rope_sin[pos].unsqueeze(1)
 
-    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache) -> torch.Tensor:
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache,
+               sliding_window: Optional[int] = None) -> torch.Tensor:
         """Write k, v [b, H_kv, T, D] into the cache (unless write_cache is off), then attend with
-        q [b, H, T, D] through this view -> [b, H, T, D]."""
+        q [b, H, T, D] through this view, within the layer's `sliding_window` (None: unbounded)
+        -> [b, H, T, D]."""
         if self.write_cache:
             kv_cache.update(self.input_pos, k, v, self.rows)
         k_cache, v_cache = kv_cache.read(self.rows, self.keys_needed(kv_cache.max_seq_len))  # [b, H_kv, S, D]
         if self.observer is not None:
             self.observer(layer_id, q, k_cache, self)
-        return attend(q, k_cache, v_cache, self, layer_id, q.shape[-1] ** -0.5)
+        return attend(q, k_cache, v_cache, self, layer_id, q.shape[-1] ** -0.5, sliding_window)
 
     def keys_needed(self, max_seq_len: int) -> int:
         """How many leading cache positions any query of this pass can read."""
@@ -100,11 +105,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: AttentionView,
-           layer_id: int, scale: float) -> torch.Tensor:
-    """q [B, H, T, D] against the cache [B, H_kv, S_max, D] through `view` -> [B, H, T, D]."""
+           layer_id: int, scale: float, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """q [B, H, T, D] against the cache [B, H_kv, S_max, D] through `view`, within the layer's
+    sliding window -> [B, H, T, D]."""
     selected = view.selected[layer_id] if view.is_sparse else None
     if not view.is_sparse and q.shape[2] > MAX_KERNEL_QUERIES:
-        return _prefill_attention(q, k_cache, v_cache, view, scale)
+        return _prefill_attention(q, k_cache, v_cache, view, scale, sliding_window)
     use_kernel = view.backend == "triton" and q.shape[2] <= MAX_KERNEL_QUERIES
     if use_kernel and not kernel_supports(q.shape[1] // k_cache.shape[1] * q.shape[2], q.shape[3]):
         warnings.warn(f"head_dim {q.shape[3]} / {q.shape[1] // k_cache.shape[1]} heads per KV head is "
@@ -117,11 +123,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: 
     else:
         fn = decode_attention_reference
     return fn(q, k_cache, v_cache, view.cache_len, scale=scale, sel_pos=selected, window=view.window,
-              kv_limit=view.kv_limit)
+              kv_limit=view.kv_limit, sliding_window=sliding_window)
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       view: AttentionView, scale: float) -> torch.Tensor:
+                       view: AttentionView, scale: float, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Full view for a long chunk of new tokens: SDPA picks a fused kernel (flash / memory-
     efficient on GPU), so scores [T, S] are never materialised in fp32 at 100K-token prompts."""
     from torch.nn.attention.bias import causal_lower_right  # here: importing it starts dynamo (~2 s per CLI run)
@@ -130,10 +136,17 @@ def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if view.prefill_start is not None:
         # Keys 0..start+T-1, causal aligned to the bottom right: one mask for the whole batch,
         # which lets SDPA use flash / memory-efficient kernels instead of a [B, T, S] bool mask.
-        S = view.prefill_start + T
-        return F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S],
-                                              attn_mask=causal_lower_right(T, S), scale=scale, enable_gqa=True)
+        start, S = view.prefill_start, view.prefill_start + T
+        if sliding_window is None:
+            return F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S],
+                                                  attn_mask=causal_lower_right(T, S), scale=scale, enable_gqa=True)
+        # A sliding layer: only keys from start - window + 1 on can be seen by this chunk; its band
+        # [T, S - lo] (key lo + j visible to token t iff p - window < lo + j <= p, p = start + t).
+        lo = max(start - sliding_window + 1, 0)
+        band = full_view_mask(torch.full((1,), start - lo, device=q.device), T, S - lo, sliding_window)[0]
+        return F.scaled_dot_product_attention(q, k_cache[:, :, lo:S], v_cache[:, :, lo:S], attn_mask=band,
+                                              scale=scale, enable_gqa=True)
     S = k_cache.shape[2] if view.kv_limit is None else min(view.kv_limit, k_cache.shape[2])
-    mask = full_view_mask(view.cache_len, T, S)[:, None]  # [B, 1, T, S]
+    mask = full_view_mask(view.cache_len, T, S, sliding_window)[:, None]  # [B, 1, T, S]
     return F.scaled_dot_product_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], attn_mask=mask,
                                           scale=scale, enable_gqa=True)

@@ -36,9 +36,15 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attention.wk.bias",
     "self_attn.v_proj.bias": "attention.wv.bias",
     "self_attn.o_proj.weight": "attention.wo.weight",
+    "self_attn.o_proj.bias": "attention.wo.bias",
+    "self_attn.q_norm.weight": "attention.q_norm.weight",
+    "self_attn.k_norm.weight": "attention.k_norm.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.gate_proj.bias": "feed_forward.w1.bias",
+    "mlp.up_proj.bias": "feed_forward.w3.bias",
+    "mlp.down_proj.bias": "feed_forward.w2.bias",
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
@@ -50,10 +56,13 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # tensors can still have the expected shapes (8 heads of 32 instead of 4 of 64) but mean a different
 # model, which would generate garbage without an error. The converter records these fields in every
 # weights file's safetensors metadata and loading compares them. Left out: what may be edited without
-# changing what the weights mean (name, max_position_embeddings, bos_id, eos_ids).
+# changing what the weights mean (name, max_position_embeddings, bos_id, eos_ids). The attention
+# window is in: the same weights with another window are another model.
 FINGERPRINT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
-                      "norm_eps", "rope_base", "rope_scaling", "qkv_bias", "tie_word_embeddings")
-FINGERPRINT_KEY = "gpt_fast_magicdec.config"  # the safetensors metadata key holding them, as JSON
+                      "norm_eps", "rope_base", "rope_scaling", "qkv_bias", "tie_word_embeddings",
+                      "out_bias", "mlp_bias", "qk_norm", "sliding_window", "layer_types")
+FINGERPRINT_KEY = "gpt_fast_magicdec.config"
+_LATER_FIELDS = ("out_bias", "mlp_bias", "qk_norm", "sliding_window", "layer_types")  # absent from older records  # the safetensors metadata key holding them, as JSON
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -70,9 +79,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes[p + "attention.wk.bias"] = (kv,)
             shapes[p + "attention.wv.bias"] = (kv,)
         shapes[p + "attention.wo.weight"] = (args.dim, q)
+        if args.out_bias:
+            shapes[p + "attention.wo.bias"] = (args.dim,)
+        if args.qk_norm:
+            shapes[p + "attention.q_norm.weight"] = (args.head_dim,)
+            shapes[p + "attention.k_norm.weight"] = (args.head_dim,)
         shapes[p + "feed_forward.w1.weight"] = (args.intermediate_size, args.dim)
         shapes[p + "feed_forward.w3.weight"] = (args.intermediate_size, args.dim)
         shapes[p + "feed_forward.w2.weight"] = (args.dim, args.intermediate_size)
+        if args.mlp_bias:
+            shapes[p + "feed_forward.w1.bias"] = (args.intermediate_size,)
+            shapes[p + "feed_forward.w3.bias"] = (args.intermediate_size,)
+            shapes[p + "feed_forward.w2.bias"] = (args.dim,)
         shapes[p + "attention_norm.weight"] = (args.dim,)
         shapes[p + "ffn_norm.weight"] = (args.dim,)
     shapes["norm.weight"] = (args.dim,)
@@ -82,7 +100,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def hf_to_engine_name(name: str) -> Optional[str]:
-    """Engine name of a Hugging Face Llama/Mistral/Qwen2 tensor, or None when the engine has no
+    """Engine name of a Hugging Face Llama/Mistral/Qwen2/Qwen3 tensor, or None when the engine has no
     such weight (RoPE `inv_freq` buffers, or a tensor from an architecture we do not know)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
@@ -124,7 +142,9 @@ def config_fingerprint(args: ModelArgs) -> dict:
 
 def check_fingerprint(args: ModelArgs, metadata: Optional[dict], path: Path) -> None:
     """Refuse weights whose recorded config differs from `args` (read from engine_config.json).
-    Files without a record (conversions by earlier versions, hand-made test checkpoints) pass."""
+    Files without a record (conversions by earlier versions, hand-made test checkpoints) pass; a
+    record without one of the later fields (out_bias, qk_norm, sliding_window, ...) was written when
+    the converter refused every other value of it, so it holds that field's default."""
     recorded = (metadata or {}).get(FINGERPRINT_KEY)
     if recorded is None:
         return
@@ -132,6 +152,9 @@ def check_fingerprint(args: ModelArgs, metadata: Optional[dict], path: Path) -> 
     try:
         recorded = json.loads(recorded)
         current = config_fingerprint(args)
+        defaults = config_fingerprint(ModelArgs())
+        recorded = {k: recorded[k] if k in recorded or k not in _LATER_FIELDS else defaults[k]
+                    for k in FINGERPRINT_FIELDS}
         changed = [k for k in FINGERPRINT_FIELDS if recorded[k] != current[k]]
     except (ValueError, TypeError, KeyError):
         raise UserError(f"{path} has an unreadable {FINGERPRINT_KEY} record; {RECONVERT_HINT}") from None

@@ -13,8 +13,18 @@ import torch
 from .errors import UserError
 
 ENGINE_CONFIG_NAME = "engine_config.json"  # what the converter writes beside model.safetensors
-SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "ministral", "qwen2", "qwen3"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+# model_type -> the feature that keeps it out, for a refusal that says what is missing.
+UNSUPPORTED_FEATURES = {
+    "mixtral": "mixture-of-experts MLP layers", "qwen2_moe": "mixture-of-experts MLP layers",
+    "qwen3_moe": "mixture-of-experts MLP layers", "deepseek_v3": "mixture-of-experts MLP layers",
+    "gemma": "Gemma's GeGLU MLP, (1 + weight) RMSNorm and scaled embeddings",
+    "gemma2": "Gemma's GeGLU MLP, (1 + weight) RMSNorm, scaled embeddings and logit soft-capping",
+    "gemma3": "Gemma's GeGLU MLP, (1 + weight) RMSNorm, scaled embeddings and per-layer rope bases",
+    "gemma3_text": "Gemma's GeGLU MLP, (1 + weight) RMSNorm, scaled embeddings and per-layer rope bases",
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names; others (chunked, linear) are refused
 
 
 class ConfigError(UserError):
@@ -71,8 +81,17 @@ class ModelArgs:
     rope_base: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None
     max_position_embeddings: int = 4096
-    qkv_bias: bool = False  # Qwen2/2.5
-    tie_word_embeddings: bool = False  # Llama-3.2-1B, small Qwen2.5
+    qkv_bias: bool = False  # bias on wq, wk, wv: Qwen2/2.5, and Llama / Qwen3 with attention_bias
+    out_bias: bool = False  # bias on wo: Llama / Qwen3 with attention_bias
+    mlp_bias: bool = False  # bias on w1, w2, w3: Llama with mlp_bias
+    qk_norm: bool = False  # Qwen3: an RMSNorm over head_dim on every query and key head, before RoPE
+    tie_word_embeddings: bool = False  # Llama-3.2-1B, small Qwen2.5, Qwen3-0.6B/1.7B
+    # Sliding-window attention (Mistral-7B-v0.1, Qwen2/3 with use_sliding_window, Ministral): a query
+    # at position p of a sliding layer reads keys p - sliding_window < s <= p, as transformers'
+    # sliding_window_overlay does. layer_types: one of LAYER_TYPES per layer; None: every layer
+    # slides when sliding_window is set. See `layer_windows`.
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
     bos_id: Optional[int] = 1
     eos_ids: tuple = (2,)
 
@@ -105,6 +124,10 @@ class ModelArgs:
         if not isinstance(self.eos_ids, (list, tuple)) or not all(_is_int(e) for e in self.eos_ids):
             raise ConfigError(f"eos_ids must be a list of integers, got {self.eos_ids!r}")
         self.eos_ids = tuple(self.eos_ids)
+        for field in _BOOL_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{field} must be true or false, got {getattr(self, field)!r}")
+        self._check_windows()
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -117,6 +140,27 @@ class ModelArgs:
             with_scaling = f" with {scaling.rope_type} rope scaling factor {scaling.factor:g}" if scaling else ""
             raise ConfigError(f"rope_base {self.rope_base:g}{with_scaling} gives rotary angles that overflow "
                               "float32; check rope_theta and the rope scaling parameters")
+
+    def _check_windows(self) -> None:
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.n_layers:
+            raise ConfigError(f"layer_types must list one type per layer ({self.n_layers}), got {self.layer_types!r}")
+        unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if unknown:
+            raise ConfigError(f"layer type {unknown[0]!r} is not supported: supported are {', '.join(LAYER_TYPES)}")
+        self.layer_types = tuple(self.layer_types)
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ConfigError("layer_types names sliding_attention layers but sliding_window is null: "
+                              "the window of those layers is unknown")
+
+    @property
+    def layer_windows(self) -> tuple:
+        """Each layer's sliding window, None for a full-attention layer."""
+        types = self.layer_types or ("sliding_attention",) * self.n_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -156,24 +200,23 @@ class ModelArgs:
         if not isinstance(hf, dict):
             raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
+        if model_type in UNSUPPORTED_FEATURES:
+            raise ConfigError(f"unsupported model_type {model_type!r}: {UNSUPPORTED_FEATURES[model_type]} are not "
+                              f"supported (supported are {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}: supported are {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"unsupported hidden_act {hf.get('hidden_act')!r}: only 'silu' is supported")
-        if hf.get("mlp_bias"):
-            raise ConfigError("mlp_bias=true is not supported")
-        if model_type == "llama" and hf.get("attention_bias"):
-            raise ConfigError("attention_bias=true (bias on q/k/v/o projections) is not supported for llama")
         max_pos = _hf_int(hf, "max_position_embeddings", 4096)
-        window = hf.get("sliding_window")
-        uses_window = hf.get("use_sliding_window", model_type == "mistral")
-        if uses_window and window is not None and int(window) < max_pos:
-            raise ConfigError(
-                f"sliding-window attention (sliding_window={window}) is not supported: the engine "
-                "attends to the full context, which would silently change this model's output"
-            )
+        n_layers = _hf_int(hf, "num_hidden_layers")
+        sliding_window, layer_types = _hf_windows(hf, model_type, n_layers)
+        # Which projections carry a bias, as each transformers class builds them: Qwen2 hard-codes
+        # q/k/v; Llama and Qwen3 read attention_bias (all four) and Llama also mlp_bias; Mistral
+        # and Ministral have none, whatever their config says.
+        attention_bias = model_type in ("llama", "qwen3") and _hf_bool(hf, "attention_bias")
+        mlp_bias = model_type == "llama" and _hf_bool(hf, "mlp_bias")
         rope_theta, rope_scaling = _hf_rope(hf)
         n_heads = _hf_int(hf, "num_attention_heads")
         gen = generation_config or {}
@@ -186,16 +229,21 @@ class ModelArgs:
             name=hf.get("_name_or_path") or model_type,
             vocab_size=_hf_int(hf, "vocab_size"),
             dim=_hf_int(hf, "hidden_size"),
-            n_layers=_hf_int(hf, "num_hidden_layers"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=_hf_int(hf, "num_key_value_heads", n_heads),
-            head_dim=_hf_int(hf, "head_dim", None),
+            head_dim=_hf_int(hf, "head_dim", 128 if model_type == "qwen3" else None),  # Qwen3Config's default
             intermediate_size=_hf_int(hf, "intermediate_size"),
             norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
             rope_base=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            out_bias=attention_bias,
+            mlp_bias=mlp_bias,
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            layer_types=layer_types,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_id=bos,
             eos_ids=eos_ids,
@@ -218,6 +266,7 @@ class ModelArgs:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
 
+_BOOL_FIELDS = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_word_embeddings")
 _SIZE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
                 "max_position_embeddings")
 # The keys each rope type needs (transformers' `_validate_*_rope_parameters`); a missing one is
@@ -274,6 +323,62 @@ def _hf_float(hf: dict, key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"config.json: {key} must be a number, got {value!r}")
     return float(value)
+
+
+def _hf_bool(hf: dict, key: str) -> bool:
+    value = hf.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
+# The window transformers gives a sliding layer when config.json has no sliding_window key (the
+# default of MistralConfig, MinistralConfig, Qwen2Config and Qwen3Config), and Qwen's default
+# max_window_layers.
+HF_DEFAULT_WINDOW = 4096
+HF_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _hf_windows(hf: dict, model_type: str, n_layers: int) -> tuple[Optional[int], Optional[tuple]]:
+    """(sliding_window, layer_types) the way transformers 5 builds the attention masks:
+      llama     no window (LlamaConfig has none);
+      mistral   the window on every layer (MistralModel ignores layer_types);
+      ministral layer_types, default every layer sliding when the window is set;
+      qwen2/3   the window only with use_sliding_window; layer_types, default sliding for the
+                layers i >= max_window_layers (the *last* layers), full before.
+    Normalised: no window when no layer slides, layer_types None when every layer does."""
+    if model_type == "llama":
+        return None, None
+    window = hf.get("sliding_window", HF_DEFAULT_WINDOW)
+    if model_type in ("qwen2", "qwen3") and not _hf_bool(hf, "use_sliding_window"):
+        window = None
+    if window is not None:
+        window = _hf_int({"sliding_window": window}, "sliding_window")
+    if model_type == "mistral":
+        types = ["sliding_attention" if window is not None else "full_attention"] * n_layers
+    elif hf.get("layer_types") is not None:
+        types = hf["layer_types"]
+        if not isinstance(types, list) or len(types) != n_layers:
+            raise ConfigError(f"config.json: layer_types must list one type per layer ({n_layers}), got {types!r}")
+    elif model_type == "ministral":
+        types = ["sliding_attention" if window is not None else "full_attention"] * n_layers
+    else:
+        first = _hf_int(hf, "max_window_layers", HF_DEFAULT_MAX_WINDOW_LAYERS)
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(n_layers)]
+    unknown = [t for t in types if t not in LAYER_TYPES]
+    if unknown:
+        raise ConfigError(f"config.json: layer type {unknown[0]!r} is not supported: supported are "
+                          f"{', '.join(LAYER_TYPES)}")
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and window is None:
+        raise ConfigError("config.json: layer_types names sliding_attention layers but there is no window "
+                          "(sliding_window is null, or use_sliding_window is false); transformers cannot run it either")
+    if not any(sliding):
+        return None, None
+    return window, None if all(sliding) else tuple(types)
 
 
 def _hf_rope(hf: dict) -> tuple[float, Optional[RopeScaling]]:
@@ -341,6 +446,10 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 _LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=8192)
 
+# What every Qwen3 dense checkpoint shares (their config.json / generation_config.json).
+_QWEN3 = dict(vocab_size=151936, n_kv_heads=8, head_dim=128, qk_norm=True, rope_base=1000000.0, norm_eps=1e-6,
+              max_position_embeddings=40960, bos_id=None, eos_ids=(151645, 151643))
+
 # Shapes of the public checkpoints, for random-weight runs (benchmarks) and cost-model checks.
 PRESETS: dict[str, dict] = {
     "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008,
@@ -365,6 +474,15 @@ PRESETS: dict[str, dict] = {
                        max_position_embeddings=32768, bos_id=None, eos_ids=(151643, 151645)),
     "mistral-7b": dict(vocab_size=32768, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                        intermediate_size=14336, rope_base=1000000.0, max_position_embeddings=32768),
+    # Mistral-7B-v0.1: every layer attends to the last 4096 keys only.
+    "mistral-7b-v0.1": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                            intermediate_size=14336, max_position_embeddings=32768, sliding_window=4096),
+    **{f"qwen3-{size}": dict(_QWEN3, **shape) for size, shape in {
+        "0.6b": dict(dim=1024, n_layers=28, n_heads=16, intermediate_size=3072, tie_word_embeddings=True),
+        "1.7b": dict(dim=2048, n_layers=28, n_heads=16, intermediate_size=6144, tie_word_embeddings=True),
+        "8b": dict(dim=4096, n_layers=36, n_heads=32, intermediate_size=12288),
+        "14b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=17408),
+    }.items()},
     # Tiny shapes for tests and CPU smoke runs.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                  max_position_embeddings=4096),
@@ -373,4 +491,7 @@ PRESETS: dict[str, dict] = {
                         rope_scaling=dict(_LLAMA3_SCALING, original_max_position_embeddings=64)),
     "tiny-qwen2": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, intermediate_size=128,
                        qkv_bias=True, norm_eps=1e-6, max_position_embeddings=4096, bos_id=None),
+    # Qwen3's form: explicit head_dim (4 x 32 != dim 64) and per-head q/k norms.
+    "tiny-qwen3": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=128,
+                       qk_norm=True, rope_base=1000000.0, norm_eps=1e-6, max_position_embeddings=4096, bos_id=None),
 }

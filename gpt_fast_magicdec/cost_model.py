@@ -427,12 +427,17 @@ def layer_params(args: ModelArgs, tp: int = 1) -> tuple[int, int]:
 
     sharded = dim * (H_q + 2 H_kv) * D  [wq, wk, wv]  + (H_q + 2 H_kv) * D if qkv_bias
             + H_q * D * dim             [wo]          + 3 * dim * intermediate [w1, w2, w3]
-    replicated = 2 * dim                [attention_norm, ffn_norm]"""
+            + 2 * intermediate if mlp_bias [w1, w3 biases]
+    replicated = 2 * dim                [attention_norm, ffn_norm]
+               + dim if out_bias, + dim if mlp_bias [wo, w2 biases: added after the all-reduce]
+               + 2 * D if qk_norm       [q_norm, k_norm]"""
     hq, hkv, d = _per_rank(args.n_heads, tp), _per_rank(args.n_kv_heads, tp), args.head_dim
     qkv = (hq + 2 * hkv) * d
+    ffn = _per_rank(args.intermediate_size, tp)
     sharded = args.dim * qkv + (qkv if args.qkv_bias else 0) + hq * d * args.dim
-    sharded += 3 * args.dim * _per_rank(args.intermediate_size, tp)
-    return sharded, 2 * args.dim
+    sharded += 3 * args.dim * ffn + (2 * ffn if args.mlp_bias else 0)
+    replicated = (2 + args.out_bias + args.mlp_bias) * args.dim + (2 * d if args.qk_norm else 0)
+    return sharded, replicated
 
 
 def param_count(args: ModelArgs) -> int:
@@ -468,12 +473,21 @@ def eager_keys(context: int, n_tokens: int, bucket: int) -> int:
     return -(-(context + n_tokens) // bucket) * bucket
 
 
+def windowed_keys(args: ModelArgs, kv_tokens: float) -> float:
+    """Keys per layer, averaged over the layers, that a step reads where it would read `kv_tokens`:
+    a sliding-window layer reads at most its window (Mistral-7B-v0.1: min(kv_tokens, 4096) on
+    every layer), so a windowed target's KV read stops growing with the context."""
+    windows = args.layer_windows
+    return sum(kv_tokens if w is None else min(kv_tokens, w) for w in windows) / len(windows)
+
+
 def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, dtype_bytes: int = 2,
                      tp: int = 1, kv_tokens: Optional[int] = None, kv_bucket: Optional[int] = None) -> StepCost:
     """One forward of `n_tokens` new tokens per sequence, attending to `kv_tokens` cached keys
-    (default `context`: the full view; a draft's budget for the sparse view). `kv_bucket` (eager
-    steps): attention reads `eager_keys(context, n_tokens, kv_bucket)` keys instead, the range the
-    engine's eager full view trims the cache to, masked keys included.
+    (default `context`: the full view; a draft's budget for the sparse view), each sliding-window
+    layer at most its window (`windowed_keys`). `kv_bucket` (eager steps): attention reads
+    `eager_keys(context, n_tokens, kv_bucket)` keys instead, the range the engine's eager full view
+    trims the cache to, masked keys included (a sliding layer's band is a mask there too).
 
     bytes = weight_bytes + B * n * dim * dtype_bytes                       [embedding rows]
           + B * kv_tokens * kv_bytes_per_token + B * n * kv_bytes_per_token [KV read + written]
@@ -482,6 +496,8 @@ def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, d
     kv_tokens = context if kv_tokens is None else kv_tokens
     if kv_bucket is not None:
         kv_tokens = eager_keys(context, n_tokens, kv_bucket)
+    else:
+        kv_tokens = windowed_keys(args, kv_tokens)
     kv_tok = kv_bytes_per_token(args, dtype_bytes, tp)
     kv = batch * kv_tokens * kv_tok + batch * n_tokens * kv_tok
     nbytes = weight_bytes(args, dtype_bytes, tp) + batch * n_tokens * args.dim * dtype_bytes + kv

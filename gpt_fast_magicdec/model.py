@@ -1,7 +1,9 @@
 """The Llama-family Transformer, gpt-fast style: one forward(tokens, view) for every mode.
 
-Covers Llama 1/2/3/3.1/3.2, Mistral (full attention), Qwen2/2.5 (q/k/v bias) and TinyLlama.
-RoPE uses the Hugging Face rotate-half layout, so converted weights need no permutation.
+Covers Llama 1/2/3/3.1/3.2 (with or without attention / MLP biases), Mistral and Ministral,
+Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim) and TinyLlama, with
+sliding-window attention on the layers the config names. RoPE uses the Hugging Face rotate-half
+layout, so converted weights need no permutation.
 """
 from __future__ import annotations
 
@@ -84,7 +86,11 @@ class Attention(nn.Module):
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         # q, k and v share one matmul; checkpoints keep them apart (see _fuse_qkv).
         self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=args.out_bias)
+        # Qwen3: one RMSNorm over head_dim shared by every query head, one by every key head.
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.sliding_window = args.layer_windows[layer_id]  # None: this layer attends to the whole context
         self.kv_cache: Optional[KVCache] = None
         self._register_load_state_dict_pre_hook(self._fuse_qkv)
 
@@ -99,20 +105,22 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = view.attend(self.layer_id, q, k, v, self.kv_cache)  # [B, H, T, D]
+        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, H_kv, D]
+        if self.q_norm is not None:  # before RoPE, as transformers' Qwen3Attention
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # [B, H(_kv), T, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        out = view.attend(self.layer_id, q, k, v, self.kv_cache, self.sliding_window)  # [B, H, T, D]
         return self.wo(out.transpose(1, 2).reshape(B, T, q_size))
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # gate
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # up
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

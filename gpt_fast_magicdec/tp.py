@@ -13,8 +13,10 @@ Which rank holds what, for W ranks, H query heads, H_kv KV heads, I MLP columns:
                W/H_kv consecutive ranks; rank r holds KV head r // (W/H_kv), and all of its H/W query
                heads belong to that KV head's group. Otherwise an error.
   MLP          w1/w3 split by output columns, w2 by input rows; I % W != 0 is an error.
-  q/k/v bias   sliced with their weights. wo, w2: no bias (Llama/Mistral/Qwen2), so all-reducing the
-               partial products gives exactly the full projection.
+  q/k/v bias   sliced with their weights; so are w1/w3 biases (Llama mlp_bias).
+  wo, w2 bias  (Llama / Qwen3 attention_bias, Llama mlp_bias) replicated and added once, after the
+               all-reduce: each rank's partial product is bias-free, or the sum would hold W biases.
+  q/k norms    (Qwen3) replicated: one weight of head_dim, shared by every head.
   output head  split by vocabulary rows (VocabShard): rank r holds rows [r*V//W, (r+1)*V//W) (sizes
                differ by at most one when W does not divide V) and computes only those logits, so
                no rank reads the whole head. Greedy steps combine each rank's (max, index) pair;
@@ -146,6 +148,7 @@ _SLICED = {
     "attention.wv.weight": ("kv", 0), "attention.wv.bias": ("kv", 0),
     "attention.wo.weight": ("q", 1),
     "feed_forward.w1.weight": ("ffn", 0), "feed_forward.w3.weight": ("ffn", 0),
+    "feed_forward.w1.bias": ("ffn", 0), "feed_forward.w3.bias": ("ffn", 0),
     "feed_forward.w2.weight": ("ffn", 1),
 }
 
@@ -169,13 +172,17 @@ def shard_state_dict(plan: ShardPlan, state_dict: dict) -> dict:
 
 def install_all_reduce(model, group) -> None:
     """Sum the row-parallel partial outputs of wo and w2 over `group` (gpt-fast's hook). Functional
-    collectives return a tensor (no in-place side effect), which is what compile and graphs need."""
-    def all_reduce(_module, _inputs, output):
-        return funcol.all_reduce(output, "sum", group)
+    collectives return a tensor (no in-place side effect), which is what compile and graphs need.
+    A bias of wo / w2 moves out of the linear layer into `reduced_bias`, added after the sum."""
+    def all_reduce(module, _inputs, output):
+        out = funcol.all_reduce(output, "sum", group)
+        return out if module.reduced_bias is None else out + module.reduced_bias
 
     for layer in model.layers:
-        layer.attention.wo.register_forward_hook(all_reduce)
-        layer.feed_forward.w2.register_forward_hook(all_reduce)
+        for linear in (layer.attention.wo, layer.feed_forward.w2):
+            linear.reduced_bias = linear.bias
+            linear.bias = None  # the local product carries no bias
+            linear.register_forward_hook(all_reduce)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,9 @@ sparse views). Layout of the work:
   only), then the contiguous window win_lo .. cache_len + T - 1. The full view is the same list
   with n_sel = 0 and an infinite window (win_lo = 0). Nothing past cache_len + T is ever loaded,
   nor a selected slot no token may use (-1 padding, inside the window);
+* a sliding-window layer (`sliding_window`) is the same list with the window clipped to the
+  layer's (the full view: exactly the layer's window, so only its keys are read) and one more
+  bound on the selected slots, s > p - layer_window;
 * precondition: sel_pos holds distinct positions per (b, h_kv) apart from -1 (top-k output does);
   like the reference, the kernel counts every slot;
 * flash-decoding split-K: the virtual list is cut into num_splits chunks, each program writes an
@@ -47,7 +50,7 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                   sskb, sskh, ssks, sskd, ssvb, ssvh, ssvs, ssvd, spb, sph, spk,
                   sob, soh, sot, sod,
-                  qk_scale, window, n_sel, T, G, num_splits,
+                  qk_scale, window, n_sel, T, G, num_splits, layer_window,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_D: tl.constexpr, COMPACT: tl.constexpr, SPLIT_OUT: tl.constexpr, PRECISION: tl.constexpr,
                   DOT_FP32: tl.constexpr):
@@ -88,8 +91,10 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
         is_sel = idx < n_sel  # selected slot (sparse view) vs window key
         sel = tl.load(SelPos + b * spb + h_kv * sph + idx * spk, mask=in_range & is_sel, other=-1)
         kpos = tl.where(is_sel, sel.to(tl.int32), win_lo + idx - n_sel)  # [BLOCK_N] cache position
-        # Visibility [BLOCK_M, BLOCK_N]: selected keys only before the window, window keys causal.
-        vis_sel = (kpos[None, :] >= 0) & (kpos[None, :] <= pos_q[:, None] - window)
+        # Visibility [BLOCK_M, BLOCK_N]: selected keys only before the window and inside the layer's
+        # own window, window keys causal.
+        vis_sel = ((kpos[None, :] >= 0) & (kpos[None, :] <= pos_q[:, None] - window)
+                   & (kpos[None, :] > pos_q[:, None] - layer_window))
         vis_win = (kpos[None, :] <= pos_q[:, None]) & (kpos[None, :] > pos_q[:, None] - window)
         visible = tl.where(is_sel[None, :], vis_sel, vis_win) & in_range[None, :]
         # A selected key is needed only if some row sees it; invisible ones are never loaded.
@@ -283,7 +288,8 @@ class LaunchPlan:
 def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor, *,
                 scale: float, sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                 sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
-                kv_limit: Optional[int] = None, num_splits: Optional[int] = None) -> LaunchPlan:
+                kv_limit: Optional[int] = None, num_splits: Optional[int] = None,
+                sliding_window: Optional[int] = None) -> LaunchPlan:
     """The launches of `decode_attention_triton` for these inputs (same arguments), allocating the
     output and partials. Meta tensors work: tests/test_kernel_compile.py compiles what this returns."""
     B, H, T, D = q.shape
@@ -297,6 +303,8 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     tile = choose_tile(G * T, D)
     n_sel = 0 if window is None else sel_pos.shape[-1]
     win = S_max + T if window is None else int(window)  # full view = window that covers everything
+    layer_window = S_max + T if sliding_window is None else int(sliding_window)  # no bound: covers everything
+    win = min(win, layer_window)
     compact = sel_k is not None and n_sel > 0
     if n_sel == 0:
         sel_pos = cache_len  # never read (n_sel = 0); any valid pointer with strides 0 will do
@@ -314,7 +322,7 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
         part_l = torch.empty_like(part_m)
         args = (q, k_cache, v_cache, sk, sv, cache_len, sel_pos, out, part_o, part_m, part_l,
                 *q.stride(), *k_cache.stride(), *v_cache.stride(), *sk.stride(), *sv.stride(), *sp_strides,
-                *out.stride(), scale * _LOG2E, win, n_sel, T, G, splits)
+                *out.stride(), scale * _LOG2E, win, n_sel, T, G, splits, layer_window)
         return KernelCall((B, H_kv, splits), args, dict(constexprs, SPLIT_OUT=splits > 1),
                           tile.num_warps, tile.num_stages)
 
@@ -342,13 +350,15 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             cache_len: torch.Tensor, *, scale: float,
                             sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                             sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
-                            kv_limit: Optional[int] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+                            kv_limit: Optional[int] = None, num_splits: Optional[int] = None,
+                            sliding_window: Optional[int] = None) -> torch.Tensor:
     """Triton twin of `decode_attention_reference`; returns [B, H, T, D] in q's dtype.
 
     kv_limit only bounds the split count (the kernel reads each sequence's own length);
     num_splits forces the split-K factor (default: occupancy-aware, see `launch_plan`)."""
     plan = launch_plan(q, k_cache, v_cache, cache_len, scale=scale, sel_pos=sel_pos, window=window,
-                       sel_k=sel_k, sel_v=sel_v, kv_limit=kv_limit, num_splits=num_splits)
+                       sel_k=sel_k, sel_v=sel_v, kv_limit=kv_limit, num_splits=num_splits,
+                       sliding_window=sliding_window)
     for fn, call in ((_split_kernel, plan.split), (_combine_kernel, plan.combine)):
         if call is not None:
             fn[call.grid](*call.args, **call.kwargs)

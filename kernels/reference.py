@@ -22,6 +22,10 @@ Sparse view: query (b, t) reads the sliding window  p - window < s <= p  plus th
              the sparse view costs O(budget) whatever the context length.
              With sel_k / sel_v [B, H_kv, K, D] the selected keys and values are read from that
              compact buffer (gathered once after prefill) instead of the cache.
+sliding_window W_l (either view, optional): the layer's own attention window, as transformers
+             defines it: no key s <= p - W_l is visible. The full view becomes the band
+             p - W_l < s <= p; a sparse view's window is clipped to W_l and its selected keys keep
+             only those with s > p - W_l, so a draft never reads what the target's layer cannot.
 """
 from __future__ import annotations
 
@@ -30,22 +34,33 @@ from typing import Optional
 import torch
 
 
-def full_view_mask(cache_len: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
-    """[B, T, S] bool: key s is visible to query t of sequence b (causal over the live cache)."""
+def full_view_mask(cache_len: torch.Tensor, n_queries: int, n_keys: int,
+                   sliding_window: Optional[int] = None) -> torch.Tensor:
+    """[B, T, S] bool: key s is visible to query t of sequence b (causal over the live cache, and
+    inside the layer's sliding window when it has one)."""
     pos = cache_len.long()[:, None] + torch.arange(n_queries, device=cache_len.device)  # [B, T]
     keys = torch.arange(n_keys, device=cache_len.device)
-    return keys[None, None, :] <= pos[:, :, None]
+    visible = keys[None, None, :] <= pos[:, :, None]
+    if sliding_window is not None:
+        visible &= keys[None, None, :] > pos[:, :, None] - sliding_window
+    return visible
 
 
 def sparse_view_keys(cache_len: torch.Tensor, n_queries: int, sel_pos: torch.Tensor, window: int,
-                     n_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     n_keys: int, sliding_window: Optional[int] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse view as key lists: (sel_visible [B, H_kv, T, K], window positions [B, W+T-1],
     win_visible [B, T, W+T-1]). Only selected + window keys ever appear, so a draft step costs
-    O(budget), not O(context). Positions are distinct per (b, h_kv) apart from -1 (as top-k gives)."""
+    O(budget), not O(context). Positions are distinct per (b, h_kv) apart from -1 (as top-k gives).
+    A layer's sliding_window clips the window and hides the selected keys it excludes."""
     pos = cache_len.long()[:, None] + torch.arange(n_queries, device=cache_len.device)  # [B, T]
+    if sliding_window is not None:
+        window = min(window, sliding_window)
     # A selected key counts only before the query's window (so an overlap is counted once); a slot
     # reserved for a future position stays invisible until it is committed and out of the window.
     sel_visible = (sel_pos[:, :, None, :] >= 0) & (sel_pos[:, :, None, :] <= pos[:, None, :, None] - window)
+    if sliding_window is not None:
+        sel_visible &= sel_pos[:, :, None, :] > pos[:, None, :, None] - sliding_window
     # Token 0's window starts at cache_len - window + 1; token T-1's ends at cache_len + T - 1.
     # A window longer than the cache (n_keys) only adds negative positions: list at most n_keys.
     span = min(window, n_keys)
@@ -93,20 +108,22 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                cache_len: torch.Tensor, *, scale: float,
                                sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                                sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
-                               kv_limit: Optional[int] = None) -> torch.Tensor:
-    """Attention of T new tokens over the cache, full or sparse view. Returns [B, H, T, D].
+                               kv_limit: Optional[int] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Attention of T new tokens over the cache, full or sparse view, within the layer's
+    sliding_window (None: unbounded). Returns [B, H, T, D].
 
     kv_limit (eager only) trims the key axis to the first kv_limit positions when the caller
     knows no query reaches further; it changes cost, never the result."""
     T = q.shape[2]
     if window is None:
         S = k_cache.shape[2] if kv_limit is None else min(kv_limit, k_cache.shape[2])
-        return _grouped_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], full_view_mask(cache_len, T, S)[:, None],
-                                  scale)
+        mask = full_view_mask(cache_len, T, S, sliding_window)[:, None]  # [B, 1, T, S]
+        return _grouped_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], mask, scale)
     if sel_pos is None:
         raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
     B, H_kv = k_cache.shape[:2]
-    sel_visible, win_pos, win_visible = sparse_view_keys(cache_len, T, sel_pos, window, k_cache.shape[2])
+    sel_visible, win_pos, win_visible = sparse_view_keys(cache_len, T, sel_pos, window, k_cache.shape[2],
+                                                         sliding_window)
     if sel_k is None:  # selected keys read from the cache by position
         sel_k, sel_v = _gather_positions(k_cache, sel_pos), _gather_positions(v_cache, sel_pos)
     win_pos = win_pos[:, None].expand(B, H_kv, -1)  # [B, H_kv, W+T-1]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama2", "llama3", "llama-linear", "qwen2", "mistral", "llama32")
+FAMILIES = ("llama2", "llama3", "llama-linear", "qwen2", "mistral", "llama32", "qwen3", "llama-bias",
+            "mistral-window", "qwen2-window", "qwen3-window", "ministral")
+WINDOW = 8  # the sliding window of the *-window families: every test prompt is longer
 FORMATS = ("safetensors-sharded", "safetensors", "bin", "bin-sharded")
 
 _COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -28,6 +30,24 @@ _FAMILY_CONFIGS = {
                                 rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
     "llama32": ("Llama", dict(vocab_size=384, head_dim=32, tie_word_embeddings=True,
                               rope_parameters=dict(_LLAMA3_ROPE, factor=32.0))),
+    # Qwen3: per-head q/k norms, head_dim 32 with 4 heads (4 x 32 != hidden 64), tied, no BOS.
+    "qwen3": ("Qwen3", dict(head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=None,
+                            eos_token_id=[3, 4], rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    # Llama with a bias on every projection (q/k/v/o and gate/up/down).
+    "llama-bias": ("Llama", dict(attention_bias=True, mlp_bias=True)),
+    # Mistral-7B-v0.1 style: every layer attends to its last WINDOW keys.
+    "mistral-window": ("Mistral", dict(sliding_window=WINDOW,
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # Qwen2 use_sliding_window: layers >= max_window_layers slide (here layer 1 of 0..1).
+    "qwen2-window": ("Qwen2", dict(vocab_size=320, use_sliding_window=True, sliding_window=WINDOW,
+                                   max_window_layers=1, bos_token_id=None)),
+    # Qwen3 with layer_types naming a sliding / full mix, q/k/v/o biases, untied head.
+    "qwen3-window": ("Qwen3", dict(head_dim=32, attention_bias=True, use_sliding_window=True, sliding_window=WINDOW,
+                                   layer_types=["sliding_attention", "full_attention"], bos_token_id=None,
+                                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    # Ministral: Mistral's layers with per-layer layer_types (full first, then sliding).
+    "ministral": ("Ministral", dict(head_dim=16, sliding_window=WINDOW,
+                                   layer_types=["full_attention", "sliding_attention"])),
 }
 
 

@@ -27,7 +27,8 @@ SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32
 CONTRACT = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-            "post_attention_layernorm": "ffn_norm"}
+            "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attention.q_norm",
+            "self_attn.k_norm": "attention.k_norm"}
 
 
 def contract_name(hf_name):
@@ -105,6 +106,15 @@ def test_fixture_tensors_are_distinguishable():
                    rope_base=1e6, norm_eps=1e-6)),
     ("mistral", dict(n_kv_heads=2, rope_base=1e6, tie_word_embeddings=False)),
     ("llama32", dict(head_dim=32, tie_word_embeddings=True, qkv_bias=False)),
+    ("qwen3", dict(qk_norm=True, head_dim=32, dim=64, n_heads=4, qkv_bias=False, out_bias=False, bos_id=None,
+                   eos_ids=(3, 4), rope_base=1e6, tie_word_embeddings=True, layer_windows=(None, None))),
+    ("llama-bias", dict(qkv_bias=True, out_bias=True, mlp_bias=True, qk_norm=False)),
+    ("mistral-window", dict(sliding_window=8, layer_types=None, layer_windows=(8, 8))),
+    # Qwen2's max_window_layers = 1: the layers from index 1 on slide, not the first one.
+    ("qwen2-window", dict(sliding_window=8, layer_types=("full_attention", "sliding_attention"),
+                          layer_windows=(None, 8), qkv_bias=True, out_bias=False)),
+    ("qwen3-window", dict(layer_windows=(8, None), qkv_bias=True, out_bias=True, tie_word_embeddings=False)),
+    ("ministral", dict(layer_windows=(None, 8), qkv_bias=False)),
 ])
 def test_engine_config(tmp_path, family, check):
     out = convert_hf_checkpoint(make_hf_checkpoint(tmp_path / family, family, "safetensors"), tmp_path / "out")
@@ -157,6 +167,10 @@ def _bad_shape(hf):
 
 
 def _extra_tensor(hf):
+    rewrite(hf / "model.safetensors", lambda t: t.update({"model.layers.0.mlp.gate_proj.lora_A": torch.zeros(128)}))
+
+
+def _bias_the_config_lacks(hf):
     rewrite(hf / "model.safetensors", lambda t: t.update({"model.layers.0.mlp.gate_proj.bias": torch.zeros(128)}))
 
 
@@ -179,7 +193,12 @@ BAD_INPUTS = {  # name -> (family, fmt, how to break it, substring of the error)
     "untied-no-lm-head": ("qwen2", "safetensors", lambda hf: edit_config(hf, tie_word_embeddings=False),
                           "'output.weight'"),
     "wrong-shape": ("llama2", "safetensors", _bad_shape, "'layers.0.attention.wk.weight' has shape (16, 64)"),
-    "unknown-tensor": ("llama2", "safetensors", _extra_tensor, "'model.layers.0.mlp.gate_proj.bias'"),
+    "unknown-tensor": ("llama2", "safetensors", _extra_tensor, "'model.layers.0.mlp.gate_proj.lora_A'"),
+    "bias-without-mlp_bias": ("llama2", "safetensors", _bias_the_config_lacks,
+                              "unexpected tensor(s) (first: 'layers.0.feed_forward.w1.bias')"),
+    "bias-missing": ("llama-bias", "safetensors", lambda hf: rewrite(
+        hf / "model.safetensors", lambda t: t.pop("model.layers.1.self_attn.o_proj.bias")),
+        "(first: 'layers.1.attention.wo.bias')"),
     "corrupt-file": ("llama2", "safetensors", lambda hf: (hf / "model.safetensors").write_bytes(b"\0" * 64),
                      "cannot read weights file"),
     "pickled-object": ("llama2", "safetensors", _pickled_object, "cannot read weights file"),
@@ -189,9 +208,21 @@ BAD_INPUTS = {  # name -> (family, fmt, how to break it, substring of the error)
     "dynamic-v4-keys": ("llama2", "safetensors", lambda hf: edit_config(
         hf, rope_parameters=None, rope_theta=1e4, rope_scaling=dict(type="dynamic", factor=2.0)),
         "rope scaling type 'dynamic'"),
-    "mistral-window": ("mistral", "safetensors", lambda hf: edit_config(hf, sliding_window=4096), "sliding-window"),
-    "qwen2-window": ("qwen2", "safetensors", lambda hf: edit_config(hf, use_sliding_window=True, sliding_window=128),
-                     "sliding-window"),
+    # What stays unsupported is one line naming the feature.
+    "moe": ("qwen3", "safetensors", lambda hf: edit_config(hf, model_type="qwen3_moe"),
+            "'qwen3_moe': mixture-of-experts MLP layers are not supported"),
+    "mixtral": ("mistral", "safetensors", lambda hf: edit_config(hf, model_type="mixtral"),
+                "'mixtral': mixture-of-experts MLP layers are not supported"),
+    "gemma": ("llama2", "safetensors", lambda hf: edit_config(hf, model_type="gemma2"),
+              "'gemma2': Gemma's GeGLU MLP"),
+    "chunked-layers": ("qwen3-window", "safetensors", lambda hf: edit_config(
+        hf, layer_types=["chunked_attention", "full_attention"]), "layer type 'chunked_attention' is not supported"),
+    "layer-types-length": ("qwen3-window", "safetensors", lambda hf: edit_config(hf, layer_types=["full_attention"]),
+                           "layer_types must list one type per layer (2)"),
+    "sliding-without-window": ("qwen3-window", "safetensors", lambda hf: edit_config(hf, use_sliding_window=False),
+                               "names sliding_attention layers but there is no window"),
+    "window-not-int": ("mistral-window", "safetensors", lambda hf: edit_config(hf, sliding_window="8"),
+                       "sliding_window must be an integer"),
 }
 
 
@@ -318,3 +349,46 @@ def test_script_runs_as_a_file(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'out'} already holds a checkpoint; "
                                                "pass --force to replace it"]
+
+
+# ---- which layers slide, read as transformers reads config.json ---------------------------
+WINDOW_CONFIGS = {  # name -> (config class, its arguments, keys dropped from the saved config.json)
+    # Older config.json files have no layer_types: Qwen's rule makes layers >= max_window_layers slide.
+    "qwen2 max_window_layers": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=3),
+                                ("layer_types",)),
+    "qwen3 max_window_layers": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+                                ("layer_types",)),
+    "qwen3 window off": ("Qwen3Config", dict(use_sliding_window=False, sliding_window=16), ("layer_types",)),
+    "qwen2 default window": ("Qwen2Config", dict(use_sliding_window=True, max_window_layers=2),
+                             ("layer_types", "sliding_window")),
+    "qwen3 layer_types": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=9,
+                                              layer_types=["full_attention", "sliding_attention"] * 2 + ["full_attention"]),
+                          ()),
+    "mistral window": ("MistralConfig", dict(sliding_window=16), ()),
+    "mistral default window": ("MistralConfig", dict(), ("sliding_window",)),
+    "mistral no window": ("MistralConfig", dict(sliding_window=None), ()),
+    "ministral": ("MinistralConfig", dict(sliding_window=16, head_dim=16), ("layer_types",)),
+    "ministral mix": ("MinistralConfig", dict(sliding_window=16, head_dim=16,
+                                              layer_types=["sliding_attention"] * 4 + ["full_attention"]), ()),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CONFIGS)
+def test_layer_windows_are_the_ones_transformers_builds(tmp_path, case):
+    """Each layer's window from a config.json equals what transformers builds from the same file
+    (its class defaults for missing keys included): the window of its sliding layers, None elsewhere."""
+    import json
+
+    import transformers
+
+    name, kwargs, dropped = WINDOW_CONFIGS[case]
+    shape = dict(num_hidden_layers=5, hidden_size=64, num_attention_heads=4, num_key_value_heads=4)
+    getattr(transformers, name)(**shape, **kwargs).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in dropped:
+        raw.pop(key, None)
+    hf = getattr(transformers, name).from_dict(raw)  # what transformers reads from this config.json
+    types = getattr(hf, "layer_types", None) if name != "MistralConfig" else None  # MistralModel ignores them
+    expected = tuple(hf.sliding_window if (types is None or t == "sliding_attention") else None
+                     for t in (types or [None] * 5))
+    assert ModelArgs.from_hf_config(raw).layer_windows == expected

@@ -26,7 +26,8 @@ class SnapKV(SelectionPolicy):
         """Re-runs the last obs_window prompt tokens (cache untouched) with an observer that scores
         every prompt position from their attention."""
         obs = max(1, min(config.obs_window, int(prompt_len.min())))
-        observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel, cache_len=model.max_seq_len)
+        observer = SnapKVObserver(config.n_selected, prompt_len, config.pool_kernel, cache_len=model.max_seq_len,
+                                  layer_windows=model.args.layer_windows)
         start = prompt_len - obs  # [b]
         positions = start[:, None] + torch.arange(obs, device=tokens.device)  # [b, obs]
         view = AttentionView(cache_len=start, n_tokens=obs, backend=backend, kv_limit=int(prompt_len.max()),
@@ -39,22 +40,25 @@ class SnapKV(SelectionPolicy):
 SNAPKV_CHUNK = 2048  # keys scored at a time: bounds the scoring temporaries at 100K-token prompts
 
 
-def _chunk_scores(qg: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, first_key: int) -> torch.Tensor:
+def _chunk_scores(qg: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, first_key: int,
+                  sliding_window: Optional[int] = None) -> torch.Tensor:
     """Scaled, masked scores of grouped queries qg [B, H_kv, G*T, D] against keys k [B, H_kv, C, D]
     at positions first_key.. -> fp32 [B, H_kv, G*T, C]. The matmul runs in the cache dtype (fp32
     accumulation on GPUs); only this chunk of scores is fp32."""
     C, D = k.shape[2], k.shape[3]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * D ** -0.5
-    key_pos = torch.arange(first_key, first_key + C, device=k.device)  # [C]
-    visible = key_pos[None, None, None, :] <= query_pos[:, None, :, None]  # [B, 1, G*T, C]
+    key_pos = torch.arange(first_key, first_key + C, device=k.device)[None, None, None, :]  # [1, 1, 1, C]
+    visible = key_pos <= query_pos[:, None, :, None]  # [B, 1, G*T, C]
+    if sliding_window is not None:
+        visible &= key_pos > query_pos[:, None, :, None] - sliding_window
     return scores.masked_fill(~visible, float("-inf"))
 
 
 def attention_votes(q: torch.Tensor, k_cache: torch.Tensor, cache_len: torch.Tensor, S: int,
-                    chunk: int) -> torch.Tensor:
+                    chunk: int, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Attention each of the first S cache positions receives from the queries q [B, H, T, D] (new
-    tokens at cache_len[b] + t, full causal view), summed over the queries of each KV head
-    -> fp32 [B, H_kv, S].
+    tokens at cache_len[b] + t, full causal view, within the layer's sliding window), summed over
+    the queries of each KV head -> fp32 [B, H_kv, S].
 
     Two passes over S in chunks, so nothing of size S beyond the votes is ever materialised (at a
     100K-token prompt an fp32 copy of the keys, or the full score matrix, would not fit): the first
@@ -67,11 +71,11 @@ def attention_votes(q: torch.Tensor, k_cache: torch.Tensor, cache_len: torch.Ten
     starts = range(0, S, chunk)
     lse = torch.full((B, H_kv, G * T, 1), float("-inf"), device=q.device)  # [B, H_kv, G*T, 1]
     for s in starts:
-        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s, sliding_window)
         lse = torch.logaddexp(lse, scores.logsumexp(dim=-1, keepdim=True))
     votes = []
     for s in starts:
-        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s)
+        scores = _chunk_scores(qg, k_cache[:, :, s:min(s + chunk, S)], query_pos, s, sliding_window)
         votes.append((scores - lse).exp().sum(dim=2))  # [B, H_kv, C]
     return torch.cat(votes, dim=-1)
 
@@ -84,17 +88,21 @@ class SnapKVObserver:
     one plain code path and ragged prompts need no special casing."""
 
     def __init__(self, n_select: int, prompt_len: torch.Tensor, pool_kernel: int = 7,
-                 chunk: int = SNAPKV_CHUNK, cache_len: Optional[int] = None):
+                 chunk: int = SNAPKV_CHUNK, cache_len: Optional[int] = None, layer_windows: Optional[tuple] = None):
         self.n_select = n_select
         self.prompt_len = prompt_len  # [B]
         self.pool_kernel = pool_kernel
         self.chunk = chunk
         self.cache_len = cache_len  # positions of the whole cache (default: what the pass reads)
+        # Each layer's sliding window: its observation queries vote only for what that layer's
+        # attention reads (a key outside it gets no attention from the target either).
+        self.layer_windows = layer_windows
         self.selected: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer_id: int, q: torch.Tensor, k_cache: torch.Tensor, view) -> None:
         S = int(self.prompt_len.max())
-        votes = attention_votes(q, k_cache, view.cache_len, S, self.chunk)  # [B, H_kv, S]
+        window = self.layer_windows[layer_id] if self.layer_windows else None
+        votes = attention_votes(q, k_cache, view.cache_len, S, self.chunk, window)  # [B, H_kv, S]
         votes = F.avg_pool1d(votes, self.pool_kernel, stride=1, padding=self.pool_kernel // 2,
                              count_include_pad=False)  # keep neighbours of a hit (SnapKV clustering)
         in_prompt = torch.arange(S, device=q.device)[None, None, :] < self.prompt_len[:, None, None]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gpt_fast_magicdec.kernels import full_view_mask
 from gpt_fast_magicdec.model import rope_tables
 
 
@@ -44,8 +45,16 @@ class CausalView:
         device = model.tok_embeddings.weight.device
         return cos.to(device)[None, None], sin.to(device)[None, None]
 
-    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache) -> torch.Tensor:
-        """q [B, H, T, D], k and v [B, H_kv, T, D] of the same T tokens -> [B, H, T, D]; no cache."""
+    def attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache,
+               sliding_window: Optional[int] = None) -> torch.Tensor:
+        """q [B, H, T, D], k and v [B, H_kv, T, D] of the same T tokens -> [B, H, T, D]; no cache.
+        A sliding-window layer reads keys p - sliding_window < s <= p (plain pass only)."""
+        if sliding_window is not None:
+            if self.twin:
+                raise ValueError("the twin (self-draft training) pass has no sliding-window layers")
+            band = full_view_mask(torch.zeros(1, dtype=torch.long, device=q.device), q.shape[2], q.shape[2],
+                                  sliding_window)[0]  # [T, T]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
         return causal_attention(q, k, v, self)
 
 
