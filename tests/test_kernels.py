@@ -218,6 +218,36 @@ def test_never_reads_past_live_length(sparse):
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+# (B, H, H_kv, T, D, cache_len, layer window, sparse view (window, n_sel, n_pad) or None for the full view)
+LAYER_WINDOW_CASES = [
+    (3, 8, 2, 4, 64, [0, 40, 100], 24, None),  # full view: the band p - 24 < s <= p
+    (2, 8, 2, 2, 64, [10, 90], 24, (16, 8, 2)),  # draft window inside the layer's; selection clipped
+    (2, 8, 2, 2, 64, [10, 90], 12, (16, 8, 2)),  # draft window wider than the layer's: clipped to it
+]
+
+
+@pytest.mark.parametrize("case", LAYER_WINDOW_CASES, ids=lambda c: f"W{c[6]}-{'sparse' if c[7] else 'full'}")
+def test_layer_sliding_window(case):
+    """A sliding-window layer: the kernel matches the reference, the window changes the answer, and
+    keys the window excludes (NaN here) are never read, by the full view nor by a draft's selection."""
+    B, H, H_kv, T, D, lens, layer_window, sparse = case
+    q, k, v, cl = make_inputs(B, H, H_kv, T, D, lens)
+    view = {}
+    if sparse:
+        window, n_sel, n_pad = sparse
+        view = dict(sel_pos=make_sel_pos(lens, H_kv, T, n_sel, n_pad), window=window)
+    ref = reference(q, k, v, cl, scale=0.125, sliding_window=layer_window, **view)
+    assert not torch.allclose(ref, reference(q, k, v, cl, scale=0.125, **view), **TOL[torch.float32])
+    excluded = torch.arange(S_MAX, device=DEVICE)[None, :] <= (cl - layer_window)[:, None]  # [B, S]: for every token
+    assert excluded.any()
+    k[excluded[:, None, :, None].expand_as(k)] = float("nan")
+    v[excluded[:, None, :, None].expand_as(v)] = float("nan")
+    for num_splits in (1, 3):
+        out = KMOD.decode_attention_triton(q, k, v, cl, scale=0.125, num_splits=num_splits,
+                                           sliding_window=layer_window, **view)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
 def test_checks_can_fail():
     """The comparison is sharp: an off-by-one mask or window is caught."""
     lens, T = [0, 33, 90], 4
