@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from gpt_fast_magicdec.cli import generate
-from gpt_fast_magicdec.cli import output as output_module
+from gpt_fast_magicdec import output as output_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSAGE = (ROOT / "tests" / "data" / "long_passage.txt").read_text()
