@@ -28,12 +28,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import torch  # noqa: E402
 
 from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_now  # noqa: E402
-from gpt_fast_magicdec.cli.options import resolve_device  # noqa: E402
+from gpt_fast_magicdec.devices import resolve_device, resolve_dtype  # noqa: E402
 from gpt_fast_magicdec.config import PRESETS, ModelArgs  # noqa: E402
 from gpt_fast_magicdec.checkpoint import random_model  # noqa: E402
 from gpt_fast_magicdec.engine import set_compiler_flags  # noqa: E402
 from gpt_fast_magicdec.steps import StepSpec, forward_step  # noqa: E402
-from gpt_fast_magicdec.errors import UserError  # noqa: E402
+from gpt_fast_magicdec.errors import ParameterError, UserError  # noqa: E402
 
 # name -> (preset, n_layers or None for the preset's own): width stays tiny, depth grows, so the
 # table separates what grows with the graph (tracing, lowering, one kernel set per layer) from width.
@@ -127,11 +127,14 @@ def main(device, models, batch, context, gamma, budget, sink):
     """Time the first (compiling) and second call of each decode step shape under torch.compile."""
     try:
         names, dev = check_options(device, models, budget, sink)
+    except ParameterError as err:
+        click.echo(f"error: {err.named({'device': '--device'})}", err=True)
+        sys.exit(1)
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     set_compiler_flags()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = resolve_dtype(None, dev)
     rows = [r for name in names for r in measure(name, dev, dtype, batch, context, gamma, budget, sink)]
     command = shlex.join(["python", "-m", "benchmarks.compile_cost", *sys.argv[1:]])
     print(markdown(rows, dev, command, batch, context))

@@ -46,7 +46,8 @@ import torch
 from benchmarks.lease import ROOT, CommandFailed, Lease, Outcome, Stage, StageRun
 from gpt_fast_magicdec.benchmarking.report import git_commit, utc_now
 from gpt_fast_magicdec.config import ModelArgs
-from gpt_fast_magicdec.cost_model import kv_bytes_per_token, param_count, params_touched, weight_bytes
+from gpt_fast_magicdec.cost_model import param_count, params_touched, weight_bytes
+from gpt_fast_magicdec.memory import kv_bytes_per_token
 from gpt_fast_magicdec.errors import UserError
 
 PY = sys.executable

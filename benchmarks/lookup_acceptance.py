@@ -24,7 +24,6 @@ import torch
 
 import gpt_fast_magicdec as gfm
 from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_now
-from gpt_fast_magicdec.drafting import budget_for_context
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSAGE = ROOT / "tests" / "data" / "long_passage.txt"
@@ -51,11 +50,10 @@ def main() -> None:
     for task, prompts in tasks(engine, tokenizer).items():
         plain = engine.generate(prompts, NEW_TOKENS).tokens
         shortest = min(map(len, prompts))
-        drafts = {"self": budget_for_context(gfm.DraftConfig(kind="self", gamma=3), shortest),
+        drafts = {"self": gfm.DraftConfig(kind="self", gamma=3).for_context(shortest),
                   "lookup": gfm.DraftConfig(kind="lookup", gamma=3),
-                  "lookup+self": budget_for_context(gfm.DraftConfig(kind="lookup+self", gamma=3), shortest),
-                  "lookup+self, 3-grams": budget_for_context(
-                      gfm.DraftConfig(kind="lookup+self", ngram_min=3, gamma=3), shortest)}
+                  "lookup+self": gfm.DraftConfig(kind="lookup+self", gamma=3).for_context(shortest),
+                  "lookup+self, 3-grams": gfm.DraftConfig(kind="lookup+self", ngram_min=3, gamma=3).for_context(shortest)}
         for name, draft in drafts.items():
             result = engine.generate(prompts, NEW_TOKENS, draft=draft)
             st = result.stats

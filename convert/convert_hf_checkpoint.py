@@ -29,19 +29,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from gpt_fast_magicdec.cli.options import DTYPES as CLI_DTYPES
 from gpt_fast_magicdec.checkpoint import (TOKENIZER_FILES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                           engine_weight_files, first_line, hf_to_engine_name,
                                           save_engine_checkpoint, validate_state_dict)
 from gpt_fast_magicdec.config import ENGINE_CONFIG_NAME, ModelArgs
+from gpt_fast_magicdec.devices import DTYPES as TORCH_DTYPES
 from gpt_fast_magicdec.errors import UserError
+from gpt_fast_magicdec.locks import output_lock
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: conversions are not locked against each other
-    fcntl = None
-
-DTYPES = {**CLI_DTYPES, "auto": None}  # auto: keep the checkpoint's own dtype
+DTYPES = {**TORCH_DTYPES, "auto": None}  # auto: keep the checkpoint's own dtype
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old transformers versions saved
 # (index file, single file, shard glob) in order of preference.
 _HF_LAYOUTS = (("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
@@ -227,50 +223,11 @@ def make_parents(out_dir: Path) -> list[Path]:
     return created
 
 
-@contextlib.contextmanager
 def conversion_lock(out_dir: Path, wait: bool = False):
-    """Hold the lock file `.NAME.lock` beside `out_dir` for a whole conversion. A second conversion
+    """Hold the lock file `.NAME.lock` beside `out_dir` for a whole conversion: a second conversion
     to the same --out (another shell, a job started twice) fails at once, or with wait=True waits for
-    the first to finish, instead of replacing its finished checkpoint minutes later. An flock is
-    released by the kernel when its process dies, so a killed conversion never leaves it held."""
-    out_dir = Path(out_dir)
-    path = out_dir.parent / f".{out_dir.name}.lock"
-    if fcntl is None:
-        yield
-        return
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"--out {out_dir}: cannot write into {out_dir.parent} ({e.strerror}); choose "
-                            "another path") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise UserError(f"--out {out_dir}: another conversion to it is running"
-                            f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish, or "
-                            "choose another --out") from None
-        except OSError:  # a file system without locks (some network mounts): the final rename still
-            break        # refuses to replace what another conversion wrote
-        # The holder we waited for may have removed the file on its way out: lock the current one.
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        held = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still held, so a waiter finds it gone and retries
-        os.close(fd)
+    the first to finish, instead of replacing its finished checkpoint minutes later."""
+    return output_lock(out_dir, "--out", "another conversion to it is running", wait)
 
 
 def is_engine_checkpoint(directory: Path) -> bool:

@@ -9,12 +9,15 @@ The public surface, used by the CLIs (gfm-generate, gfm-bench) and the README's 
     result = engine.generate(ids, 64, draft=gfm.DraftConfig(kind="self", kv="streaming", budget=512))
     print(tokenizer.decode(result.tokens[0]), result.stats.acceptance_rate)
 
-    for completion in engine.stream(many_prompts, 256, slots=32, draft=...):   # a batch job
+    for completion in engine.stream(many_prompts, 256, slots=32, draft=...):   # a job
         print(completion.index, tokenizer.decode(completion.tokens))
+
+    engine.run_batch(texts, 256, out="completions.jsonl", resume=True, slots=32)  # a resumable batch run
 
 `Engine.generate` takes token-id lists (ragged) and returns per-prompt token ids plus statistics;
 `Engine.stream` runs a job over many prompts through a fixed number of slots and yields each
-completion as it finishes. `DraftConfig` picks the drafter (`DRAFT_KINDS`: none, self, model,
+completion as it finishes; `Engine.run_batch` (a `BatchRun`) is what gfm-generate runs: texts or ids
+in, one JSON line per completion out as it finishes, resumable, across data-parallel replicas. `DraftConfig` picks the drafter (`DRAFT_KINDS`: none, self, model,
 lookup, lookup+self, ...) and a model drafter's KV selection policy (`POLICIES`). Everything else
 in the package is an implementation module with its own docstring.
 """
@@ -25,10 +28,12 @@ from typing import Optional, Union
 
 import torch
 
+from .batch import BatchResult, BatchRun
 from .checkpoint import load_model, random_model
 from .config import PRESETS, ModelArgs
 from .drafters import DRAFT_KINDS
 from .drafting import DraftConfig
+from .devices import check_model_source, resolve_device, resolve_dtype
 from .engine import Engine
 from .errors import ParameterError, UserError
 from .memory import check_fits, model_bytes
@@ -37,16 +42,11 @@ from .sampling import SamplingParams
 from .stats import Completion, GenerationResult, GenerationStats
 from .tokenizer import Tokenizer, check_same_tokenizer, check_tokenizer_fits, load_tokenizer
 
-__all__ = ["Completion", "DRAFT_KINDS", "DraftConfig", "Engine", "GenerationResult", "GenerationStats", "ModelArgs",
-           "POLICIES", "PRESETS", "ParameterError", "SamplingParams", "Tokenizer", "UserError", "load_engine",
-           "load_model", "load_tokenizer", "random_model"]
+__all__ = ["BatchResult", "BatchRun", "Completion", "DRAFT_KINDS", "DraftConfig", "Engine", "GenerationResult",
+           "GenerationStats", "ModelArgs", "POLICIES", "PRESETS", "ParameterError", "SamplingParams", "Tokenizer",
+           "UserError", "load_engine", "load_model", "load_tokenizer", "random_model"]
 
 PathLike = Union[str, Path]
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs (what the kernels and the roofline numbers assume), fp32 on CPU (exact checks)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Optional[PathLike] = None,
@@ -63,16 +63,15 @@ def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Opti
     torchrun (generate.py starts it): each rank loads its shard, the draft only where its ranks are."""
     from .tiny import bundled_checkpoint, resolve_draft_checkpoint
 
-    if checkpoint is not None and random_weights is not None:
-        raise ParameterError("give either {checkpoint} or {random_weights}, not both")
-    if draft_checkpoint is not None and draft_random_weights is not None:
-        raise ParameterError("give at most one of {draft_checkpoint} and {draft_random_weights}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(device)
+    check_model_source(checkpoint, random_weights, draft_checkpoint, draft_random_weights)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     tokenizer = None
     if random_weights is not None:
         args = ModelArgs.from_preset(random_weights)
+        source = f"random weights {random_weights} (seed {seed})"
     else:
+        source = "bundled" if checkpoint is None else str(Path(checkpoint).resolve())
         checkpoint = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
         args = ModelArgs.load(checkpoint)  # the whole shape (under TP, model.args is this rank's shard)
         tokenizer = load_tokenizer(checkpoint)
@@ -80,6 +79,8 @@ def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Opti
     draft_checkpoint = resolve_draft_checkpoint(None if draft_checkpoint is None else Path(draft_checkpoint))
     draft_args = (ModelArgs.load(draft_checkpoint) if draft_checkpoint is not None
                   else ModelArgs.from_preset(draft_random_weights) if draft_random_weights is not None else None)
+    draft_source = (str(draft_checkpoint.resolve()) if draft_checkpoint is not None else
+                    f"random weights {draft_random_weights} (seed {seed + 1})" if draft_random_weights else None)
     # Before any weight is read: a model that cannot fit is one line with the numbers, not the OOM killer.
     ranks = tp.world_size if tp else 1
     check_fits(f"loading {random_weights or checkpoint}" + (" and its draft" if draft_args else "")
@@ -103,5 +104,5 @@ def load_engine(checkpoint: Optional[PathLike] = None, *, draft_checkpoint: Opti
             raise ParameterError("{draft_random_weights} runs on one device only (no tensor parallelism)")
         draft_model = random_model(draft_args, device, dtype, seed + 1)
     engine = Engine(model, draft_model=draft_model, attention=attention, compile=compile, tp=tp, args=args,
-                    draft_args=draft_args)
+                    draft_args=draft_args, tokenizer=tokenizer, source=source, draft_source=draft_source)
     return engine, tokenizer

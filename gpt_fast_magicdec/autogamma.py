@@ -36,7 +36,7 @@ class AutoGamma:
         self.history: list[tuple[int, int, float, int]] = []  # (round, context, alpha, gamma)
 
     def __call__(self, state, round_idx: int) -> int:
-        if round_idx == 0:  # a new generate() call: its counters start from zero again
+        if round_idx == 0:  # a new job: its counters start from zero again
             self._mark, self.gamma, self.since_probe = (0, 0), self.draft.gamma, 0
         if round_idx % self.every:
             return self.gamma

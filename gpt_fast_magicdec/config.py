@@ -259,12 +259,6 @@ class ModelArgs:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
         return cls(name=name, **PRESETS[name])
 
-    # ---- derived quantities --------------------------------------------------------------
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies across all layers, per element size 1."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
-
 
 _BOOL_FIELDS = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_word_embeddings")
 _SIZE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",

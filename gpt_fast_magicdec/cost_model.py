@@ -42,6 +42,7 @@ import torch
 
 from .config import ModelArgs
 from .errors import UserError
+from .memory import kv_bytes_per_token, kv_heads_per_rank
 from .timing import time_op
 
 
@@ -413,13 +414,8 @@ def roofline_time(cost: StepCost, hw: HardwareProfile, graphs: Optional[bool] = 
     return linear + attention + comm + overhead_time(cost, hw, graphs)
 
 
-def achieved_bandwidth(cost: StepCost, measured_s: float) -> float:
-    """Bytes/s a measured step actually moved: compare with `hw.mem_bandwidth` (bench.py)."""
-    return cost.bytes / measured_s
-
-
 def _per_rank(n: int, tp: int) -> int:
-    return -(-n // tp)  # ceil: with tp > n_kv_heads each rank keeps a (replicated) KV head
+    return -(-n // tp)  # ceil: the largest share (vocabulary rows differ by one when tp does not divide)
 
 
 def layer_params(args: ModelArgs, tp: int = 1) -> tuple[int, int]:
@@ -431,7 +427,7 @@ def layer_params(args: ModelArgs, tp: int = 1) -> tuple[int, int]:
     replicated = 2 * dim                [attention_norm, ffn_norm]
                + dim if out_bias, + dim if mlp_bias [wo, w2 biases: added after the all-reduce]
                + 2 * D if qk_norm       [q_norm, k_norm]"""
-    hq, hkv, d = _per_rank(args.n_heads, tp), _per_rank(args.n_kv_heads, tp), args.head_dim
+    hq, hkv, d = _per_rank(args.n_heads, tp), kv_heads_per_rank(args, tp), args.head_dim
     qkv = (hq + 2 * hkv) * d
     ffn = _per_rank(args.intermediate_size, tp)
     sharded = args.dim * qkv + (qkv if args.qkv_bias else 0) + hq * d * args.dim
@@ -462,14 +458,9 @@ def weight_bytes(args: ModelArgs, dtype_bytes: int = 2, tp: int = 1) -> int:
     return params_touched(args, tp) * dtype_bytes
 
 
-def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, tp: int = 1) -> int:
-    """K and V of one token, all layers, one rank: 2 * n_layers * H_kv_local * D * dtype_bytes."""
-    return 2 * args.n_layers * _per_rank(args.n_kv_heads, tp) * args.head_dim * dtype_bytes
-
-
 def eager_keys(context: int, n_tokens: int, bucket: int) -> int:
     """Keys the eager path attends over: context + n rounded up to `bucket` (`bucketed_kv_limit` in
-    engine.py; the engine also caps it at the cache length)."""
+    steps.py, which also caps it at the cache length)."""
     return -(-(context + n_tokens) // bucket) * bucket
 
 
@@ -509,7 +500,7 @@ def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, d
                     attn_bytes=float(kv), attn_flops=float(attn),
                     allreduce_bytes=float(batch * n_tokens * args.dim * dtype_bytes),
                     n_allreduce=2 * args.n_layers if tp > 1 else 0, tp=tp, n_layers=args.n_layers,
-                    rows=batch * n_tokens, attn_rows=heads // _per_rank(args.n_kv_heads, tp) * n_tokens,
+                    rows=batch * n_tokens, attn_rows=heads // kv_heads_per_rank(args, tp) * n_tokens,
                     score_elems=float(batch * heads * n_tokens * kv_tokens))
 
 
@@ -575,18 +566,13 @@ def predicted_speedup(times: PredictedTimes, gamma: int, alpha: float) -> float:
     return _speedup(times.T_T, times.T_V, times.T_D, gamma, alpha)
 
 
-def best_gamma_from_times(T_T: float, T_V: Union[Callable[[int], float], Mapping[int, float]], T_D: float,
-                          alpha: float, gammas: Optional[Iterable[int]] = None,
+def best_gamma_from_times(T_T: float, T_V: Mapping[int, float], T_D: float, alpha: float,
                           margin: float = 1.0) -> tuple[int, float]:
-    """The gamma with the highest speedup from (measured) step times; `T_V` maps gamma to the
-    time of verifying gamma + 1 tokens (default gammas: the dict's keys, else 1..8).
-    Returns (0, 1.0), plain decoding, unless some gamma predicts a speedup > `margin`."""
-    if gammas is None:
-        gammas = sorted(T_V) if isinstance(T_V, Mapping) else range(1, 9)
-    t_v = T_V.__getitem__ if isinstance(T_V, Mapping) else T_V
+    """The gamma with the highest speedup from step times; `T_V` maps each gamma to try to the time
+    of verifying gamma + 1 tokens. (0, 1.0), plain decoding, unless some gamma beats `margin`."""
     best_g, best_s = 0, -math.inf
-    for g in gammas:
-        s = _speedup(T_T, t_v(g), T_D, g, alpha)
+    for g in sorted(T_V):
+        s = _speedup(T_T, T_V[g], T_D, g, alpha)
         if s > best_s:
             best_g, best_s = g, s
     return (best_g, best_s) if best_s > margin else (0, 1.0)
@@ -604,8 +590,7 @@ def best_gamma(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, a
     if not times:
         return 0, 1.0
     any_t = next(iter(times.values()))  # T_T and T_D do not depend on gamma
-    return best_gamma_from_times(any_t.T_T, {g: t.T_V for g, t in times.items()}, any_t.T_D, alpha,
-                                 gammas, margin)
+    return best_gamma_from_times(any_t.T_T, {g: t.T_V for g, t in times.items()}, any_t.T_D, alpha, margin)
 
 
 def alpha_from_tokens_per_round(gamma: int, tokens_per_round: float) -> float:

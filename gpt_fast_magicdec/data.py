@@ -2,7 +2,6 @@
 
   read_jsonl_prompts   a prompt file: JSONL with a `text` field per line, or one plain-text prompt
   check_prompt_text    refuse a prompt that is not encodable text (a lone surrogate)
-  write_jsonl          one JSON object per line, written atomically
   check_writable       refuse an output path before any work is done
   long_document_prompts  fixed-length token windows cut from long documents (PG-19-style JSONL)
   random_prompts       random token ids (random-weight benchmarks)
@@ -12,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterator, Union
 
 import torch
 
@@ -54,31 +52,6 @@ def _numbered_rows(text: str, path: PathLike) -> Iterator[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise UserError(f"{path} line {n}: expected a JSON object")
         yield n, row
-
-
-def parse_jsonl(text: str, path: PathLike) -> Iterator[dict]:
-    """The JSON objects of JSONL `text` (from `path`, for messages), one per non-blank line."""
-    return (row for _, row in _numbered_rows(text, path))
-
-
-def read_jsonl(path: PathLike) -> Iterator[dict]:
-    """The JSON objects of a JSONL file, one per non-blank line."""
-    return parse_jsonl(read_text(path), path)
-
-
-def write_jsonl(path: PathLike, rows: Iterable[dict]) -> None:
-    """Write atomically: a temporary file in the same directory, renamed over `path` at the end,
-    so a failure never leaves a truncated file (or destroys an earlier one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_writable(path: PathLike, option: str = "--out") -> None:

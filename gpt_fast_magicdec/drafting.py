@@ -2,7 +2,8 @@
 model drafter reads the cache (policies/), its budget, and gamma. Frozen and checked when built.
 
   DraftConfig()                                   plain decoding (kind "none")
-  DraftConfig(kind="self")                        self-speculation: streaming view, budget 512, sink 16
+  DraftConfig(kind="self")                        self-speculation: streaming view, sink 16, budget 512
+                                                  (clipped to 1/4 of a job's shortest prompt)
   DraftConfig(kind="self", kv="snapkv")           self-speculation through SnapKV-selected keys
   DraftConfig(kind="model", kv="full")            a standalone draft model with a full cache
   DraftConfig(kind="lookup")                      prompt lookup: n-gram matches in the text so far
@@ -18,8 +19,9 @@ from .attention import MAX_KERNEL_QUERIES
 from .errors import ParameterError
 from .policies import POLICIES, SelectionPolicy
 
-# With no explicit budget a draft reads at most 1/DEFAULT_BUDGET_FRACTION of the shortest prompt:
-# a 512-key budget over a 600-token prompt would make the "sparse" draft nearly the target.
+DEFAULT_BUDGET = 512  # keys a draft query reads when the budget is not chosen (MagicDec's default)
+# ... clipped to 1/DEFAULT_BUDGET_FRACTION of the job's shortest prompt: a 512-key budget over a
+# 600-token prompt would make the "sparse" draft nearly the target.
 DEFAULT_BUDGET_FRACTION = 4
 
 
@@ -27,7 +29,9 @@ DEFAULT_BUDGET_FRACTION = 4
 class DraftConfig:
     kind: str = "none"  # "none", a drafter of drafters.DRAFTERS, or a chain such as "lookup+self"
     kv: str = "streaming"  # model drafters: a POLICIES name
-    budget: int = 512  # model drafters: keys read per draft query, selected + window (unused by `full`)
+    # Model drafters: keys read per draft query, selected + window (unused by `full`). None: DEFAULT_BUDGET,
+    # clipped by the job to its shortest prompt (see `for_context`); a budget given is used as is.
+    budget: Optional[int] = None
     sink: int = 16  # streaming: attention-sink positions kept at the start
     window: Optional[int] = None  # the sliding window; None: the policy's default (see `view_window`)
     gamma: int = 3  # draft tokens per round
@@ -45,14 +49,19 @@ class DraftConfig:
             raise ParameterError(f"{{kv}} must be one of {', '.join(POLICIES)}, got {self.kv!r}")
         if not self.enabled:
             return
+        if self.budget is not None and not isinstance(self.budget, int):
+            raise ParameterError(f"{{budget}} must be an integer or None, got {self.budget!r}")
         if self.gamma < 1:
             raise ParameterError(f"{{gamma}} must be >= 1 for speculative decoding, got {self.gamma} "
                                  "(plain decoding is kind 'none')")
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
             raise ParameterError(f"{{gamma}} must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
                                  "(acceptance decays geometrically: useful values are 1-8)")
+        # An unresolved budget is checked as the largest it can become (the default): clipping keeps a
+        # budget at or above what the view needs (SelectionPolicy.smallest_budget).
+        checked = self if self.budget is not None else dataclasses.replace(self, budget=DEFAULT_BUDGET)
         for stage in self.stages:
-            drafter_class(stage).check(self)
+            drafter_class(stage).check(checked)
 
     # -- what it is ----------------------------------------------------------------------------------
     @property
@@ -101,8 +110,27 @@ class DraftConfig:
         who = " then ".join(names.get(stage, stage) for stage in self.stages)
         if not self.reads_cache:
             return f"{who}, gamma {self.gamma}"
-        view = "full cache" if self.full else f"{self.kv}, budget {self.budget} (window {self.view_window})"
+        if self.full:
+            view = "full cache"
+        elif self.budget is None:
+            view = f"{self.kv}, budget up to {DEFAULT_BUDGET} (1/{DEFAULT_BUDGET_FRACTION} of the shortest prompt)"
+        else:
+            view = f"{self.kv}, budget {self.budget} (window {self.view_window})"
         return f"{who}, {view}, gamma {self.gamma}"
+
+    def for_context(self, shortest_prompt: int) -> "DraftConfig":
+        """This config with its budget decided, for a job whose shortest prompt has `shortest_prompt`
+        tokens. A budget given is kept. None becomes DEFAULT_BUDGET, clipped to shortest_prompt //
+        DEFAULT_BUDGET_FRACTION (never below what the policy's view needs) unless a window was
+        given (the window then decides the view, and the default budget is kept around it)."""
+        if self.budget is not None:
+            return self
+        budget = DEFAULT_BUDGET
+        if self.reads_cache and not self.full and self.window is None:
+            resolved = dataclasses.replace(self, budget=budget)
+            budget = min(budget, max(shortest_prompt // DEFAULT_BUDGET_FRACTION,
+                                     self.policy.smallest_budget(resolved)))
+        return dataclasses.replace(self, budget=budget)
 
     def warn_if_budget_covers(self, context: int) -> None:
         if self.reads_cache and not self.full and self.budget >= context:
@@ -114,15 +142,3 @@ def drafter_needs_view(stage: str) -> bool:
     from .drafters import drafter_class
 
     return drafter_class(stage).reads_cache
-
-
-def budget_for_context(config: DraftConfig, context: int) -> DraftConfig:
-    """The draft config for a job whose shortest prompt has `context` tokens, when the user did not
-    choose the budget: the default budget, clipped to context // DEFAULT_BUDGET_FRACTION but never
-    below what the policy's view needs (SelectionPolicy.smallest_budget)."""
-    if not config.reads_cache or config.full:
-        return config
-    budget = min(config.budget, max(context // DEFAULT_BUDGET_FRACTION, config.policy.smallest_budget(config)))
-    if budget == config.budget:
-        return config
-    return dataclasses.replace(config, budget=budget, window=None)

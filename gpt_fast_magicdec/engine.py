@@ -3,6 +3,7 @@ they run, and generation over them.
 
   engine.generate(prompts, 64, draft=DraftConfig(kind="self"))     all prompts at once, in order
   for c in engine.stream(prompts, 64, slots=32, draft=...): ...    a job: completions as they finish
+  engine.run_batch(texts, 64, out="out.jsonl", resume=True)        a batch run: a resumable output file
 
 A job (job.py) keeps `slots` rows busy: each round is speculative.speculative_round over every
 slot, and a finished slot takes the next prompt. How a step runs is the StepRunner's (steps.py):
@@ -25,7 +26,7 @@ from .drafters import DraftContext, Drafter, make_drafter
 from .drafting import DraftConfig
 from .errors import ParameterError
 from .job import Job
-from .memory import fits_reason
+from .memory import fits_reason, kv_cache_bytes
 from .model import Transformer
 from .prefill import prefill
 from .sampling import GREEDY, SamplingParams
@@ -55,8 +56,13 @@ class Engine:
     def __init__(self, model: Transformer, *, draft_model: Optional[Transformer] = None,
                  attention: str = "auto", compile: Optional[bool] = None, use_graphs: Optional[bool] = None,
                  tp=None, kv_bucket: int = KV_BUCKET, args: Optional[ModelArgs] = None,
-                 draft_args: Optional[ModelArgs] = None):
+                 draft_args: Optional[ModelArgs] = None, tokenizer=None, source: Optional[str] = None,
+                 draft_source: Optional[str] = None):
         self.model = model
+        self.tokenizer = tokenizer  # batch runs encode text prompts and decode completions with it
+        # What the models are (a checkpoint's path, a preset's random weights): part of the options
+        # a batch run's output records, so a resume with another model is refused.
+        self.source, self.draft_source = source, draft_source
         self.draft_model = draft_model  # None on ranks outside --draft-ranks under tensor parallelism
         self.tp = tp  # tp.TensorParallel under torchrun, else None; the models come sharded already
         self.args = args or model.args
@@ -89,6 +95,16 @@ class Engine:
         each finishes, then read its `stats`. slots=N decodes N prompts side by side and refills a
         slot as soon as its sequence stops; see job.Job for every option. Checked before any work."""
         return Job(self, prompts, max_new_tokens, **options)
+
+    def run_batch(self, prompts: list, max_new_tokens: int = 128, *, out=None, resume: bool = False, **options):
+        """A batch run (batch.py): prompts (texts, or token-id lists) through `slots` rows, each
+        completion appended to `out` (JSONL) as it finishes; resume=True continues the run that wrote
+        `out`, generating only what is missing. -> batch.BatchResult (completions, stats). Options:
+        draft, sampling, slots, seed, eos_ids, prefill_chunk, max_seq_len, refill, gamma_auto,
+        progress, compare, repeats, prompt_file, layout (see batch.BatchRun)."""
+        from .batch import run_batch
+
+        return run_batch(self, prompts, max_new_tokens, out=out, resume=resume, **options)
 
     @torch.no_grad()
     def generate(self, prompts: list, max_new_tokens: Union[int, list], sampling: SamplingParams = GREEDY,
@@ -178,16 +194,13 @@ class Engine:
 
     def cache_bytes(self, batch: int, seq_len: int) -> int:
         """Bytes of the KV caches (target and standalone draft) a job of this shape allocates."""
-        return self._bytes_per_position() * batch * self.cache_slots(seq_len)
+        return self._kv_bytes(batch, self.cache_slots(seq_len))
 
-    def _bytes_per_position(self) -> int:
-        return sum(m.args.n_layers * 2 * m.args.n_kv_heads * m.args.head_dim for m in self._models()) * self.dtype.itemsize
+    def _kv_bytes(self, batch: int, slots: int) -> int:
+        return sum(kv_cache_bytes(m.args, batch, slots, self.dtype) for m in self._models())  # m.args: this rank's
 
     def _allocated_cache_bytes(self) -> int:
-        if self._cache_shape is None:
-            return 0
-        batch, slots = self._cache_shape
-        return self._bytes_per_position() * batch * slots
+        return 0 if self._cache_shape is None else self._kv_bytes(*self._cache_shape)
 
     def why_not_fits(self, batch: int, seq_len: int, headroom: float = 0.92) -> Optional[str]:
         """None, or why caches of (batch, seq_len) cannot be allocated, checked before allocating: on a

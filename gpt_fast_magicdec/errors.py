@@ -30,3 +30,9 @@ class ParameterError(UserError):
     def named(self, names: dict) -> str:
         """The message with each parameter called names[parameter] (default: its Python name)."""
         return self.template.format(**{p: names.get(p, p) for p in self.parameters})
+
+
+def literal(value) -> str:
+    """`value` as text to put into a ParameterError template as is: a path or a prompt may contain
+    braces, which the template would otherwise read as parameter names."""
+    return str(value).replace("{", "{{").replace("}", "}}")

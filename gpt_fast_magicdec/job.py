@@ -72,6 +72,9 @@ class Job:
                                  "{max_seq_len}")
         self.engine, self.prompts, self.max_new = engine, prompts, max_new
         self.slots = min(slots or n, n)
+        # A budget left to the job is decided by its shortest prompt (a caller serving part of a
+        # larger input, as a batch run's replica does, passes the whole input's decision).
+        draft = draft.for_context(min(map(len, prompts)))
         self.sampling, self.draft, self.seed = sampling, draft, seed
         self.indices = list(range(n)) if indices is None else list(indices)
         self.eos_ids = set(eos_ids)  # on the host too: a finished sequence's reason needs no device read

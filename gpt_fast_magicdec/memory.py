@@ -1,8 +1,9 @@
 """Memory a run needs against memory there is, estimated before anything is allocated, so that a model
 or KV cache that cannot fit is one line with the numbers, not an allocator traceback or the OOM killer.
 
-  available_bytes(device)                    what can still be allocated now (None: unknown)
+  available(device)                          what can still be allocated now, and where that figure comes from
   model_bytes(args, dtype)                   the weights of a ModelArgs, without building the model
+  kv_bytes_per_token(args, dtype_bytes, tp)  K and V of one token on one rank
   kv_cache_bytes(args, batch, slots, dtype)  one model's static K and V caches
   fits_reason(what, need, device)            None, or why `need` bytes do not fit (one line)
   check_fits(what, need, device)             the same as a UserError
@@ -36,14 +37,9 @@ def gib(n: float) -> str:
 
 
 # ---- what there is -----------------------------------------------------------------------------
-def available_bytes(device) -> Optional[int]:
-    """Bytes that can still be allocated on `device` (a torch.device or its name); None when it
-    cannot be told (an unknown device type, no /proc), which every check treats as "fits"."""
-    return _available(device)[0]
-
-
-def _available(device) -> tuple[Optional[int], str]:
-    """(bytes, where the figure comes from), see `available_bytes`."""
+def available(device) -> tuple[Optional[int], str]:
+    """(bytes that can still be allocated on `device`, where the figure comes from). The bytes are
+    None when they cannot be told (an unknown device type, no /proc): every check treats that as "fits"."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -140,9 +136,22 @@ def model_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     return sum(math.prod(shape) for shape in expected_shapes(args).values()) * dtype.itemsize
 
 
+def kv_heads_per_rank(args: ModelArgs, tp: int = 1) -> int:
+    """KV heads one of `tp` tensor-parallel ranks holds: ceil, since with tp > n_kv_heads each rank
+    keeps one (replicated) KV head."""
+    return -(-args.n_kv_heads // tp)
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int = 2, tp: int = 1) -> int:
+    """K and V of one token, all layers, one rank: 2 * n_layers * H_kv_local * D * dtype_bytes. The one
+    definition: the engine's allocation, the memory checks and the cost model all use it."""
+    return 2 * args.n_layers * kv_heads_per_rank(args, tp) * args.head_dim * dtype_bytes
+
+
 def kv_cache_bytes(args: ModelArgs, batch: int, slots: int, dtype: torch.dtype) -> int:
-    """Bytes of one model's K and V caches for `batch` rows of `slots` positions each."""
-    return args.kv_bytes_per_token * batch * slots * dtype.itemsize
+    """Bytes of one model's K and V caches for `batch` rows of `slots` positions each (`args` as the
+    model was built: under tensor parallelism, its rank's shard)."""
+    return kv_bytes_per_token(args, dtype.itemsize) * batch * slots
 
 
 # ---- the checks -----------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def fits_reason(what: str, need_bytes: int, device, headroom: float = DEFAULT_HE
     "<what> needs 131.2 GiB but 21.3 GiB are available (MemAvailable) on cpu"."""
     if not 0 < headroom <= 1:
         raise ValueError(f"headroom must be in (0, 1], got {headroom}")
-    have, source = _available(device)
+    have, source = available(device)
     if have is None:
         return None
     have += freed_bytes

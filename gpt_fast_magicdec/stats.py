@@ -61,6 +61,16 @@ class GenerationStats:
         return sum(self.new_tokens) / max(self.decode_s, 1e-9)
 
     @property
+    def throughput(self) -> float:
+        """Every row's tokens over the job's prefill + decode time: what a batch job delivers."""
+        return sum(self.new_tokens) / max(self.prefill_s + self.decode_s, 1e-9)
+
+    @property
+    def sequence_tokens_per_s(self) -> list:
+        """Per prompt, its tokens over its latency (admission to last token): what one user sees."""
+        return [n / max(t, 1e-9) for n, t in zip(self.new_tokens, self.latency_s)]
+
+    @property
     def acceptance_rate(self) -> Optional[float]:
         return self.accepted / self.drafted if self.drafted else None
 
@@ -86,6 +96,11 @@ class GenerationStats:
             f"decode:  {sum(self.new_tokens)} tokens in {self.decode_s:.3f} s = {self.tokens_per_s:.1f} tokens/s "
             f"(batch {self.batch_size}, {self.rounds} rounds, slots busy {self.slot_utilisation:.0%})",
         ]
+        rates = self.sequence_tokens_per_s
+        if n > 1:  # one sequence's rate is the whole job's; with many, the aggregate and the spread differ
+            r = percentiles(rates, (10, 50, 90))
+            lines.append(f"throughput: {self.throughput:.1f} tokens/s over all {n} rows (prefill + decode); per "
+                         f"sequence p10 {r[10]:.1f}, p50 {r[50]:.1f}, p90 {r[90]:.1f} tokens/s")
         if n == 1:
             lines.append(f"latency: {self.latency_s[0]:.2f} s")
         else:

@@ -17,7 +17,7 @@ from gpt_fast_magicdec.cli import bench
 from gpt_fast_magicdec.cli import generate
 from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
 from gpt_fast_magicdec.data import check_prompt_text, looks_like_jsonl, read_jsonl_prompts
-from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
+from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.errors import UserError
 from hf_fixtures import make_hf_checkpoint
 from tokenizer_fixtures import SAMPLE_TEXT, make_sentencepiece_dir
@@ -223,14 +223,19 @@ def test_short_prompt_speculates_with_a_clipped_budget(tmp_path, monkeypatch):
 
 def test_default_budget_is_clipped_to_a_short_context():
     cfg = DraftConfig(kind="self")
-    assert budget_for_context(cfg, 4000) is cfg  # long context: the default 512
-    short = budget_for_context(cfg, 600)
+    assert cfg.budget is None  # decided by the job
+    assert cfg.for_context(4000).budget == 512  # long context: the default
+    short = cfg.for_context(600)
     assert (short.budget, short.sink, short.view_window) == (150, 16, 134)
-    tiny = budget_for_context(cfg, 10)  # never below what the view needs
+    tiny = cfg.for_context(10)  # never below what the view needs
     assert tiny.budget == 16 + 4 * 3 and tiny.view_window >= tiny.gamma
-    snap = budget_for_context(DraftConfig(kind="self", kv="snapkv"), 600)
+    snap = DraftConfig(kind="self", kv="snapkv").for_context(600)
     assert snap.budget == 150 and snap.view_window == 37
-    assert budget_for_context(DraftConfig(kind="none"), 10).kind == "none"
+    assert DraftConfig(kind="none").for_context(10).kind == "none"
+    chosen = DraftConfig(kind="self", budget=256)
+    assert chosen.for_context(600) is chosen  # a budget given is used as is
+    windowed = DraftConfig(kind="self", kv="snapkv", window=100).for_context(600)  # a window given: not clipped
+    assert (windowed.budget, windowed.view_window) == (512, 100)
 
 
 def test_explicit_budget_is_respected(ckpts):
@@ -458,7 +463,7 @@ def test_bench_results_survive_a_failed_final_write(tmp_path, monkeypatch, how):
 def test_bench_refuses_weights_beyond_memory_before_loading(monkeypatch):
     from gpt_fast_magicdec import memory
 
-    monkeypatch.setattr(memory, "_available", lambda device: (8 * 2**30, "available (MemAvailable)"))
+    monkeypatch.setattr(memory, "available", lambda device: (8 * 2**30, "available (MemAvailable)"))
     monkeypatch.setattr(bench, "load_engine", _no_sweep)
     result = invoke(bench.main, "--random-weights", "llama-3.1-70b", "--device", "cpu", "--hardware", "H100-SXM",
                     "--batch-sizes", 1, "--prompt-lengths", 16)
@@ -470,7 +475,7 @@ def test_bench_skips_cpu_points_beyond_memory(tmp_path, monkeypatch):
     reason instead of meeting the OOM killer; the points that fit still run."""
     from gpt_fast_magicdec import memory
 
-    monkeypatch.setattr(memory, "_available", lambda device: (4 * 2**20, "available (MemAvailable)"))
+    monkeypatch.setattr(memory, "available", lambda device: (4 * 2**20, "available (MemAvailable)"))
     out = bench_ok("--batch-sizes", "1,64", "--out-dir", tmp_path / "out")
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["batch"] for r in data["rows"]} == {1}

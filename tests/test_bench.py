@@ -11,9 +11,13 @@ from gpt_fast_magicdec.cli import bench
 
 from gpt_fast_magicdec.benchmarking import sweep
 from gpt_fast_magicdec.cost_model import alpha_from_tokens_per_round, expected_tokens
-from gpt_fast_magicdec.data import long_document_prompts, random_prompts, read_jsonl_prompts, write_jsonl
+from gpt_fast_magicdec.data import long_document_prompts, random_prompts, read_jsonl_prompts
 from gpt_fast_magicdec.errors import UserError
 from tokenizer_fixtures import SAMPLE_TEXT, make_sentencepiece_dir
+
+
+def write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 ALPHA = 0.8

@@ -35,7 +35,7 @@ def test_most_recent_match_finds_the_latest_earlier_occurrence():
 
 
 def test_proposals_copy_what_followed_and_never_read_past_the_text():
-    drafter = LookupDrafter(DraftConfig(kind="lookup", ngram=2, gamma=3), None)
+    drafter = LookupDrafter(DraftConfig(kind="lookup", ngram=2, gamma=3))
     tokens = history([1, 2, 3, 4, 1, 2], [7, 8, 9, 7, 8, 9, 7, 8], [5, 6, 7])
     state = types.SimpleNamespace(tokens=tokens, cache_len=torch.tensor([5, 7, 2]))
     proposal = drafter.propose(state, 3, SamplingParams())
@@ -53,7 +53,7 @@ def test_ngram_min_leaves_short_matches_unproposed():
     tokens = history([4, 4], [1, 2, 9, 1, 2])  # row 0 only has a 1-gram match, row 1 a 2-gram
     state = types.SimpleNamespace(tokens=tokens, cache_len=torch.tensor([1, 4]))
     for ngram_min, counts in ((1, [1, 2]), (2, [0, 2])):
-        drafter = LookupDrafter(DraftConfig(kind="lookup", ngram=3, ngram_min=ngram_min, gamma=2), None)
+        drafter = LookupDrafter(DraftConfig(kind="lookup", ngram=3, ngram_min=ngram_min, gamma=2))
         assert drafter.propose(state, 2, SamplingParams()).count.tolist() == counts
 
 

@@ -8,7 +8,7 @@ import torch
 from gpt_fast_magicdec import memory
 from gpt_fast_magicdec.config import ModelArgs
 from gpt_fast_magicdec.errors import UserError
-from gpt_fast_magicdec.memory import available_bytes, check_fits, fits_reason, kv_cache_bytes, model_bytes
+from gpt_fast_magicdec.memory import available, check_fits, fits_reason, kv_cache_bytes, model_bytes
 from gpt_fast_magicdec.model import Transformer
 
 GiB = 2**30
@@ -38,7 +38,7 @@ def machine(tmp_path, monkeypatch):
 
 def test_memavailable_without_a_cgroup_limit(machine):
     machine.set(available=21.3 * GiB, files={"memory.max": "max\n", "memory.current": str(5 * GiB)})
-    assert available_bytes("cpu") == pytest.approx(21.3 * GiB, abs=1024)
+    assert available("cpu")[0] == pytest.approx(21.3 * GiB, abs=1024)
 
 
 @pytest.mark.parametrize("layout", ["v2", "v2 limit on a parent", "v2 hybrid", "v1"])
@@ -62,24 +62,24 @@ def test_a_cgroup_limit_tighter_than_memavailable_wins(machine, layout):
                  "memory/memory.limit_in_bytes": "9223372036854771712"}  # v1's "no limit"
         line = "4:memory:/docker/x\n0::/"
     machine.set(available=40 * GiB, cgroup_line=line, files=files)
-    assert available_bytes("cpu") == 3 * GiB  # 8 - 6 + 1 reclaimable
+    assert available("cpu")[0] == 3 * GiB  # 8 - 6 + 1 reclaimable
     assert "cgroup memory limit" in fits_reason("x", 10 * GiB, "cpu")
 
 
 def test_no_meminfo_falls_back_to_sysconf(machine, monkeypatch):
     machine.set()
     monkeypatch.setattr(memory.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
-    assert available_bytes("cpu") == 4096 * 1000
+    assert available("cpu")[0] == 4096 * 1000
 
 
 def test_cuda_uses_free_device_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (5 * GiB, 80 * GiB))
-    assert available_bytes("cuda:0") == 5 * GiB
+    assert available("cuda:0")[0] == 5 * GiB
     assert fits_reason("KV cache", 6 * GiB, "cuda:0") == "KV cache needs 6.0 GiB but 5.0 GiB are free on cuda:0"
 
 
 def test_unknown_devices_never_block():
-    assert available_bytes("meta") is None and fits_reason("x", 10**18, "meta") is None
+    assert available("meta")[0] is None and fits_reason("x", 10**18, "meta") is None
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama3", "tiny-qwen2", "llama-3.2-1b", "llama-3.1-8b"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gpt_fast_magicdec import drafters
-from gpt_fast_magicdec.drafting import DraftConfig, budget_for_context
+from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec import Engine
 from gpt_fast_magicdec.errors import UserError
 from gpt_fast_magicdec.policies import POLICIES, SPARSE_POLICIES, policy_help
@@ -36,7 +36,7 @@ def test_recent_reads_a_window_of_the_whole_budget():
     assert (cfg.view_window, cfg.n_selected) == (16, 0)
     with pytest.raises(UserError, match="must equal budget"):
         DraftConfig(kind="self", kv="recent", budget=16, window=8)
-    assert budget_for_context(DraftConfig(kind="self", kv="recent", gamma=3), 40).budget == 12  # 4 * gamma
+    assert DraftConfig(kind="self", kv="recent", gamma=3).for_context(40).budget == 12  # 4 * gamma
 
 
 @pytest.mark.parametrize("gamma", [1, 4])

@@ -21,9 +21,9 @@ from typing import Optional
 import click
 import torch
 
-from ..cli.options import resolve_device
+from ..devices import resolve_device
 from ..cost_model import measure_hardware
-from ..errors import UserError
+from ..errors import ParameterError
 from .report import device_name, sig
 
 NVIDIA_SMI_FIELDS = "name,driver_version,memory.total,clocks.max.sm,clocks.max.memory,power.limit"
@@ -93,8 +93,8 @@ def main(device: str, out: Optional[Path]) -> None:
     """Print the machine's versions and measured ceilings (one line), optionally as JSON too."""
     try:
         dev = resolve_device(device)
-    except UserError as err:
-        click.echo(f"error: {err}", err=True)
+    except ParameterError as err:
+        click.echo(f"error: {err.named({'device': '--device'})}", err=True)
         sys.exit(1)
     env = describe(dev)
     if out is not None:

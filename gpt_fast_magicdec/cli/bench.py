@@ -30,7 +30,8 @@ from gpt_fast_magicdec.benchmarking.report import device_name, git_commit, utc_n
 from gpt_fast_magicdec.benchmarking.sweep import DRAFTS, build_configs, sweep
 from gpt_fast_magicdec.benchmarking.sweep_report import (RESULT_FILES, check_out_dir, default_out_dir, merge_results,
                                                          write_outputs)
-from gpt_fast_magicdec.cli.options import model_options, resolve_device, resolve_dtype
+from gpt_fast_magicdec.cli.options import model_options
+from gpt_fast_magicdec.devices import check_model_source, resolve_device, resolve_dtype
 from gpt_fast_magicdec.config import PRESETS, ModelArgs
 from gpt_fast_magicdec.cost_model import PROFILES, get_profile
 from gpt_fast_magicdec.data import long_document_prompts, random_prompts
@@ -46,7 +47,8 @@ from gpt_fast_magicdec.tokenizer import check_tokenizer_fits, load_tokenizer
 FLAGS = {"gamma": "--gammas", "budget": "--budgets", "sink": "--sink", "window": "the window", "kv": "--drafts",
          "kind": "--drafts", "checkpoint": "--checkpoint", "random_weights": "--random-weights",
          "draft_checkpoint": "--draft-checkpoint", "draft_random_weights": "--draft-random-weights",
-         "attention": "--attention", "max_new_tokens": "--max-new-tokens", "prefill_chunk": "--prefill-chunk"}
+         "attention": "--attention", "max_new_tokens": "--max-new-tokens", "prefill_chunk": "--prefill-chunk",
+         "device": "--device", "dtype": "--dtype"}
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------
@@ -199,10 +201,9 @@ def run(checkpoint, random_weights, draft_checkpoint, draft_random_weights, batc
         write_outputs(merge_results(merge, command_line(dict(merge=merge, out_dir=out_dir))), out_dir,
                       overwrite, new_dir)
         return
-    if (checkpoint is None) == (random_weights is None):
-        raise UserError("give exactly one of --checkpoint DIR or --random-weights PRESET")
-    if draft_checkpoint is not None and draft_random_weights is not None:
-        raise UserError("give at most one of --draft-checkpoint and --draft-random-weights")
+    check_model_source(checkpoint, random_weights, draft_checkpoint, draft_random_weights)
+    if checkpoint is None and random_weights is None:  # no bundled default: a sweep names what it measures
+        raise UserError("give one of --checkpoint DIR or --random-weights PRESET")
     draft_checkpoint = resolve_draft_checkpoint(draft_checkpoint)  # 'bundled-draft' -> its directory
     if draft_checkpoint is not None and not draft_checkpoint.is_dir():
         raise UserError(f"--draft-checkpoint {draft_checkpoint}: "

@@ -14,38 +14,41 @@ def echo(line: str = "") -> None:
         print(line, flush=True)
 
 
-def report(runs: list, timing, job) -> None:
-    """runs: [RunResult] (plain first with --compare); timing: (plain, speculative) tok/s Spreads or
-    None. Under torchrun rank 0 prints; with replicas, its own replica's share."""
-    o, final = job.o, runs[-1]
+def report(result, batch, o, copy_bandwidth) -> None:
+    """result: the batch.BatchResult (runs: plain first with --compare; timing: (plain, speculative)
+    tok/s Spreads or None), batch: its BatchRun, o: the command's options. Under torchrun rank 0
+    prints; with replicas, its own replica's share."""
+    runs, final = result.runs, result.final
+    tokenizer, layout = batch.engine.tokenizer, batch.layout
     if o.out is None or o.verbose:
         for i in sorted(final.completions):
             toks = final.completions[i].tokens
-            shown = job.tokenizer.decode(toks) if job.tokenizer else " ".join(map(str, toks[:32])) + " ..."
+            shown = tokenizer.decode(toks) if tokenizer else " ".join(map(str, toks[:32])) + " ..."
             echo(f"--- [{i}] {shown}")
-    if job.layout is not None and job.layout.replicas > 1:
-        echo(f"== replica {job.layout.replica} of {job.layout.replicas} (TP {job.layout.tp_size}): "
-             f"{len(final.completions)} of {len(job.prompt_ids)} prompts")
+    if layout is not None and layout.replicas > 1:
+        echo(f"== replica {layout.replica} of {layout.replicas} (TP {layout.tp_size}): "
+             f"{len(final.completions)} of {len(batch.prompt_ids)} prompts")
     for run in runs:
         echo(f"== {run.name}")
         for line in run.stats.summary_lines():
             echo("   " + line)
     for line in auto_gamma_lines(final):
         echo(line)
-    plain = [run for run in runs if not run.cfg.enabled]
+    plain = [run for run in runs if not run.draft.enabled]
     if plain and (o.compare or o.verbose):
-        echo(bandwidth_line(job.engine, plain[0].stats, job.copy_bandwidth))
-    if timing is None:
+        echo(bandwidth_line(batch.engine, plain[0].stats, copy_bandwidth))
+    if result.timing is None:
         return
-    plain_tps, spec_tps = timing
+    plain_tps, spec_tps = result.timing
     echo(f"== speedup over plain decoding: {spec_tps.median / plain_tps.median:.2f}x")
     if o.repeats > 1:
         echo(timing_line(plain_tps, spec_tps, o.repeats))
-    if not job.sampling.greedy:
+    if not batch.sampling.greedy:
         return
     order = sorted(final.completions)
-    verdict = lossless.compare_greedy(job.engine, [job.prompt_ids[i] for i in order],
-                              [runs[0].completions[i].tokens for i in order], [final.completions[i].tokens for i in order])
+    verdict = lossless.compare_greedy(batch.engine, [batch.prompt_ids[i] for i in order],
+                                      [runs[0].completions[i].tokens for i in order],
+                                      [final.completions[i].tokens for i in order])
     for line in verdict.lines:
         echo(f"   {line}")
     if not verdict.ok:

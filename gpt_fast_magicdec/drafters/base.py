@@ -58,13 +58,14 @@ class Drafter:
 
     reads_cache = False  # proposes by reading a KV cache through the config's selection policy view
 
-    def __init__(self, config, ctx: DraftContext):
+    def __init__(self, config):
         self.config = config
 
     @classmethod
     def create(cls, config, ctx: DraftContext) -> "Drafter":
-        """The drafter for `config` on this rank (a subclass may return another class here)."""
-        return cls(config, ctx)
+        """The drafter for `config` on this rank, built from what `ctx` holds (a drafter with no model
+        needs none of it; a subclass may return another class here)."""
+        return cls(config)
 
     @classmethod
     def check(cls, config) -> None:
@@ -94,7 +95,7 @@ class ModelDrafter(Drafter):
     first_tokens = 1  # tokens its first step feeds each round (2 when it re-reads `prev`)
 
     def __init__(self, config, ctx: DraftContext, model: Optional[Transformer]):
-        super().__init__(config, ctx)
+        super().__init__(config)
         self.model, self.runner = model, ctx.runner
         self.selection = None
         if model is not None and not config.full:
@@ -102,6 +103,10 @@ class ModelDrafter(Drafter):
             self.selection = [torch.full(shape, -1, dtype=torch.long, device=model.output.weight.device)
                               for _ in range(model.args.n_layers)]
         self._steps: dict[tuple[int, bool], Step] = {}
+
+    @classmethod
+    def create(cls, config, ctx: DraftContext) -> "ModelDrafter":
+        return cls(config, ctx)
 
     @classmethod
     def check(cls, config) -> None:

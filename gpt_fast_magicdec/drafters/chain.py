@@ -13,7 +13,7 @@ from .base import Drafter, Proposal
 
 class ChainDrafter(Drafter):
     def __init__(self, first: Drafter, second: Drafter):
-        super().__init__(first.config, None)
+        super().__init__(first.config)
         self.first, self.second = first, second
 
     def steps(self, greedy):

@@ -1,7 +1,6 @@
 """The whole cache: classic speculative decoding with a standalone draft model."""
 from __future__ import annotations
 
-from ..errors import ParameterError
 from .base import SelectionPolicy
 
 
@@ -11,9 +10,7 @@ class Full(SelectionPolicy):
     full = True
 
     def validate(self, config) -> None:
-        if "self" in config.stages:
-            raise ParameterError("{kv} 'full' (the whole cache) needs a standalone draft: a full-view self-draft is "
-                                 "the target itself; pick a sparse {kv} and a positive {budget}")
+        """Nothing to check: no budget, no window. (A self-draft cannot be full: SelfDrafter.check.)"""
 
     def smallest_budget(self, config) -> int:
         return config.budget
