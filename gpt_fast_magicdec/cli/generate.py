@@ -37,7 +37,8 @@ from gpt_fast_magicdec.errors import ParameterError, UserError
 from gpt_fast_magicdec.output import JobOutput, is_regular_target
 from gpt_fast_magicdec.policies import POLICIES, policy_help
 from gpt_fast_magicdec.sampling import SamplingParams
-from gpt_fast_magicdec.tp import broadcast_object, env_world_size, fail_together, is_main_process, parse_tp_size, run_cli, start
+from gpt_fast_magicdec.tp import (ExitAlone, broadcast_object, env_world_size, fail_together, is_main_process,
+                                  is_peer_failure, parse_tp_size, run_cli, start)
 
 DEFAULT_PROMPT = "Once upon a time"
 # The library's parameter names as this CLI's flags, for ParameterError messages.
@@ -364,15 +365,27 @@ def run(o, explicit: frozenset = frozenset()) -> None:
         raise
     if batch.done:
         echo(f"resuming: {len(batch.done)} of {len(batch.prompt_ids)} prompts are already complete in {o.out}")
+    # From here a failure is one rank's (its write failed, it was signalled, a peer died): it says
+    # what is safe itself, and leaves without waiting for ranks that may be inside a collective.
     try:
         result = batch.execute(o.compare, o.repeats)
     except KeyboardInterrupt:
         interrupted(batch, "interrupted:")
-        sys.exit(EXIT_INTERRUPTED)
+        raise ExitAlone(EXIT_INTERRUPTED) from None
     except Terminated:
         interrupted(batch, "error: stopped by SIGTERM (a scheduler, or torchrun after another rank failed):",
                     every_rank=True)
-        sys.exit(EXIT_TERMINATED)
+        raise ExitAlone(EXIT_TERMINATED) from None
+    except UserError as err:
+        if layout is None:
+            raise
+        click.echo(f"error: rank {layout.rank}: {err}", err=True)
+        raise ExitAlone(1) from None
+    except RuntimeError as err:
+        if layout is None or not is_peer_failure(err):
+            raise
+        interrupted(batch, "error: another rank of this job stopped (its own message says why):", every_rank=True)
+        raise ExitAlone(1) from None
     if result.runs:
         report(result, batch, o, copy_bandwidth)
     finished(result, batch, o)
@@ -385,11 +398,12 @@ def finished(result, batch: BatchRun, o) -> None:
              "embedding is larger): left out of the text, kept in completion_ids", err=True)
     if o.out is None or batch.output.direct:
         return
-    if result.problem:
-        echo(f"warning: could not rewrite {o.out} in input order ({result.problem}); every completion is in it "
-             "(and in its .part files with several replicas), in the order they finished", err=True)
-    else:
-        echo(f"wrote {o.out}")
+    if result.problem:  # every rank learnt it from rank 0: all exit together
+        echo(f"error: could not rewrite {o.out} in input order ({result.problem}); every completion is in it "
+             "(and in its .part files with several replicas), in the order they finished: re-run the same command "
+             "with --resume (once the cause is fixed) to finish it", err=True)
+        sys.exit(1)
+    echo(f"wrote {o.out}")
 
 
 def interrupted(batch: BatchRun, prefix: str, every_rank: bool = False) -> None:
