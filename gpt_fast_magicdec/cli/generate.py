@@ -25,7 +25,7 @@ from click.core import ParameterSource
 from gpt_fast_magicdec import load_engine
 from gpt_fast_magicdec.batch import BatchRun
 from gpt_fast_magicdec.cli.options import model_options
-from gpt_fast_magicdec.cli.report import report
+from gpt_fast_magicdec.cli.report import echo, finished, interrupted, report
 from gpt_fast_magicdec.config import PRESETS
 from gpt_fast_magicdec.cost_model import PROFILES, get_profile, measure_hardware
 from gpt_fast_magicdec.data import check_prompt_text, random_prompts, read_jsonl_prompts
@@ -176,12 +176,6 @@ def main(**opts):
 
 # generate's command line as click parsed it: one field per option, declared once (by the decorators).
 Options = dataclasses.make_dataclass("Options", [p.name for p in main.params], frozen=True)
-
-
-def echo(*args, **kwargs) -> None:
-    """click.echo on rank 0 only (everywhere outside torchrun)."""
-    if is_main_process():
-        click.echo(*args, **kwargs)
 
 
 def _one_line_warning(message, *args, **kwargs):
@@ -389,29 +383,6 @@ def run(o, explicit: frozenset = frozenset()) -> None:
     if result.runs:
         report(result, batch, o, copy_bandwidth)
     finished(result, batch, o)
-
-
-def finished(result, batch: BatchRun, o) -> None:
-    """The lines after the report: what became of --out."""
-    if batch.ids_without_piece:
-        echo(f"warning: {batch.ids_without_piece} generated ids have no piece in the tokenizer (the model's "
-             "embedding is larger): left out of the text, kept in completion_ids", err=True)
-    if o.out is None or batch.output.direct:
-        return
-    if result.problem:  # every rank learnt it from rank 0: all exit together
-        echo(f"error: could not rewrite {o.out} in input order ({result.problem}); every completion is in it "
-             "(and in its .part files with several replicas), in the order they finished: re-run the same command "
-             "with --resume (once the cause is fixed) to finish it", err=True)
-        sys.exit(1)
-    echo(f"wrote {o.out}")
-
-
-def interrupted(batch: BatchRun, prefix: str, every_rank: bool = False) -> None:
-    """Ctrl-C or SIGTERM: say how much is safe and how to resume, on rank 0 (each replica's first
-    rank with several), or with every_rank on every rank. The output is closed already."""
-    layout = batch.layout
-    if every_rank or is_main_process() or (layout is not None and layout.leader):
-        click.echo(f"{prefix} {batch.safe_summary()}", err=True)
 
 
 class Terminated(Exception):
