@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .drafting import DraftConfig
 from .errors import ParameterError
+from .job import check_fits
 from .output import JobOutput, fingerprint, make_row, text_hash
 from .sampling import GREEDY, SamplingParams
 from .stats import Completion, GenerationStats
@@ -105,6 +106,9 @@ class BatchRun:
         if empty:
             raise ParameterError(f"prompt {empty[0]} is empty (no tokens): every prompt needs at least one "
                                  "({prompts})")
+        # Every prompt checked now: a prompt too long for the model fails before any work or file.
+        check_fits(self.prompt_ids, [max_new_tokens] * len(self.prompt_ids), max_seq_len,
+                   engine.args.max_position_embeddings)
         self.sampling, self.slots, self.max_new_tokens, self.seed = sampling, slots, max_new_tokens, seed
         self.eos_ids = tuple(tokenizer.eos_ids if eos_ids is None and tokenizer is not None else eos_ids or ())
         self.prefill_chunk, self.max_seq_len, self.refill = prefill_chunk, max_seq_len, refill
@@ -118,7 +122,6 @@ class BatchRun:
         self.hashes = [text_hash(t) for t in texts] if texts else [text_hash(ids) for ids in self.prompt_ids]
         self.options = self.text_options()
         self.run_id = fingerprint(self.options)
-        self.written = 0
         self.ids_without_piece = 0  # generated ids the tokenizer has no piece for (left out of the text)
         self.writes = output is not None and (layout is None or layout.leader)
         done = output.done_indices(self.run_id, self.options, self.hashes, layout) if output is not None else set()
@@ -163,6 +166,12 @@ class BatchRun:
                 self.output.release()
         return BatchResult(runs, timing, len(self.done), self.written, problem)
 
+    @property
+    def written(self) -> int:
+        """Rows this process has written so far (counted by the output as each is flushed, so a
+        signal that arrives right after a write still counts it)."""
+        return self.output.written if self.output is not None else 0
+
     def run(self, draft: DraftConfig, write: bool) -> RunResult:
         """One pass over the share through engine.stream, each completion written as it finishes."""
         controller = self.auto_gamma(draft) if self.gamma_auto is not None and draft.enabled else None
@@ -183,7 +192,6 @@ class BatchRun:
             completions[c.index] = c
             if write and self.writes:
                 self.output.write(self.row(c))
-                self.written += 1
             bar.update(c)
         bar.close()
         return RunResult(name, completions, job.stats, job.draft, controller)

@@ -23,6 +23,9 @@ class ParameterError(UserError):
         self.template = template
         super().__init__(self.named({}))
 
+    def __reduce__(self):  # sent between ranks as its template, so every rank can name its flags
+        return type(self), (self.template,)
+
     @property
     def parameters(self) -> list[str]:
         return [field for _, field, _, _ in string.Formatter().parse(self.template) if field]

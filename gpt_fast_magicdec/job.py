@@ -36,6 +36,21 @@ from .steps import step_output
 from .timing import NO_TIMER, PhaseTimer
 
 
+def check_fits(prompts: list, max_new: list, max_seq_len: Optional[int], context: int,
+               indices: Optional[list] = None) -> None:
+    """Every prompt (token ids) with its new tokens within max_seq_len, or without one the model's
+    context; else one ParameterError naming the first prompt that is too long (its index in the
+    caller's input: `indices`) and its length, before any work."""
+    limit = max_seq_len or context
+    for i, (prompt, new) in enumerate(zip(prompts, max_new)):
+        if len(prompt) + new > limit:
+            where = (f"{{max_seq_len}} {limit}" if max_seq_len else
+                     f"the model's context of {limit} tokens ({{max_seq_len}} can raise it, past the positions the model was trained on)")
+            index = i if indices is None else indices[i]
+            raise ParameterError(f"prompt {index} has {len(prompt)} tokens; with {new} new tokens it does not fit "
+                                 f"{where}: shorten it, or lower {{max_new_tokens}}")
+
+
 class Job:
     """prompts (token-id lists, ragged) through `slots` rows of `engine`; iterate it for the
     Completions in the order they finish, then read `stats`.
@@ -64,12 +79,8 @@ class Job:
             raise ParameterError(f"{{prefill_chunk}} must be >= 1, got {prefill_chunk}")
         if indices is not None and len(indices) != n:
             raise ParameterError(f"{{indices}} must give one index per prompt: {len(indices)} for {n} prompts")
-        limit = max_seq_len or engine.args.max_position_embeddings
+        check_fits(prompts, max_new, max_seq_len, engine.args.max_position_embeddings, indices)
         worst = max(range(n), key=lambda i: len(prompts[i]) + max_new[i])
-        if len(prompts[worst]) + max_new[worst] > limit:
-            raise ParameterError(f"a prompt of {len(prompts[worst])} tokens plus {max_new[worst]} new tokens does not "
-                                 f"fit {{max_seq_len}} {limit}: shorten the prompt, lower {{max_new_tokens}}, or raise "
-                                 "{max_seq_len}")
         self.engine, self.prompts, self.max_new = engine, prompts, max_new
         self.slots = min(slots or n, n)
         # A budget left to the job is decided by its shortest prompt (a caller serving part of a

@@ -59,6 +59,17 @@ def is_regular_target(path: Path) -> bool:
     return stat.S_ISREG(mode)
 
 
+def file_mode(path: Path) -> int:
+    """The permission bits `path` has, or a new file would get from the umask: what the final
+    rewrite gives the output, so a shared results directory stays as readable as the user made it."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def part_path(out: Path, replica: int) -> Path:
     return out.with_name(f"{out.name}.part{replica}")
 
@@ -162,6 +173,7 @@ class JobOutput:
             self._refuse_existing()
             self._probe_append()
         self.done: set[int] = set()
+        self.written = 0  # rows this process appended
         self._file = None
         self._target = self.path
         self._dirty = False
@@ -213,17 +225,25 @@ class JobOutput:
         this run: its options (`run`, their fingerprint) and the hash of the prompt at its index.
         With replicas (layout), each replica's leader reads what it sees and all exchange indices."""
         reads = not self.direct and self.resume and (layout is None or layout.leader)
-        done = set()
-        for path in [self.path, *part_paths(self.path)] if reads else ():
-            for row in read_rows(path):
-                self._check_row(path, row, run, options, prompt_hashes)
-                done.add(row["index"])
+        done, error = set(), None
+        try:
+            for path in [self.path, *part_paths(self.path)] if reads else ():
+                for row in read_rows(path):
+                    self._check_row(path, row, run, options, prompt_hashes)
+                    done.add(row["index"])
+        except UserError as err:
+            if layout is None:
+                raise
+            error = err  # raised below on every rank: the others would otherwise wait at the exchange
         if layout is not None:
             import torch.distributed as dist
 
             views = [None] * layout.world_size
-            dist.all_gather_object(views, sorted(done))
-            done = {i for view in views for i in view}
+            dist.all_gather_object(views, (sorted(done), error))
+            errors = [err for _, err in views if err is not None]
+            if errors:
+                raise errors[0]
+            done = {i for view, _ in views for i in view}
         self.done = done
         return done
 
@@ -264,6 +284,7 @@ class JobOutput:
             with self._mutex:
                 self._file.write(line)
                 self._file.flush()  # in the OS from now on: a killed process loses nothing written
+                self.written += 1
                 self._dirty = True
         except OSError as err:
             raise UserError(f"cannot write --out {self._target} ({err.strerror}); {self.safe_line()}") from None
@@ -344,17 +365,21 @@ class JobOutput:
         """Replace the file by `rows` sorted by index (atomically)."""
         if len(rows) < n_prompts:
             return f"only {len(rows)} of {n_prompts} prompts have a completion"
+        target = self.path.resolve()  # a symlink to a regular file keeps pointing at it
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.path.resolve().parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.chmod(fd, file_mode(target))  # mkstemp's file is private (0600); the output's is not
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for index in sorted(rows):
                     f.write(json.dumps(rows[index], ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path.resolve())  # a symlink to a regular file keeps pointing at it
+            os.replace(tmp, target)
+            tmp = None
         except OSError as err:
+            return err.strerror or type(err).__name__
+        finally:  # a failed write, or an interrupt before the rename: the output beside it is intact
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-            return err.strerror or type(err).__name__
         return None

@@ -94,7 +94,9 @@ class GenerationStats:
             + (f" ({self.refills} refills)" if self.refills else "")
             + (f" (+ {self.capture_s:.1f} s compiling and capturing CUDA graphs)" if self.capture_s > 0.01 else ""),
             f"decode:  {sum(self.new_tokens)} tokens in {self.decode_s:.3f} s = {self.tokens_per_s:.1f} tokens/s "
-            f"(batch {self.batch_size}, {self.rounds} rounds, slots busy {self.slot_utilisation:.0%})",
+            f"(batch {self.batch_size}, {self.rounds} rounds, slots busy {self.slot_utilisation:.0%})" if self.rounds
+            else f"decode:  none (batch {self.batch_size}): every completion's {sum(self.new_tokens)} tokens came "
+                 "from the prefill",
         ]
         rates = self.sequence_tokens_per_s
         if n > 1:  # one sequence's rate is the whole job's; with many, the aggregate and the spread differ

@@ -433,6 +433,21 @@ def fail_together(layout: Optional[Layout]):
 
 
 # ---- leaving the process group ----------------------------------------------------------------------
+class ExitAlone(SystemExit):
+    """sys.exit for an exit one rank takes on its own in the middle of a run (Ctrl-C, SIGTERM, a
+    write that failed, a peer that died): the other ranks may be inside a collective this rank will
+    never join, so run_cli leaves without waiting for them at a barrier."""
+
+
+# How gloo reports a collective whose peer is gone (killed, crashed, or left on its own exit).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank of the job is gone."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE))
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the torchrun process group deterministically: flush what this rank printed, wait at a
     barrier until every rank is done (`clean`: every rank reached the same exit; skipped after an
@@ -471,6 +486,8 @@ def run_cli(main) -> None:
     try:
         main()
         code, clean = 0, True
+    except ExitAlone as e:  # the peers may be mid-collective: no barrier
+        code, clean = e.code, False
     except SystemExit as e:  # click's normal end, or our one-line error
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from gpt_fast_magicdec.cli import generate
 from gpt_fast_magicdec import output as output_module
 
-ROOT = Path(__file__).resolve().parents[1]
+from processes import ROOT, default_signals, environment
+
 PASSAGE = (ROOT / "tests" / "data" / "long_passage.txt").read_text()
 
 
@@ -167,15 +168,9 @@ def cli(*args) -> list:
     return [sys.executable, "generate.py", *map(str, args)]
 
 
-def default_signals() -> None:
-    """In the child, before it runs: SIGINT as a terminal delivers it. A pytest started in the
-    background of a non-interactive shell (`&`, nohup) ignores SIGINT, and a child inherits that."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def spawn(args, cache_dir) -> subprocess.Popen:
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(cli(*args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cli(*args), cwd=ROOT, env=environment(XDG_CACHE_HOME=str(cache_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_signals)
 
 

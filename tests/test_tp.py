@@ -12,7 +12,6 @@ The sharding planner is tested directly for world sizes that would need more pro
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from processes import LAUNCH_TIMEOUT_S, launch
+
 pytestmark = pytest.mark.slow  # process launches: torchrun, 2-4 gloo ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 400
 PROMPTS = ["--prompt", "The old house", "--prompt", "A letter came today, and it said"]
 COMMON = [*PROMPTS, "--bsz", "2", "--max-new-tokens", "12", "--no-progress"]
-LAUNCH_TIMEOUT_S = 120
 
 
 # ---- the sharding planner ------------------------------------------------------------------------
@@ -133,25 +133,6 @@ def speculation(output: str) -> list:
     lines = [line.strip() for line in output.splitlines() if line.strip().startswith("speculation:")]
     assert lines, output
     return lines
-
-
-def launch(cmd, timeout=LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run cmd from the repository root in its own session; kill the whole group if anything is left."""
-    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout} s (a hang)")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stray ranks, if torchrun left any
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def torchrun(*args, timeout=LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from click.core import ParameterSource
 from gpt_fast_magicdec import load_engine
 from gpt_fast_magicdec.batch import BatchRun
 from gpt_fast_magicdec.cli.options import model_options
-from gpt_fast_magicdec.cli.report import report
+from gpt_fast_magicdec.cli.report import echo, finished, interrupted, report
 from gpt_fast_magicdec.config import PRESETS
 from gpt_fast_magicdec.cost_model import PROFILES, get_profile, measure_hardware
 from gpt_fast_magicdec.data import check_prompt_text, random_prompts, read_jsonl_prompts
@@ -37,7 +37,8 @@ from gpt_fast_magicdec.errors import ParameterError, UserError
 from gpt_fast_magicdec.output import JobOutput, is_regular_target
 from gpt_fast_magicdec.policies import POLICIES, policy_help
 from gpt_fast_magicdec.sampling import SamplingParams
-from gpt_fast_magicdec.tp import broadcast_object, env_world_size, fail_together, is_main_process, parse_tp_size, run_cli, start
+from gpt_fast_magicdec.tp import (ExitAlone, broadcast_object, env_world_size, fail_together, is_main_process,
+                                  is_peer_failure, parse_tp_size, run_cli, start)
 
 DEFAULT_PROMPT = "Once upon a time"
 # The library's parameter names as this CLI's flags, for ParameterError messages.
@@ -175,12 +176,6 @@ def main(**opts):
 
 # generate's command line as click parsed it: one field per option, declared once (by the decorators).
 Options = dataclasses.make_dataclass("Options", [p.name for p in main.params], frozen=True)
-
-
-def echo(*args, **kwargs) -> None:
-    """click.echo on rank 0 only (everywhere outside torchrun)."""
-    if is_main_process():
-        click.echo(*args, **kwargs)
 
 
 def _one_line_warning(message, *args, **kwargs):
@@ -364,40 +359,30 @@ def run(o, explicit: frozenset = frozenset()) -> None:
         raise
     if batch.done:
         echo(f"resuming: {len(batch.done)} of {len(batch.prompt_ids)} prompts are already complete in {o.out}")
+    # From here a failure is one rank's (its write failed, it was signalled, a peer died): it says
+    # what is safe itself, and leaves without waiting for ranks that may be inside a collective.
     try:
         result = batch.execute(o.compare, o.repeats)
     except KeyboardInterrupt:
         interrupted(batch, "interrupted:")
-        sys.exit(EXIT_INTERRUPTED)
+        raise ExitAlone(EXIT_INTERRUPTED) from None
     except Terminated:
         interrupted(batch, "error: stopped by SIGTERM (a scheduler, or torchrun after another rank failed):",
                     every_rank=True)
-        sys.exit(EXIT_TERMINATED)
+        raise ExitAlone(EXIT_TERMINATED) from None
+    except UserError as err:
+        if layout is None:
+            raise
+        click.echo(f"error: rank {layout.rank}: {err}", err=True)
+        raise ExitAlone(1) from None
+    except RuntimeError as err:
+        if layout is None or not is_peer_failure(err):
+            raise
+        interrupted(batch, "error: another rank of this job stopped (its own message says why):", every_rank=True)
+        raise ExitAlone(1) from None
     if result.runs:
         report(result, batch, o, copy_bandwidth)
     finished(result, batch, o)
-
-
-def finished(result, batch: BatchRun, o) -> None:
-    """The lines after the report: what became of --out."""
-    if batch.ids_without_piece:
-        echo(f"warning: {batch.ids_without_piece} generated ids have no piece in the tokenizer (the model's "
-             "embedding is larger): left out of the text, kept in completion_ids", err=True)
-    if o.out is None or batch.output.direct:
-        return
-    if result.problem:
-        echo(f"warning: could not rewrite {o.out} in input order ({result.problem}); every completion is in it "
-             "(and in its .part files with several replicas), in the order they finished", err=True)
-    else:
-        echo(f"wrote {o.out}")
-
-
-def interrupted(batch: BatchRun, prefix: str, every_rank: bool = False) -> None:
-    """Ctrl-C or SIGTERM: say how much is safe and how to resume, on rank 0 (each replica's first
-    rank with several), or with every_rank on every rank. The output is closed already."""
-    layout = batch.layout
-    if every_rank or is_main_process() or (layout is not None and layout.leader):
-        click.echo(f"{prefix} {batch.safe_summary()}", err=True)
 
 
 class Terminated(Exception):

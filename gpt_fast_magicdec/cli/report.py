@@ -1,6 +1,11 @@
 """What gfm-generate prints after its runs: completions, each run's statistics, --gamma auto's
-choices, and with --compare the speedup and the lossless check."""
+choices, with --compare the speedup and the lossless check; then what became of --out, or after an
+interruption what is safe in it."""
 from __future__ import annotations
+
+import sys
+
+import click
 
 from gpt_fast_magicdec.cost_model import decode_step_cost
 from gpt_fast_magicdec.errors import UserError
@@ -9,9 +14,10 @@ from gpt_fast_magicdec.timing import UNSTABLE_SPREAD, Spread
 from gpt_fast_magicdec.tp import is_main_process
 
 
-def echo(line: str = "") -> None:
+def echo(line: str = "", err: bool = False) -> None:
+    """A line on rank 0 only (everywhere outside torchrun)."""
     if is_main_process():
-        print(line, flush=True)
+        click.echo(line, err=err)
 
 
 def report(result, batch, o, copy_bandwidth) -> None:
@@ -89,3 +95,25 @@ def bandwidth_line(engine, stats, copy_bw: float) -> str:
     return (f"   memory bandwidth (plain decoding): {achieved / 1e9:.1f} GB/s achieved per rank = "
             f"{100 * achieved / copy_bw:.0f}% of measured copy bandwidth ({copy_bw / 1e9:.0f} GB/s)")
 
+
+def finished(result, batch, o) -> None:
+    """The lines after the report: what became of --out."""
+    if batch.ids_without_piece:
+        echo(f"warning: {batch.ids_without_piece} generated ids have no piece in the tokenizer (the model's "
+             "embedding is larger): left out of the text, kept in completion_ids", err=True)
+    if o.out is None or batch.output.direct:
+        return
+    if result.problem:  # every rank learnt it from rank 0: all exit together
+        echo(f"error: could not rewrite {o.out} in input order ({result.problem}); every completion is in it "
+             "(and in its .part files with several replicas), in the order they finished: re-run the same command "
+             "with --resume (once the cause is fixed) to finish it", err=True)
+        sys.exit(1)
+    echo(f"wrote {o.out}")
+
+
+def interrupted(batch, prefix: str, every_rank: bool = False) -> None:
+    """Ctrl-C or SIGTERM: say how much is safe and how to resume, on rank 0 (each replica's first
+    rank with several), or with every_rank on every rank. The output is closed already."""
+    layout = batch.layout
+    if every_rank or is_main_process() or (layout is not None and layout.leader):
+        click.echo(f"{prefix} {batch.safe_summary()}", err=True)
