@@ -53,7 +53,7 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
                   qk_scale, window, n_sel, T, G, num_splits, layer_window,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_D: tl.constexpr, COMPACT: tl.constexpr, SPLIT_OUT: tl.constexpr, PRECISION: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+                  DOT_FP32: tl.constexpr, SEL_LAYER_BOUND: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)  # int64 so b * stride cannot overflow on big caches
     h_kv = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,10 +91,12 @@ def _split_kernel(Q, K, V, SK, SV, CacheLen, SelPos, Out, PartO, PartM, PartL,
         is_sel = idx < n_sel  # selected slot (sparse view) vs window key
         sel = tl.load(SelPos + b * spb + h_kv * sph + idx * spk, mask=in_range & is_sel, other=-1)
         kpos = tl.where(is_sel, sel.to(tl.int32), win_lo + idx - n_sel)  # [BLOCK_N] cache position
-        # Visibility [BLOCK_M, BLOCK_N]: selected keys only before the window and inside the layer's
-        # own window, window keys causal.
-        vis_sel = ((kpos[None, :] >= 0) & (kpos[None, :] <= pos_q[:, None] - window)
-                   & (kpos[None, :] > pos_q[:, None] - layer_window))
+        # Visibility [BLOCK_M, BLOCK_N]: selected keys only before the window (and, on a sliding
+        # layer, inside the layer's own window), window keys causal. The layer bound is compiled in
+        # only where a selection meets a sliding layer: the full view's band is its clipped window.
+        vis_sel = (kpos[None, :] >= 0) & (kpos[None, :] <= pos_q[:, None] - window)
+        if SEL_LAYER_BOUND:
+            vis_sel = vis_sel & (kpos[None, :] > pos_q[:, None] - layer_window)
         vis_win = (kpos[None, :] <= pos_q[:, None]) & (kpos[None, :] > pos_q[:, None] - window)
         visible = tl.where(is_sel[None, :], vis_sel, vis_win) & in_range[None, :]
         # A selected key is needed only if some row sees it; invisible ones are never loaded.
@@ -313,7 +315,8 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
     dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu"  # interpreter bf16 workaround
     precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"  # fp32 stays exact (no TF32)
     constexprs = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_D=tile.block_d, HEAD_D=D,
-                      COMPACT=compact, PRECISION=precision, DOT_FP32=dot_fp32)
+                      COMPACT=compact, PRECISION=precision, DOT_FP32=dot_fp32,
+                      SEL_LAYER_BOUND=n_sel > 0 and sliding_window is not None)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, T, D]
 
     def split_call(splits: int) -> KernelCall:

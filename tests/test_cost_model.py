@@ -417,3 +417,33 @@ def test_validation_script_runs_on_cpu(tmp_path, monkeypatch):
     for row in rows:
         predicted, measured = float(row[7]), float(row[8])
         assert predicted > 0 and measured == 1.0
+
+
+# ---- models of 2025-26: Qwen3, sliding-window targets ----------------------------------------------
+def test_param_counts_of_qwen3_and_mistral_v01_match_their_model_cards():
+    # Qwen3: per-head q/k norms (2 x 128 per layer), head_dim 128 independent of the width.
+    assert param_count(ModelArgs.from_preset("qwen3-0.6b")) == 596_049_920  # tied head
+    assert param_count(ModelArgs.from_preset("qwen3-8b")) == 8_190_735_360
+    assert param_count(ModelArgs.from_preset("mistral-7b-v0.1")) == 7_241_732_096
+
+
+MISTRAL_V01 = ModelArgs.from_preset("mistral-7b-v0.1")  # every layer: the last 4096 keys
+UNWINDOWED = dataclasses.replace(MISTRAL_V01, sliding_window=None)
+
+
+def test_a_sliding_window_bounds_the_targets_kv_read():
+    """Past its window a windowed target's step costs the same at any context; before it, the same
+    as the unwindowed model. A mix (layer_types) pays the window on its sliding layers only."""
+    H200 = get_profile("H200")
+    at = {ctx: decode_step_cost(MISTRAL_V01, 64, ctx, 4) for ctx in (2048, 4096, 8192, 32768)}
+    assert at[2048].attn_bytes == decode_step_cost(UNWINDOWED, 64, 2048, 4).attn_bytes
+    assert at[4096].attn_bytes == at[8192].attn_bytes == at[32768].attn_bytes
+    assert decode_step_cost(UNWINDOWED, 64, 32768, 4).attn_bytes > 7 * at[32768].attn_bytes
+    half = dataclasses.replace(MISTRAL_V01, layer_types=("sliding_attention", "full_attention") * 16)
+    kv_tok = kv_bytes_per_token(MISTRAL_V01, 2)
+    assert decode_step_cost(half, 1, 32768, 1).attn_bytes == (32768 + 4096) / 2 * kv_tok + kv_tok
+    # So speculation pays less: with the same draft and acceptance, a windowed target at 32K is
+    # predicted a smaller speedup, and its best gamma is no larger.
+    windowed = best_gamma(MISTRAL_V01, H200, 64, 32768, alpha=0.8, budget=512)
+    full = best_gamma(UNWINDOWED, H200, 64, 32768, alpha=0.8, budget=512)
+    assert 1.0 < windowed[1] < full[1] and windowed[0] <= full[0]

@@ -30,12 +30,14 @@ pytest.importorskip("triton", reason="triton is not installed")
 ARCHS = (90, 80)
 S_MAX = 8192  # cache length: only the divisibility of the strides matters here
 DRAFT = dict(n_sel=64, window=448)  # a 512-key sparse budget: selected slots + sliding window
-# name: (H, H_kv, D, roles); roles say which (view, T) the engine launches for that model
+# name: (H, H_kv, D, roles, sliding window); roles say which (view, T) the engine launches for that
+# model; a sliding-window model compiles the kernel's layer bound on the selected keys too.
 MODELS = {
-    "llama3.1-8b": (32, 8, 128, "target draft"),
-    "llama3.2-1b": (32, 8, 64, "draft full-draft"),
-    "llama3.1-70b-tp8": (8, 1, 128, "target draft"),
-    "qwen2.5-7b": (28, 4, 128, "target draft"),
+    "llama3.1-8b": (32, 8, 128, "target draft", None),
+    "llama3.2-1b": (32, 8, 64, "draft full-draft", None),
+    "llama3.1-70b-tp8": (8, 1, 128, "target draft", None),
+    "qwen2.5-7b": (28, 4, 128, "target draft", None),
+    "mistral-7b-v0.1": (32, 8, 128, "target draft", 4096),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERIFY_T = range(2, 17)  # gamma + 1 for gamma 1..15 (--gamma auto picks 1..8)
@@ -43,7 +45,7 @@ VERIFY_T = range(2, 17)  # gamma + 1 for gamma 1..15 (--gamma auto picks 1..8)
 
 def engine_launches(batch: int = 4):
     """(name, dtype, view, T, model dims) for every launch the engine makes."""
-    for name, (H, H_kv, D, roles) in MODELS.items():
+    for name, (H, H_kv, D, roles, sliding_window) in MODELS.items():
         for dtype in (torch.bfloat16, torch.float16):
             ts = []
             if "target" in roles:
@@ -53,14 +55,14 @@ def engine_launches(batch: int = 4):
             if "draft" in roles.split():
                 ts += [(view, t) for view in ("sparse", "compact") for t in (1, 2)]
             for view, T in ts:
-                yield f"{name} {view} T={T}", dtype, view, T, (batch, H, H_kv, D)
+                yield f"{name} {view} T={T}", dtype, view, T, (batch, H, H_kv, D, sliding_window)
 
 
 def plan_for(dtype, view, T, dims, num_splits):
     """launch_plan on meta tensors laid out as the engine lays them out."""
     from gpt_fast_magicdec.kernels.decode_attention import launch_plan
 
-    B, H, H_kv, D = dims
+    B, H, H_kv, D, sliding_window = dims
     meta = dict(device="meta", dtype=dtype)
     q = torch.empty(B, T, H, D, **meta).transpose(1, 2)  # [B, H, T, D] from the [B, T, H*D] projection
     k = torch.empty(B, H_kv, S_MAX, D, **meta)
@@ -72,7 +74,8 @@ def plan_for(dtype, view, T, dims, num_splits):
     if view == "compact":
         sparse.update(sel_k=torch.empty(B, H_kv, DRAFT["n_sel"], D, **meta),
                       sel_v=torch.empty(B, H_kv, DRAFT["n_sel"], D, **meta))
-    return launch_plan(q, k, k, cache_len, scale=D ** -0.5, num_splits=num_splits, **sparse)
+    return launch_plan(q, k, k, cache_len, scale=D ** -0.5, num_splits=num_splits, sliding_window=sliding_window,
+                       **sparse)
 
 
 def bind(fn, call, arch):

@@ -134,3 +134,48 @@ def test_triton_kernels_on_a_windowed_target(converted):
     engine = Engine(device_model, attention="triton", compile=False, use_graphs=False)
     assert engine.backend == "triton"
     assert engine.generate(ps, 6, draft=draft).tokens == hf_greedy(hf, ps, 6)
+
+
+def test_a_qwen3_directory_with_its_tokenizer_and_chat_template_generates_from_text(tmp_path):
+    """A Qwen3 checkpoint directory as the hub ships it: byte-level BPE tokenizer.json, no BOS, a
+    chat template in tokenizer_config.json, several EOS ids (<|im_end|> and another one from
+    generation_config.json). Conversion keeps the tokenizer and the EOS ids, and generate.py from
+    text gives transformers' greedy tokens, stopping where transformers stops."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gpt_fast_magicdec.cli import generate
+    from gpt_fast_magicdec.tokenizer import load_tokenizer
+    from tokenizer_fixtures import make_bpe_dir, write_configs
+
+    hf_dir = make_hf_checkpoint(tmp_path / "hf", "qwen3", fmt="safetensors", seed=5, vocab_size=400)
+    make_bpe_dir(hf_dir, vocab_size=400)  # <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2
+    tok = load_tokenizer(hf_dir)
+    text = "The old house stood at the end of the lane"
+    ids = tok.encode(text, bos=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        free = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(ids):].tolist()
+    stop = free[6]  # a token greedy decoding reaches: made an EOS id, generation must stop at it
+    expected = free[:free.index(stop) + 1]
+    assert len(expected) < 24
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    write_configs(hf_dir, tokenizer_config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                            "chat_template": template, "add_bos_token": False},
+                  generation_config={"eos_token_id": [2, stop], "do_sample": True, "temperature": 0.6, "top_k": 20})
+    engine_dir = convert_hf_checkpoint(hf_dir, tmp_path / "engine")
+    config = json.loads((engine_dir / "engine_config.json").read_text())
+    assert config["bos_id"] is None and set(config["eos_ids"]) == {2, stop} and config["qk_norm"] is True
+    tok = load_tokenizer(engine_dir)
+    assert tok.bos_id is None and tok.encode(text) == ids  # no BOS is added
+
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(generate.main, ["--checkpoint", str(engine_dir), "--prompt", text, "--max-new-tokens",
+                                                "24", "--draft", "self", "--draft-budget", "8", "--sink", "2",
+                                                "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert row["completion_ids"] == expected and row["finish_reason"] == "eos"

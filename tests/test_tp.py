@@ -87,7 +87,8 @@ def ckpts(tmp_path_factory):
     """Converted tiny checkpoints sharing one SentencePiece vocabulary, 4 query heads each but `bad`:
     split:      llama3, 2 KV heads (one per rank);
     replicated: qwen2 (q/k/v bias, tied embeddings), 1 KV head (on both ranks);
-    bad:        1 query head, which 2 ranks cannot split.
+    bad:        1 query head, which 2 ranks cannot split;
+    qwen3-window, llama-bias: the forms whose sharding differs (per-head norms, biases, windows).
     A standalone draft here is a copy of its target: it then proposes what the target would say, so
     the acceptance rate shows whether every rank verified the draft's real proposals."""
     from gpt_fast_magicdec.convert.convert_hf_checkpoint import convert_hf_checkpoint
@@ -97,7 +98,11 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     shapes = {"split": ("llama3", dict(num_key_value_heads=2)),
               "replicated": ("qwen2", dict(num_key_value_heads=1)),
-              "bad": ("llama3", dict(num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1))}
+              "bad": ("llama3", dict(num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)),
+              # q/k norms, an o_proj bias added once after the all-reduce, a sliding / full layer mix
+              "qwen3-window": ("qwen3-window", dict(num_key_value_heads=2)),
+              # gate/up biases sharded with their rows, the down_proj bias added once
+              "llama-bias": ("llama-bias", dict(num_key_value_heads=2))}
     out = {}
     for name, (family, overrides) in shapes.items():
         hf = make_hf_checkpoint(root / f"hf-{name}", family, fmt="safetensors", seed=3, vocab_size=VOCAB,
@@ -217,6 +222,10 @@ def driven(ckpts, tmp_path_factory):
         "draft_rank_0": [*split, "--draft-budget", 8, "--sink", 2, "--draft-ranks", "0"],
         "draft_rank_1_sampled": [*replicated, "--draft-budget", -1, "--draft-ranks", "1", "--temperature", 0.9,
                                  "--top-k", 50, "--seed", 7],
+        "qwen3_window_self": ["--checkpoint", ckpts["qwen3-window"], *COMMON, "--draft", "self", "--draft-kv",
+                              "snapkv", "--draft-budget", 8, "--gamma", 3],
+        "llama_bias_self": ["--checkpoint", ckpts["llama-bias"], *COMMON, "--draft", "self", "--draft-budget", 8,
+                            "--sink", 2, "--gamma", 2],
     }
     expected = {name: single_process(_without_draft_ranks(args), out / f"{name}-single.jsonl")
                 for name, args in cases.items()}
@@ -240,8 +249,9 @@ def _without_draft_ranks(args: list) -> list:
     return args if i is None else args[:i] + args[i + 2:]
 
 
-@pytest.mark.parametrize("case", ["draft_all_ranks", "draft_rank_0", "draft_rank_1_sampled"])
-def test_standalone_draft_matches_single_process(driven, case):
+@pytest.mark.parametrize("case", ["draft_all_ranks", "draft_rank_0", "draft_rank_1_sampled", "qwen3_window_self",
+                                  "llama_bias_self"])
+def test_standalone_draft_and_every_model_form_match_single_process(driven, case):
     out, expected, ranks = driven
     for rank in ranks:
         assert rank[case]["exit_code"] == 0 and rank[case]["crash"] is None, rank[case]
