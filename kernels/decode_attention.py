@@ -26,6 +26,10 @@ sparse views). Layout of the work:
   (gpt_fast_magicdec/benchmarking/kernels.py) and the
   ahead-of-time compile test (tests/test_kernel_compile.py) all go through it.
 
+* `mass_out` (full view): the attention mass of every cache position, for a re-selecting draft, by
+  `attention_mass._mass_kernel` after the split kernel, from its partials' log-sum-exp (the
+  split path is then always taken, so the partials exist).
+
 All softmax arithmetic is in fp32 and in base 2 (scores pre-multiplied by log2(e)).
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ import triton
 import triton.language as tl
 
 from . import KERNEL_MAX_ROWS, kernel_supports
+from .attention_mass import _mass_kernel, lse_from_partials, mass_launch
 
 _LOG2E = 1.4426950408889634
 
@@ -282,6 +287,8 @@ class LaunchPlan:
     split: KernelCall  # _split_kernel
     combine: Optional[KernelCall]  # _combine_kernel, None when num_splits == 1
     out: torch.Tensor  # [B, H, T, D]
+    mass: Optional[KernelCall] = None  # _mass_kernel (mass_out given); its lse argument is filled
+    lse: Optional[torch.Tensor] = None  # ... from the split partials first (lse_from_partials)
 
     def config(self) -> dict:
         return dict(grid=self.split.grid, num_splits=self.num_splits, **dataclasses.asdict(self.tile))
@@ -291,7 +298,7 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                 scale: float, sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                 sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
                 kv_limit: Optional[int] = None, num_splits: Optional[int] = None,
-                sliding_window: Optional[int] = None) -> LaunchPlan:
+                sliding_window: Optional[int] = None, mass_out: Optional[torch.Tensor] = None) -> LaunchPlan:
     """The launches of `decode_attention_triton` for these inputs (same arguments), allocating the
     output and partials. Meta tensors work: tests/test_kernel_compile.py compiles what this returns."""
     B, H, T, D = q.shape
@@ -302,6 +309,8 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
                          f"(else use decode_attention_reference), got D={D} H={H} H_kv={H_kv} T={T}")
     if window is not None and sel_pos is None:
         raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
+    if mass_out is not None and window is not None:
+        raise ValueError("mass_out is the full view's (verification's); a sparse view reads too few keys to score")
     tile = choose_tile(G * T, D)
     n_sel = 0 if window is None else sel_pos.shape[-1]
     win = S_max + T if window is None else int(window)  # full view = window that covers everything
@@ -340,13 +349,21 @@ def launch_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c
             n_regs, smem = _kernel_resources(key, lambda: split_call(2))
             slots = occ.sm_count * blocks_per_sm(occ, n_regs, tile.num_warps, smem)
             num_splits = choose_num_splits(B * H_kv, n_blocks, slots)
+    if mass_out is not None:
+        num_splits = max(num_splits, 2)  # the mass reads the row log-sum-exp from the split partials
     split = split_call(num_splits)
     combine = None
     if num_splits > 1:
         part_o, part_m, part_l = split.args[8:11]
         combine = KernelCall((B, H, T), (part_o, part_m, part_l, out, *out.stride(), T, G, num_splits),
                              dict(SPLITS_P2=triton.next_power_of_2(num_splits), BLOCK_D=tile.block_d, HEAD_D=D))
-    return LaunchPlan(tile, num_splits, split, combine, out)
+    mass = lse = None
+    if mass_out is not None:
+        lse = q.new_empty((B, H_kv, G * T), dtype=torch.float32)
+        grid, args, mass_constexprs, warps = mass_launch(q, k_cache, cache_len, lse, mass_out, scale=scale, tile=tile,
+                                                         sliding_window=sliding_window)
+        mass = KernelCall(grid, args, mass_constexprs, warps, tile.num_stages)
+    return LaunchPlan(tile, num_splits, split, combine, out, mass, lse)
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -354,15 +371,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                             sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
                             kv_limit: Optional[int] = None, num_splits: Optional[int] = None,
-                            sliding_window: Optional[int] = None) -> torch.Tensor:
-    """Triton twin of `decode_attention_reference`; returns [B, H, T, D] in q's dtype.
+                            sliding_window: Optional[int] = None, mass_out: Optional[torch.Tensor] = None
+                            ) -> torch.Tensor:
+    """Triton twin of `decode_attention_reference`; returns [B, H, T, D] in q's dtype (and, full
+    view, fills mass_out [B, H_kv, S_max] fp32 with each position's attention mass).
 
     kv_limit only bounds the split count (the kernel reads each sequence's own length);
     num_splits forces the split-K factor (default: occupancy-aware, see `launch_plan`)."""
     plan = launch_plan(q, k_cache, v_cache, cache_len, scale=scale, sel_pos=sel_pos, window=window,
                        sel_k=sel_k, sel_v=sel_v, kv_limit=kv_limit, num_splits=num_splits,
-                       sliding_window=sliding_window)
+                       sliding_window=sliding_window, mass_out=mass_out)
     for fn, call in ((_split_kernel, plan.split), (_combine_kernel, plan.combine)):
         if call is not None:
             fn[call.grid](*call.args, **call.kwargs)
+    if plan.mass is not None:
+        part_m, part_l = plan.split.args[9:11]
+        plan.lse.copy_(lse_from_partials(part_m, part_l))
+        _mass_kernel[plan.mass.grid](*plan.mass.args, **plan.mass.kwargs)
     return plan.out

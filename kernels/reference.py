@@ -26,6 +26,10 @@ sliding_window W_l (either view, optional): the layer's own attention window, as
              defines it: no key s <= p - W_l is visible. The full view becomes the band
              p - W_l < s <= p; a sparse view's window is clipped to W_l and its selected keys keep
              only those with s > p - W_l, so a draft never reads what the target's layer cannot.
+mass_out  [B, H_kv, S_max] fp32 (full view only, optional): overwritten with the attention mass
+             each cache position received in this call, summed over the T queries and the G query
+             heads of each KV head (a dynamic draft re-selects its keys from it); 0 where no query
+             looked. Each (query head, token) row sums to 1, so a position's mass is at most G * T.
 """
 from __future__ import annotations
 
@@ -92,14 +96,18 @@ def masked_softmax_(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> t
 
 
 def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                       scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, H_kv, S, D], mask [B, 1 or H_kv, T, S] -> [B, H, T, D].
+                       scale: float, mass_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, H_kv, S, D], mask [B, 1 or H_kv, T, S] -> [B, H, T, D]; mass_out
+    [B, H_kv, S_max] (S <= S_max) receives the probabilities summed over each KV head's rows.
 
     Query heads of one KV head are folded into the query axis so K/V are never repeated."""
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
+    H_kv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, H_kv, H // H_kv * T, D)  # heads h = h_kv * G + g, the transformers convention
     probs = masked_softmax_(torch.matmul(qg.float(), k.float().transpose(-1, -2)), mask, scale)
+    if mass_out is not None:
+        mass_out[:, :, :S].copy_(probs.sum(dim=2))
+        mass_out[:, :, S:].zero_()
     out = torch.matmul(probs, v.float())  # [B, H_kv, G*T, D]
     return out.reshape(B, H, T, D).to(q.dtype)
 
@@ -108,9 +116,10 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                cache_len: torch.Tensor, *, scale: float,
                                sel_pos: Optional[torch.Tensor] = None, window: Optional[int] = None,
                                sel_k: Optional[torch.Tensor] = None, sel_v: Optional[torch.Tensor] = None,
-                               kv_limit: Optional[int] = None, sliding_window: Optional[int] = None) -> torch.Tensor:
+                               kv_limit: Optional[int] = None, sliding_window: Optional[int] = None,
+                               mass_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of T new tokens over the cache, full or sparse view, within the layer's
-    sliding_window (None: unbounded). Returns [B, H, T, D].
+    sliding_window (None: unbounded). Returns [B, H, T, D]; a full view also fills mass_out.
 
     kv_limit (eager only) trims the key axis to the first kv_limit positions when the caller
     knows no query reaches further; it changes cost, never the result."""
@@ -118,7 +127,9 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if window is None:
         S = k_cache.shape[2] if kv_limit is None else min(kv_limit, k_cache.shape[2])
         mask = full_view_mask(cache_len, T, S, sliding_window)[:, None]  # [B, 1, T, S]
-        return _grouped_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], mask, scale)
+        return _grouped_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], mask, scale, mass_out)
+    if mass_out is not None:
+        raise ValueError("mass_out is the full view's (verification's); a sparse view reads too few keys to score")
     if sel_pos is None:
         raise ValueError("the sparse view needs sel_pos (use an empty [B, H_kv, 0] tensor for window only)")
     B, H_kv = k_cache.shape[:2]

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of every decode-attention kernel variant the engine launches, for sm_90 and
+"""Ahead-of-time compile of every decode-attention kernel variant the engine launches (the attention
+mass of a scoring verification included), for sm_90 and
 sm_80, with no GPU: compilation must succeed and ptxas must report no register spills.
 
 The launches come from `launch_plan` (the function `decode_attention_triton` launches through) on
@@ -58,8 +59,9 @@ def engine_launches(batch: int = 4):
                 yield f"{name} {view} T={T}", dtype, view, T, (batch, H, H_kv, D, sliding_window)
 
 
-def plan_for(dtype, view, T, dims, num_splits):
-    """launch_plan on meta tensors laid out as the engine lays them out."""
+def plan_for(dtype, view, T, dims, num_splits, mass=False):
+    """launch_plan on meta tensors laid out as the engine lays them out (mass: with the attention
+    mass output of a re-selecting draft's scoring verification)."""
     from gpt_fast_magicdec.kernels.decode_attention import launch_plan
 
     B, H, H_kv, D, sliding_window = dims
@@ -74,6 +76,8 @@ def plan_for(dtype, view, T, dims, num_splits):
     if view == "compact":
         sparse.update(sel_k=torch.empty(B, H_kv, DRAFT["n_sel"], D, **meta),
                       sel_v=torch.empty(B, H_kv, DRAFT["n_sel"], D, **meta))
+    if mass:
+        sparse["mass_out"] = torch.empty(B, H_kv, S_MAX, device="meta", dtype=torch.float32)
     return launch_plan(q, k, k, cache_len, scale=D ** -0.5, num_splits=num_splits, sliding_window=sliding_window,
                        **sparse)
 
@@ -123,6 +127,8 @@ def compile_table(workers: int):
         for splits in (1, 3):  # SPLIT_OUT false / true; the count itself is a runtime int
             plan = plan_for(dtype, view, T, dims, splits)
             calls = [("split", KD._split_kernel, plan.split), ("combine", KD._combine_kernel, plan.combine)]
+            if view == "full" and T in VERIFY_T and splits > 1:  # a scoring verification adds the mass pass
+                calls.append(("mass", KD._mass_kernel, plan_for(dtype, view, T, dims, splits, mass=True).mass))
             for kname, fn, call in calls:
                 if call is None:
                     continue

@@ -4,6 +4,9 @@ For every (batch B, context L, new tokens T) it allocates K and V caches [B, H_k
 L committed tokens plus the T new ones (cache_len = L for every sequence) and times
 
   triton_full            the Triton kernel, full view (what verification / plain decode run on GPU);
+  triton_full_mass       ... also writing each position's attention mass (a re-selecting draft's
+                         scoring verification), charged the same bytes: its time against
+                         triton_full is what the score output costs;
   torch_reference        `decode_attention_reference`, the engine's torch path for decode (its ops as
                          they are, not torch.compiled), kv_limit = L + T as the eager engine passes it;
   torch_sdpa             plain `F.scaled_dot_product_attention(enable_gqa=True)` over the L + T live
@@ -62,13 +65,16 @@ FLUSH_BYTES = 256 << 20  # read before every timed rep: 5x the L2 of an H100 / H
 # name -> (view, description)
 METHODS = {
     "triton_full": ("full", "Triton kernel, full view"),
+    "triton_full_mass": ("full", "Triton kernel, full view + the attention mass of every position (pillar's scoring "
+                                 "verification)"),
     "torch_reference": ("full", "decode_attention_reference: the engine's torch decode path (uncompiled ops)"),
     "torch_sdpa": ("full", "F.scaled_dot_product_attention, enable_gqa, bool mask over the live keys"),
     "triton_sparse": ("sparse", "Triton kernel, sparse view (sink positions + sliding window)"),
     "triton_sparse_compact": ("sparse", "Triton kernel, sparse view, selected keys from compact sel_k/sel_v"),
     "torch_reference_sparse": ("sparse", "decode_attention_reference on the sparse view (masks the whole cache)"),
 }
-DEFAULT_METHODS = ("triton_full", "torch_reference", "torch_sdpa", "triton_sparse", "triton_sparse_compact")
+DEFAULT_METHODS = ("triton_full", "triton_full_mass", "torch_reference", "torch_sdpa", "triton_sparse",
+                   "triton_sparse_compact")
 
 
 # ---- bytes ------------------------------------------------------------------------------------------
@@ -342,6 +348,9 @@ def _method_call(sw: _Sweep, caches: _Caches, q: torch.Tensor, L: int, T: int,
                  method: str) -> Callable[[], torch.Tensor]:
     """The no-argument call that `_measure` times for method at (q [B, H, T, D], the caches)."""
     k, v, cache_len, live = caches.k, caches.v, caches.cache_len, L + T  # keys 0 .. L + T - 1 hold data
+    if method == "triton_full_mass":
+        mass = torch.empty(k.shape[0], k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+        return partial(sw.triton_fn, q, k, v, cache_len, scale=sw.scale, num_splits=sw.num_splits, mass_out=mass)
     if method.startswith("triton"):
         return partial(sw.triton_fn, q, k, v, cache_len, scale=sw.scale, num_splits=sw.num_splits,
                        **_triton_view(caches, method))
@@ -361,6 +370,8 @@ def _method_skip_reason(sw: _Sweep, caches: _Caches, row: dict, q: torch.Tensor)
             return f"triton unavailable on {sw.device.type} (needs CUDA, or TRITON_INTERPRET=1)"
         row["num_splits"] = _launch_splits(q, caches.k, caches.v, caches.cache_len, _triton_view(caches, method),
                                            sw.num_splits)
+        if method == "triton_full_mass" and row["num_splits"] is not None:
+            row["num_splits"] = max(2, row["num_splits"])  # the mass needs the split partials (launch_plan)
     live = row["context"] + T  # keys 0 .. L + T - 1 hold data
     need = _working_bytes(method, B, sw.H, sw.H_kv, T, live, sw.D, sw.dtype_bytes)
     if sw.on_gpu and need > MEMORY_FRACTION * caches.free_after:
@@ -399,7 +410,7 @@ def _fill_errors(t_rows: list[dict], outs: dict) -> None:
     # Sanity check: full view against torch_sdpa (else the reference); the sparse kernel against
     # the sparse reference when it ran; the compact form against the cache-reading kernel.
     full_base = outs.get("torch_sdpa", outs.get("torch_reference"))
-    bases = {"triton_full": full_base, "torch_reference": outs.get("torch_sdpa"),
+    bases = {"triton_full": full_base, "triton_full_mass": full_base, "torch_reference": outs.get("torch_sdpa"),
              "triton_sparse": outs.get("torch_reference_sparse"),
              "triton_sparse_compact": outs.get("triton_sparse", outs.get("torch_reference_sparse"))}
     for row in t_rows:
