@@ -146,11 +146,15 @@ def where_loses_stage(run: StageRun, s: Shapes) -> Outcome:
 
 
 def drafts_stage(run: StageRun, s: Shapes) -> Outcome:
-    """The bundled draft and prompt lookup beside self-speculation: lossless and tokens/s, three
-    alternating repeats each."""
+    """The bundled draft, prompt lookup and the re-selecting pillar view beside streaming
+    self-speculation: lossless and tokens/s, three alternating repeats each."""
     base = ["--prompt-file", s.bundled_prompt, "--max-new-tokens", s.bundled_new, "--ignore-eos", "--compare",
             "--repeats", 3, "--no-compile"]
-    variants = {"self streaming": [], "bundled draft": ["--draft-checkpoint", "bundled-draft"],
+    # pillar beside streaming: the re-selecting view's scoring verification and re-selection, under
+    # CUDA graphs and the Triton mass kernel, self-draft and bundled draft.
+    variants = {"self streaming": [], "self pillar": ["--draft-kv", "pillar"],
+                "bundled draft": ["--draft-checkpoint", "bundled-draft"],
+                "bundled draft pillar": ["--draft-checkpoint", "bundled-draft", "--draft-kv", "pillar"],
                 "lookup": ["--draft", "lookup"], "lookup+self": ["--draft", "lookup+self"]}
     outcome = lossless_runs(run, {n: generate_command(s, *base, *extra) for n, extra in variants.items()})
     tps = {n: d["runs"][-1]["tokens_per_s"] for n, d in outcome.data.items() if d["runs"]}
@@ -193,8 +197,9 @@ def figures_stages(s: Shapes) -> list[Stage]:
         Stage("where-loses", f"batch {'/'.join(map(str, LOSES_BATCHES))} at a {LOSES_CONTEXT}-token context, "
               f"gamma 1-3, and --gamma auto's choice. Target: auto chooses plain decoding, or a measured speedup "
               ">= 1.0", round(START_S * 3 + 40), 240, functools.partial(where_loses_stage, s=s)),
-        Stage("drafts", "the bundled draft and prompt lookup beside self-speculation, bundled model bf16 in CUDA "
-              "graphs, 3 alternating repeats: lossless, tokens/s", 110, 220, functools.partial(drafts_stage, s=s)),
+        Stage("drafts", "the bundled draft, prompt lookup and pillar (self and bundled draft) beside streaming "
+              "self-speculation, bundled model bf16 in CUDA graphs, 3 alternating repeats: lossless, tokens/s", 165,
+              330, functools.partial(drafts_stage, s=s)),
         Stage("cost-model", "benchmarks.validate_cost_model --device cuda, Llama-3.2-1B shapes, compiled graph "
               "steps. Target: predicted step times within 10% of measured", 300, 420,
               functools.partial(cost_model_stage, s=s)),

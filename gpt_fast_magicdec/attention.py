@@ -51,6 +51,9 @@ class AttentionView:
     # Called as observer(layer_id, q [b, H, T, D], k_cache [b, H_kv, S, D], view) after the cache
     # write; SnapKV scores prompt positions with it.
     observer: Optional[Callable] = None
+    # Full view only: per layer a [b, H_kv, S_max] fp32 buffer overwritten with the attention mass
+    # each cache position receives from this pass's queries (a re-selecting draft reads it).
+    scores: Optional[list] = None
 
     @property
     def input_pos(self) -> torch.Tensor:
@@ -109,7 +112,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: 
     """q [B, H, T, D] against the cache [B, H_kv, S_max, D] through `view`, within the layer's
     sliding window -> [B, H, T, D]."""
     selected = view.selected[layer_id] if view.is_sparse else None
+    mass_out = view.scores[layer_id] if view.scores is not None else None
     if not view.is_sparse and q.shape[2] > MAX_KERNEL_QUERIES:
+        if mass_out is not None:
+            raise ValueError(f"attention mass is emitted by decode-shaped passes (<= {MAX_KERNEL_QUERIES} tokens)")
         return _prefill_attention(q, k_cache, v_cache, view, scale, sliding_window)
     use_kernel = view.backend == "triton" and q.shape[2] <= MAX_KERNEL_QUERIES
     if use_kernel and not kernel_supports(q.shape[1] // k_cache.shape[1] * q.shape[2], q.shape[3]):
@@ -123,7 +129,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, view: 
     else:
         fn = decode_attention_reference
     return fn(q, k_cache, v_cache, view.cache_len, scale=scale, sel_pos=selected, window=view.window,
-              kv_limit=view.kv_limit, sliding_window=sliding_window)
+              kv_limit=view.kv_limit, sliding_window=sliding_window, mass_out=mass_out)
 
 
 def _prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -55,7 +55,8 @@ class AutoGamma:
         budget = -1 if self.draft.full else self.draft.budget  # cost_model's spelling of the full cache
         gamma, _ = best_gamma(self.args, self.hw, max(running, 1), context, min(self.alpha, 0.999), budget,
                               gammas=self.gammas, dtype_bytes=self.dtype_bytes, tp=self.tp,
-                              draft_args=self.draft_args, draft_budget=budget if self.draft_args else None)
+                              draft_args=self.draft_args, draft_budget=budget if self.draft_args else None,
+                              reselect_every=self.draft.reselect_every_at if self.draft.reselects else None)
         self.since_probe = self.since_probe + self.every if gamma == 0 else 0
         if gamma == 0 and self.since_probe >= self.probe_every:
             gamma, self.since_probe = 1, 0  # a short probe to re-measure acceptance

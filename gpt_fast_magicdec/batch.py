@@ -139,6 +139,8 @@ class BatchRun:
                        seed=None if self.sampling.greedy else self.seed)
         if self.draft.enabled:
             options.update(dataclasses.asdict(self.draft))
+            if not self.draft.reselects:
+                del options["reselect"]  # unused: so outputs written before re-selection existed still resume
             if self.gamma_auto is not None:
                 options["gamma"] = "auto"
         else:

@@ -505,6 +505,37 @@ def decode_step_cost(args: ModelArgs, batch: int, context: int, n_tokens: int, d
 
 
 # ---- speculation -----------------------------------------------------------------------------------
+# A re-selection (a dynamic draft view, policies/pillar.py) on top of its scoring verification:
+# fp32 bytes per cache position and KV head of each layer: the mass written, read by the pooling,
+# the pooled values written, then read by the mask and by the top-k.
+RESELECT_SCORE_PASSES = 5
+RESELECT_OPS = 12  # eager launches of the pooling, masking, top-k, sort and copy (outside any graph)
+
+
+def reselect_cost(args: ModelArgs, batch: int, context: int, gamma: int, dtype_bytes: int = 2,
+                  tp: int = 1) -> StepCost:
+    """What one re-selection adds to its round, priced as the Triton path: the verify kernel's mass
+    pass re-reads every key the verification read (K, not V: half its KV read) and recomputes the
+    gamma + 1 queries' q.k, writes the fp32 mass of every cache position per KV head and layer, and
+    the policy pools it and takes the top-k (RESELECT_SCORE_PASSES fp32 passes over the buffer).
+
+    bytes = B * keys * kv_bytes_per_token / 2 + B * context * H_kv_local * n_layers * 4 * passes
+    flops = 2 * B * (gamma + 1) * keys * H_q_local * D * n_layers"""
+    keys = windowed_keys(args, context)
+    k_bytes = batch * keys * kv_bytes_per_token(args, dtype_bytes, tp) / 2
+    score_bytes = batch * context * kv_heads_per_rank(args, tp) * args.n_layers * 4 * RESELECT_SCORE_PASSES
+    heads = _per_rank(args.n_heads, tp)
+    flops = 2 * batch * (gamma + 1) * keys * heads * args.head_dim * args.n_layers
+    return StepCost(bytes=float(k_bytes + score_bytes), flops=float(flops), attn_bytes=float(k_bytes + score_bytes),
+                    attn_flops=float(flops), tp=tp, n_layers=args.n_layers,
+                    attn_rows=heads // kv_heads_per_rank(args, tp) * (gamma + 1))
+
+
+def reselect_time(cost: StepCost, hw: HardwareProfile) -> float:
+    """Seconds of one re-selection: its bytes or FLOPs at the roofline, plus its eager launches."""
+    return max(cost.bytes / hw.mem_bandwidth, cost.flops / hw.matmul_flops) + RESELECT_OPS * hw.eager_op_overhead_s
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictedTimes:
     T_T: float  # target decoding 1 token (full view), seconds
@@ -513,6 +544,13 @@ class PredictedTimes:
     target: StepCost
     verify: StepCost
     draft: StepCost
+    T_R: float = 0.0  # one re-selection of a dynamic draft view (0: the selection is fixed)
+    reselect_every: Optional[int] = None  # rounds per re-selection (None: never)
+
+    @property
+    def T_R_per_round(self) -> float:
+        """The re-selection's cost spread over the rounds it serves."""
+        return self.T_R / self.reselect_every if self.reselect_every else 0.0
 
     @property
     def verify_ratio(self) -> float:  # T_V / T_T: ~1 when verification is memory bound
@@ -526,12 +564,13 @@ class PredictedTimes:
 def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, gamma: int, budget: int,
                   dtype_bytes: int = 2, tp: int = 1, draft_args: Optional[ModelArgs] = None,
                   draft_budget: Optional[int] = None, graphs: Optional[bool] = None,
-                  kv_bucket: Optional[int] = None) -> PredictedTimes:
+                  kv_bucket: Optional[int] = None, reselect_every: Optional[int] = None) -> PredictedTimes:
     """Roofline times of the three steps of a round. Self-speculation (`draft_args=None`): the
     target's weights reading `min(budget, context)` keys. Standalone draft: `draft_args` weights
     reading `draft_budget` keys (None: `budget`; -1: the full context), on the same `tp` ranks.
     `graphs`: whether steps replay CUDA graphs (None: `hw.graphs`), for the overhead term.
-    `kv_bucket`: full-view steps attend over the bucketed key range (eager CPU steps, `eager_keys`)."""
+    `kv_bucket`: full-view steps attend over the bucketed key range (eager CPU steps, `eager_keys`).
+    `reselect_every`: a dynamic view re-selects every that many rounds (`reselect_cost`)."""
     target = decode_step_cost(args, batch, context, 1, dtype_bytes, tp, kv_bucket=kv_bucket)
     verify = decode_step_cost(args, batch, context, gamma + 1, dtype_bytes, tp, kv_bucket=kv_bucket)
     if draft_args is None:
@@ -541,8 +580,11 @@ def predict_times(args: ModelArgs, hw: HardwareProfile, batch: int, context: int
     draft_kv = context if draft_budget == -1 else min(draft_budget, context)
     draft = decode_step_cost(draft_args, batch, context, 1, dtype_bytes, tp, kv_tokens=draft_kv,
                              kv_bucket=kv_bucket if draft_budget == -1 else None)
+    T_R = 0.0
+    if reselect_every:
+        T_R = reselect_time(reselect_cost(args, batch, context, gamma, dtype_bytes, tp), hw)
     return PredictedTimes(roofline_time(target, hw, graphs), roofline_time(verify, hw, graphs),
-                          roofline_time(draft, hw, graphs), target, verify, draft)
+                          roofline_time(draft, hw, graphs), target, verify, draft, T_R, reselect_every)
 
 
 def expected_tokens(gamma: int, alpha: float) -> float:
@@ -557,22 +599,24 @@ def expected_tokens(gamma: int, alpha: float) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def _speedup(T_T: float, T_V: float, T_D: float, gamma: int, alpha: float) -> float:
-    return expected_tokens(gamma, alpha) * T_T / (gamma * T_D + T_V)
+def _speedup(T_T: float, T_V: float, T_D: float, gamma: int, alpha: float, T_R: float = 0.0) -> float:
+    return expected_tokens(gamma, alpha) * T_T / (gamma * T_D + T_V + T_R)
 
 
 def predicted_speedup(times: PredictedTimes, gamma: int, alpha: float) -> float:
-    """Omega(gamma, alpha) * T_T / (gamma * T_D + T_V); `times` must be predicted for this gamma."""
-    return _speedup(times.T_T, times.T_V, times.T_D, gamma, alpha)
+    """Omega(gamma, alpha) * T_T / (gamma * T_D + T_V + T_R / reselect_every); `times` must be
+    predicted for this gamma."""
+    return _speedup(times.T_T, times.T_V, times.T_D, gamma, alpha, times.T_R_per_round)
 
 
 def best_gamma_from_times(T_T: float, T_V: Mapping[int, float], T_D: float, alpha: float,
-                          margin: float = 1.0) -> tuple[int, float]:
+                          margin: float = 1.0, T_R: Optional[Mapping[int, float]] = None) -> tuple[int, float]:
     """The gamma with the highest speedup from step times; `T_V` maps each gamma to try to the time
-    of verifying gamma + 1 tokens. (0, 1.0), plain decoding, unless some gamma beats `margin`."""
+    of verifying gamma + 1 tokens, `T_R` (optional) to a re-selection's cost per round at that gamma.
+    (0, 1.0), plain decoding, unless some gamma beats `margin`."""
     best_g, best_s = 0, -math.inf
     for g in sorted(T_V):
-        s = _speedup(T_T, T_V[g], T_D, g, alpha)
+        s = _speedup(T_T, T_V[g], T_D, g, alpha, T_R[g] if T_R else 0.0)
         if s > best_s:
             best_g, best_s = g, s
     return (best_g, best_s) if best_s > margin else (0, 1.0)
@@ -581,16 +625,19 @@ def best_gamma_from_times(T_T: float, T_V: Mapping[int, float], T_D: float, alph
 def best_gamma(args: ModelArgs, hw: HardwareProfile, batch: int, context: int, alpha: float, budget: int,
                gammas: Iterable[int] = range(1, 9), margin: float = 1.0, dtype_bytes: int = 2, tp: int = 1,
                draft_args: Optional[ModelArgs] = None, draft_budget: Optional[int] = None,
-               graphs: Optional[bool] = None) -> tuple[int, float]:
+               graphs: Optional[bool] = None,
+               reselect_every: Optional[Callable[[int], Optional[int]]] = None) -> tuple[int, float]:
     """`best_gamma_from_times` over predicted times (`predict_times`, collectives included when
-    tp > 1): (gamma, speedup), or (0, 1.0)."""
+    tp > 1): (gamma, speedup), or (0, 1.0). `reselect_every(gamma)`: a dynamic view's rounds per
+    re-selection at that gamma (DraftConfig.reselect_every_at), so its cost is priced per gamma."""
     gammas = list(gammas)
     times = {g: predict_times(args, hw, batch, context, g, budget, dtype_bytes, tp, draft_args, draft_budget,
-                              graphs) for g in gammas}
+                              graphs, reselect_every=reselect_every(g) if reselect_every else None) for g in gammas}
     if not times:
         return 0, 1.0
     any_t = next(iter(times.values()))  # T_T and T_D do not depend on gamma
-    return best_gamma_from_times(any_t.T_T, {g: t.T_V for g, t in times.items()}, any_t.T_D, alpha, margin)
+    return best_gamma_from_times(any_t.T_T, {g: t.T_V for g, t in times.items()}, any_t.T_D, alpha, margin,
+                                 {g: t.T_R_per_round for g, t in times.items()})
 
 
 def alpha_from_tokens_per_round(gamma: int, tokens_per_round: float) -> float:

@@ -5,6 +5,7 @@ model drafter reads the cache (policies/), its budget, and gamma. Frozen and che
   DraftConfig(kind="self")                        self-speculation: streaming view, sink 16, budget 512
                                                   (clipped to 1/4 of a job's shortest prompt)
   DraftConfig(kind="self", kv="snapkv")           self-speculation through SnapKV-selected keys
+  DraftConfig(kind="self", kv="pillar")           ... re-selected from verification every few rounds
   DraftConfig(kind="model", kv="full")            a standalone draft model with a full cache
   DraftConfig(kind="lookup")                      prompt lookup: n-gram matches in the text so far
   DraftConfig(kind="lookup+self")                 the lookup's proposal where it has one, else self
@@ -17,7 +18,7 @@ from typing import Optional
 
 from .attention import MAX_KERNEL_QUERIES
 from .errors import ParameterError
-from .policies import POLICIES, SelectionPolicy
+from .policies import DYNAMIC_POLICIES, POLICIES, SelectionPolicy
 
 DEFAULT_BUDGET = 512  # keys a draft query reads when the budget is not chosen (MagicDec's default)
 # ... clipped to 1/DEFAULT_BUDGET_FRACTION of the job's shortest prompt: a 512-key budget over a
@@ -36,7 +37,10 @@ class DraftConfig:
     window: Optional[int] = None  # the sliding window; None: the policy's default (see `view_window`)
     gamma: int = 3  # draft tokens per round
     obs_window: int = 32  # snapkv: last prompt tokens whose attention votes for positions
-    pool_kernel: int = 7  # snapkv: 1-D pooling over the votes
+    pool_kernel: int = 7  # snapkv, pillar: 1-D pooling over the votes / the verification mass
+    # pillar: rounds between re-selections from verification's attention; None: the policy's
+    # default for the round's gamma (see reselect_every_at)
+    reselect: Optional[int] = None
     ngram: int = 3  # lookup: the longest n-gram matched (shorter ones are tried when it has no match)
     ngram_min: int = 1  # lookup: the shortest n-gram that may propose (raise it to trust only long matches)
 
@@ -54,6 +58,12 @@ class DraftConfig:
         if self.gamma < 1:
             raise ParameterError(f"{{gamma}} must be >= 1 for speculative decoding, got {self.gamma} "
                                  "(plain decoding is kind 'none')")
+        if self.reselect is not None:
+            if not isinstance(self.reselect, int) or self.reselect < 1:
+                raise ParameterError(f"{{reselect}} must be a positive number of rounds, got {self.reselect!r}")
+            if not self.policy.dynamic:
+                raise ParameterError(f"{{reselect}} applies to a re-selecting {{kv}} ({', '.join(DYNAMIC_POLICIES)}), "
+                                     f"not {{kv}} {self.kv!r}")
         if self.gamma + 1 > MAX_KERNEL_QUERIES:  # verification must stay a decode-shaped step
             raise ParameterError(f"{{gamma}} must be <= {MAX_KERNEL_QUERIES - 1}, got {self.gamma} "
                                  "(acceptance decays geometrically: useful values are 1-8)")
@@ -96,6 +106,21 @@ class DraftConfig:
         return self.window if self.window is not None else self.policy.default_window(self)
 
     @property
+    def reselects(self) -> bool:
+        """A model drafter re-selects its keys during decoding (a dynamic policy)."""
+        return self.reads_cache and self.policy.dynamic
+
+    def reselect_every_at(self, gamma: int) -> Optional[int]:
+        """Rounds between re-selections in rounds of this gamma (None: the selection is fixed)."""
+        if not self.reselects:
+            return None
+        return self.reselect if self.reselect is not None else self.policy.default_reselect(gamma)
+
+    @property
+    def reselect_every(self) -> Optional[int]:
+        return self.reselect_every_at(self.gamma)
+
+    @property
     def n_selected(self) -> int:
         """Selected (non-window) keys per layer and KV head."""
         window = self.view_window
@@ -116,6 +141,9 @@ class DraftConfig:
             view = f"{self.kv}, budget up to {DEFAULT_BUDGET} (1/{DEFAULT_BUDGET_FRACTION} of the shortest prompt)"
         else:
             view = f"{self.kv}, budget {self.budget} (window {self.view_window})"
+        if self.reselects:
+            every = self.reselect_every
+            view += ", re-selected every round" if every == 1 else f", re-selected every {every} rounds"
         return f"{who}, {view}, gamma {self.gamma}"
 
     def for_context(self, shortest_prompt: int) -> "DraftConfig":

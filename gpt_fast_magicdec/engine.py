@@ -145,22 +145,29 @@ class Engine:
             self._drafters[config] = make_drafter(config, ctx)
         return self._drafters[config]
 
-    def verify(self, tokens: torch.Tensor, cache_len: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """The target over tokens [B, T] at cache_len [B] -> ids [B, T] (greedy) or logits [B, T, V]."""
-        return self.runner.run(self._verify_step(tokens.shape[1], greedy), tokens, cache_len)
+    def verify(self, tokens: torch.Tensor, cache_len: torch.Tensor, greedy: bool,
+               scores: Optional[list] = None) -> torch.Tensor:
+        """The target over tokens [B, T] at cache_len [B] -> ids [B, T] (greedy) or logits [B, T, V];
+        scores (a re-selecting drafter's buffers, per layer [B, H_kv, S_max]) get the attention mass."""
+        return self.runner.run(self._verify_step(tokens.shape[1], greedy, scores), tokens, cache_len)
 
-    def _verify_step(self, n_tokens: int, greedy: bool) -> Step:
-        key = (n_tokens, greedy)
+    def _verify_step(self, n_tokens: int, greedy: bool, scores: Optional[list] = None) -> Step:
+        # A scoring verification is its own step (and graph), bound to the drafter's buffers; the
+        # drafters and their buffers live exactly as long as these steps (both go at setup).
+        key = (n_tokens, greedy, None if scores is None else id(scores))
         if key not in self._verify_steps:
-            self._verify_steps[key] = Step(StepSpec("target", n_tokens, greedy=greedy), self.model)
+            self._verify_steps[key] = Step(StepSpec("target", n_tokens, greedy=greedy), self.model, scores=scores)
         return self._verify_steps[key]
 
     def capture(self, batch: int, gammas: set, drafter: Optional[Drafter], greedy: bool) -> None:
         """Compile and capture every step a job can take: a verification per gamma, the drafter's."""
         if not greedy:
             self.graphs.reserve_logits(batch, max(gammas) + 1, self.model.args.vocab_size, self.device)
+        scores = drafter.score_buffers() if drafter is not None else None
         for gamma in sorted(gammas):
             self.runner.captured(self._verify_step(gamma + 1, greedy), batch)
+            if scores is not None:
+                self.runner.captured(self._verify_step(gamma + 1, greedy, scores), batch)
         for step in drafter.steps(greedy) if drafter is not None else ():
             self.runner.captured(step, batch)
 

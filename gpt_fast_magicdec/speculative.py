@@ -20,9 +20,10 @@ from .drafters.base import Proposal
 from .sampling import ACCEPT_STREAM, TARGET_STREAM, SamplingParams, logits_to_probs, sample_from_probs, uniform
 from .timing import NO_TIMER
 
-# verify(tokens [B, T], cache_len [B], greedy) -> greedy: the target's argmax ids [B, T];
-# sampling: its fp32 logits [B, T, V]. Tokens sit at cache_len .. cache_len + T - 1.
-VerifyFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+# verify(tokens [B, T], cache_len [B], greedy, scores) -> greedy: the target's argmax ids [B, T];
+# sampling: its fp32 logits [B, T, V]. Tokens sit at cache_len .. cache_len + T - 1. scores: None,
+# or per layer [B, H_kv, S_max] buffers the pass fills with the attention mass of every position.
+VerifyFn = Callable[[torch.Tensor, torch.Tensor, bool, Optional[list]], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -168,14 +169,16 @@ def speculative_round(state: DecodeState, verify: VerifyFn, drafter, gamma: int,
     weights only): the emitted tokens are then the accepted drafts plus the target's token at the
     first rejected slot, so the cache still holds exactly the emitted sequence.
     timer(name) is a context manager that times the draft / verify / accept phases."""
+    speculating = gamma > 0 and drafter is not None
     with timer("draft"):
-        if gamma > 0 and drafter is not None:
+        if speculating:
             proposal = drafter.propose(state, gamma, params)
         else:
             proposal = Proposal(state.tokens.new_zeros(state.tokens.shape[0], 0))
     with timer("verify"):
+        scores = drafter.round_scores(gamma) if speculating else None  # a re-selecting draft's round
         verified = torch.cat([state.x0[:, None], proposal.tokens], dim=1)  # [B, g+1]
-        target_out = verify(verified, state.cache_len, params.greedy)  # ids [B, g+1] or logits [B, g+1, V]
+        target_out = verify(verified, state.cache_len, params.greedy, scores)  # ids [B, g+1] / logits [B, g+1, V]
     with timer("accept"):
         if params.greedy:
             n, emitted = accept_greedy(proposal, target_out)
@@ -188,3 +191,6 @@ def speculative_round(state: DecodeState, verify: VerifyFn, drafter, gamma: int,
             emitted = torch.cat([proposal.tokens, bonus[:, None]], dim=1)
             emitted[rows, n] = bonus
         commit(state, n, emitted, proposal.proposed)
+    if scores is not None:
+        with timer("reselect"):
+            drafter.reselect(state)

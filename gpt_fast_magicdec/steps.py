@@ -38,10 +38,13 @@ class StepSpec:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
     """A spec bound to the model it runs and the selection buffers its view reads (per layer
-    [B, H_kv, K], None for a full view). Hashed by identity: the runner keeps its graph by it."""
+    [B, H_kv, K], None for a full view). A full-view step may also own score buffers (per layer
+    [B, H_kv, S_max] fp32) it fills with the attention mass of every cache position: a
+    verification a re-selecting draft learns from. Hashed by identity: the runner keeps its graph by it."""
     spec: StepSpec
     model: Transformer
     selection: Optional[list] = None
+    scores: Optional[list] = None
 
 
 def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch.Tensor:
@@ -58,11 +61,12 @@ def step_output(model: Transformer, logits: torch.Tensor, greedy: bool) -> torch
 
 def forward_step(model: Transformer, spec: StepSpec, tokens: torch.Tensor, cache_len: torch.Tensor,
                  selected: Optional[list] = None, backend: str = "torch",
-                 kv_limit: Optional[int] = None) -> torch.Tensor:
-    """tokens [B, T] at cache_len [B].. through the spec's view (selected: per layer [B, H_kv, K])
+                 kv_limit: Optional[int] = None, scores: Optional[list] = None) -> torch.Tensor:
+    """tokens [B, T] at cache_len [B].. through the spec's view (selected: per layer [B, H_kv, K];
+    scores: per layer [B, H_kv, S_max], filled with the attention mass, see Step)
     -> step_output at every token or the last only: ids [B, T] / [B, 1], logits [B, T, V] / [B, 1, V]."""
     view = AttentionView(cache_len=cache_len, n_tokens=spec.n_tokens, window=spec.window, selected=selected,
-                         backend=backend, kv_limit=kv_limit)
+                         backend=backend, kv_limit=kv_limit, scores=scores)
     output_index = None
     if spec.last_only:
         output_index = torch.full((tokens.shape[0], 1), spec.n_tokens - 1, device=tokens.device)
@@ -171,12 +175,14 @@ class StepRunner:
         kv_limit = None
         if self.device.type == "cpu":
             kv_limit = bucketed_kv_limit(cache_len, step.spec.n_tokens, step.model.max_seq_len, self.kv_bucket)
-        return self.step_fn(step.model, step.spec, tokens, cache_len, step.selection, self.backend, kv_limit)
+        return self.step_fn(step.model, step.spec, tokens, cache_len, step.selection, self.backend, kv_limit,
+                            step.scores)
 
     def captured(self, step: Step, batch: int):
         """The CUDA graph of `step`, compiled and captured on first use."""
         graph = self.graphs.captured.get(step)
         if graph is None:
-            fn = functools.partial(self.step_fn, step.model, step.spec, selected=step.selection, backend=self.backend)
+            fn = functools.partial(self.step_fn, step.model, step.spec, selected=step.selection, backend=self.backend,
+                                   scores=step.scores)
             graph = self.graphs.capture(step, fn, batch, step.model.max_seq_len - CAPTURE_SCRATCH, self.device)
         return graph

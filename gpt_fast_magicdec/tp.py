@@ -368,6 +368,12 @@ class TensorParallel:
         return self.target.parallelize(random_model(self.target.plan(args).local_args, device, dtype, seed))
 
     # -- keeping ranks in lock-step -----------------------------------------------------------------------
+    def sum_over_ranks(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the group's ranks, in place (a re-selecting standalone draft's pooled
+        attention mass: each rank holds the mass of its own heads)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+
     def share_draft_output(self, out: Optional[torch.Tensor], greedy: bool, batch: int, vocab: int,
                            device) -> torch.Tensor:
         """One draft step's output (greedy: ids [B, 1]; sampling: full logits [B, 1, V]), made

@@ -447,3 +447,33 @@ def test_a_sliding_window_bounds_the_targets_kv_read():
     windowed = best_gamma(MISTRAL_V01, H200, 64, 32768, alpha=0.8, budget=512)
     full = best_gamma(UNWINDOWED, H200, 64, 32768, alpha=0.8, budget=512)
     assert 1.0 < windowed[1] < full[1] and windowed[0] <= full[0]
+
+
+# ---- a re-selecting draft view (pillar) ---------------------------------------------------------------
+def test_reselect_is_priced_as_a_key_reread_plus_the_score_passes():
+    from gpt_fast_magicdec.cost_model import RESELECT_SCORE_PASSES, reselect_cost
+
+    B, S, gamma = 8, 32768, 3
+    cost = reselect_cost(LLAMA3_8B, B, S, gamma)
+    verify = decode_step_cost(LLAMA3_8B, B, S, gamma + 1)
+    k_read = B * S * kv_bytes_per_token(LLAMA3_8B) / 2
+    assert k_read == pytest.approx((verify.attn_bytes - B * (gamma + 1) * kv_bytes_per_token(LLAMA3_8B)) / 2)
+    assert cost.bytes == k_read + B * S * 8 * 32 * 4 * RESELECT_SCORE_PASSES
+    assert cost.flops == verify.attn_flops / 2  # q.k again, no p.v
+    # at 32K the mass pass is about half of verification's KV read: ~0.5 of the verify time at most
+    times = predict_times(LLAMA3_8B, H100, B, S, gamma, 512, reselect_every=1)
+    assert 0.3 < times.T_R / times.T_V < 0.6
+
+
+def test_reselecting_less_often_costs_less_and_tends_to_the_fixed_view():
+    from gpt_fast_magicdec.cost_model import predicted_speedup
+
+    fixed = predict_times(LLAMA3_8B, H100, 32, 16384, 3, 512)
+    speedups = [predicted_speedup(predict_times(LLAMA3_8B, H100, 32, 16384, 3, 512, reselect_every=n), 3, 0.8)
+                for n in (1, 3, 100)]
+    assert speedups[0] < speedups[1] < speedups[2] < predicted_speedup(fixed, 3, 0.8)
+    assert speedups[2] == pytest.approx(predicted_speedup(fixed, 3, 0.8), rel=0.01)
+    # --gamma auto prices it per gamma: never a better speedup than the same alpha with a fixed view
+    g_fixed, s_fixed = best_gamma(LLAMA3_8B, H100, 32, 16384, 0.8, 512)
+    g_dyn, s_dyn = best_gamma(LLAMA3_8B, H100, 32, 16384, 0.8, 512, reselect_every=lambda g: max(1, round(8 / g)))
+    assert s_dyn < s_fixed and g_dyn >= 1

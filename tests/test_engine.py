@@ -207,7 +207,7 @@ def test_kv_bucket_keeps_tokens_exact_and_shapes_stable(monkeypatch):
         engine = Engine(model, attention="torch", kv_bucket=bucket)
         limits = set()
         step = engine.runner.step_fn
-        engine.runner.step_fn = lambda *a: limits.add(a[-1]) or step(*a)
+        engine.runner.step_fn = lambda *a: limits.add(a[6]) or step(*a)  # a[6]: kv_limit
         results[bucket] = (engine.generate(prompts, 20, draft=draft).tokens, engine.generate(prompts, 20).tokens)
         assert (len(limits) == 1) == (bucket == 256), limits
     assert results[1] == results[256]

@@ -47,6 +47,9 @@ DRAFTS = {
     "model-full": DraftConfig(kind="model", kv="full", gamma=2),
     "lookup": DraftConfig(kind="lookup", gamma=3),
     "lookup+self": DraftConfig(kind="lookup+self", budget=16, sink=4, gamma=3),
+    # refilled slots start from their prompt's selection while the others keep re-selecting
+    "self-pillar": DraftConfig(kind="self", kv="pillar", budget=16, window=8, gamma=3, reselect=1),
+    "lookup+self-pillar": DraftConfig(kind="lookup+self", kv="pillar", budget=16, window=8, gamma=2),
 }
 
 

@@ -78,10 +78,12 @@ STRATEGIES = {  # on a window of 8: the drafts' windows are wider, narrower and 
     "self-streaming": DraftConfig(kind="self", kv="streaming", budget=12, sink=2, gamma=3),
     "self-snapkv": DraftConfig(kind="self", kv="snapkv", budget=12, window=6, gamma=3),
     "self-recent": DraftConfig(kind="self", kv="recent", budget=8, gamma=2),
+    "self-pillar": DraftConfig(kind="self", kv="pillar", budget=12, window=6, gamma=3, reselect=1),
     "lookup": DraftConfig(kind="lookup", gamma=3),
     "lookup+self": DraftConfig(kind="lookup+self", kv="streaming", budget=12, sink=2, gamma=3),
     "model-streaming": DraftConfig(kind="model", kv="streaming", budget=12, sink=2, gamma=3),
     "model-snapkv": DraftConfig(kind="model", kv="snapkv", budget=12, window=6, gamma=3),
+    "model-pillar": DraftConfig(kind="model", kv="pillar", budget=12, window=6, gamma=3, reselect=1),
     "model-full": DraftConfig(kind="model", kv="full", gamma=4),
 }
 

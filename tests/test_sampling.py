@@ -53,14 +53,22 @@ def always_accept(proposal, target_logits, params, state):
     return n, torch.cat([drafts, bonus[:, None]], dim=1)
 
 
+# A standalone draft with its full cache, and a self-draft that re-selects its keys after every
+# round: with gamma 1 the third token of a row that rejected its first draft is drafted through a
+# selection taken from the first round's verification.
+SAMPLED_DRAFTS = {"model-full": DraftConfig(kind="model", kv="full", gamma=2),
+                  "self-pillar": DraftConfig(kind="self", kv="pillar", budget=2, window=1, gamma=1, reselect=1)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
                                     SamplingParams(temperature=0.8, top_k=10, top_p=0.9)])
-def test_speculative_sampling_matches_target_distribution(params, monkeypatch):
-    target, draft_model = tiny_model(0), tiny_model(1)
+@pytest.mark.parametrize("name", SAMPLED_DRAFTS)
+def test_speculative_sampling_matches_target_distribution(params, name, monkeypatch):
+    draft = SAMPLED_DRAFTS[name]
+    target = tiny_model(0)
     exact2, exact3 = exact_marginals(target, params)
-    engine = Engine(target, draft_model=draft_model, attention="torch")
-    draft = DraftConfig(kind="model", kv="full", gamma=2)
+    engine = Engine(target, draft_model=tiny_model(1) if draft.kind == "model" else None, attention="torch")
 
     result = engine.generate([PROMPT] * N, 3, params, draft, seed=0)
     assert 0.05 < result.stats.acceptance_rate < 0.95  # drafts really are being rejected and resampled

@@ -45,6 +45,9 @@ STRATEGIES = {
     "model-streaming": lambda g: DraftConfig(kind="model", kv="streaming", budget=16, sink=4, gamma=g),
     "model-snapkv": lambda g: DraftConfig(kind="model", kv="snapkv", budget=16, window=8, gamma=g),
     "model-full": lambda g: DraftConfig(kind="model", kv="full", gamma=g),
+    # re-selected every round and every other round (the default for gamma 4 is 2)
+    "self-pillar": lambda g: DraftConfig(kind="self", kv="pillar", budget=16, window=8, gamma=g, reselect=1),
+    "model-pillar": lambda g: DraftConfig(kind="model", kv="pillar", budget=16, window=8, gamma=g),
 }
 
 

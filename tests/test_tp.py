@@ -226,6 +226,12 @@ def driven(ckpts, tmp_path_factory):
                               "snapkv", "--draft-budget", 8, "--gamma", 3],
         "llama_bias_self": ["--checkpoint", ckpts["llama-bias"], *COMMON, "--draft", "self", "--draft-budget", 8,
                             "--sink", 2, "--gamma", 2],
+        # re-selected every round: each rank picks for its own KV heads ...
+        "pillar_self": ["--checkpoint", ckpts["split"], *COMMON, "--draft", "self", "--draft-kv", "pillar",
+                        "--draft-budget", 8, "--draft-window", 4, "--reselect", 1, "--gamma", 3],
+        # ... a standalone draft on rank 0 only picks from the mass of every rank's heads
+        "pillar_model": [*split, "--draft-kv", "pillar", "--draft-budget", 8, "--draft-window", 4, "--reselect", 1,
+                         "--draft-ranks", "0"],
     }
     expected = {name: single_process(_without_draft_ranks(args), out / f"{name}-single.jsonl")
                 for name, args in cases.items()}
@@ -250,7 +256,7 @@ def _without_draft_ranks(args: list) -> list:
 
 
 @pytest.mark.parametrize("case", ["draft_all_ranks", "draft_rank_0", "draft_rank_1_sampled", "qwen3_window_self",
-                                  "llama_bias_self"])
+                                  "llama_bias_self", "pillar_self", "pillar_model"])
 def test_standalone_draft_and_every_model_form_match_single_process(driven, case):
     out, expected, ranks = driven
     for rank in ranks:

@@ -197,20 +197,23 @@ def make_row(cfg: Config, batch: int, prompt_len: int, max_new: int, runs: list,
         gamma = cfg.draft.gamma
         T_V = Spread.of([per_round(s, "verify") for s in runs]).median
         T_D = Spread.of([per_round(s, "draft") for s in runs]).median / gamma
+        T_R = Spread.of([per_round(s, "reselect") for s in runs]).median  # a dynamic view's, per round
         tokens_per_round = median_run.mean_accepted_per_round or 1.0  # a lookup draft may propose nothing
         alpha = alpha_from_tokens_per_round(gamma, tokens_per_round)
         row.update(rounds=median_run.rounds, alpha=sig(alpha, 3),
                    accepted_per_drafted=sig(median_run.acceptance_rate or 0.0, 3),
                    tokens_per_round=sig(tokens_per_round, 3),
-                   T_V_ms=sig(1e3 * T_V), T_D_ms=sig(1e3 * T_D),
+                   T_V_ms=sig(1e3 * T_V), T_D_ms=sig(1e3 * T_D), T_R_ms=sig(1e3 * T_R),
                    verify_ratio=sig(T_V / T_T, 3), draft_ratio=sig(T_D / T_T, 3),
-                   speedup_pred_measured_T=sig(expected_tokens(gamma, alpha) * T_T / (gamma * T_D + T_V)),
+                   speedup_pred_measured_T=sig(expected_tokens(gamma, alpha) * T_T / (gamma * T_D + T_V + T_R)),
                    simulated_acceptance=alpha_sim)
         if cfg.draft.reads_cache:  # the cost model knows model drafts (a lookup draft costs no model pass)
-            pred = predict_times(args, hw, batch, context, gamma, cfg.draft.budget, dtype_bytes, draft_args=draft_args)
+            pred = predict_times(args, hw, batch, context, gamma, cfg.draft.budget, dtype_bytes, draft_args=draft_args,
+                                 reselect_every=cfg.draft.reselect_every)
             row.update(verify_ratio_pred=sig(pred.verify_ratio, 3), draft_ratio_pred=sig(pred.draft_ratio, 3),
                        speedup_pred_cost_model=sig(predicted_speedup(pred, gamma, alpha)),
-                       pred_ms=dict(T_T=sig(1e3 * pred.T_T), T_V=sig(1e3 * pred.T_V), T_D=sig(1e3 * pred.T_D)))
+                       pred_ms=dict(T_T=sig(1e3 * pred.T_T), T_V=sig(1e3 * pred.T_V), T_D=sig(1e3 * pred.T_D),
+                                    T_R=sig(1e3 * pred.T_R_per_round)))
     row["flags"] = sanity_flags(cfg, prompt_len, tps, base_tps, T_T, T_V, T_D)
     row["peak_memory_GiB"] = sig(max(s.peak_memory_bytes for s in runs) / 2**30, 3)
     row["prefill_s"] = sig(Spread.of([s.prefill_s for s in runs]).median, 3)

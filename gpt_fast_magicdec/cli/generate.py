@@ -43,7 +43,7 @@ from gpt_fast_magicdec.tp import (ExitAlone, broadcast_object, env_world_size, f
 DEFAULT_PROMPT = "Once upon a time"
 # The library's parameter names as this CLI's flags, for ParameterError messages.
 FLAGS = {"kind": "--draft", "kv": "--draft-kv", "budget": "--draft-budget", "window": "--draft-window",
-         "sink": "--sink", "gamma": "--gamma", "ngram": "--ngram", "ngram_min": "--ngram-min",
+         "sink": "--sink", "reselect": "--reselect", "gamma": "--gamma", "ngram": "--ngram", "ngram_min": "--ngram-min",
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
          "max_new_tokens": "--max-new-tokens", "max_seq_len": "--max-seq-len", "prefill_chunk": "--prefill-chunk",
          "slots": "--bsz", "checkpoint": "--checkpoint", "model": "--checkpoint / --random-weights",
@@ -104,6 +104,9 @@ EXIT_TERMINATED = 143  # ... and by SIGTERM (a scheduler's stop, or torchrun sto
 @click.option("--sink", type=int, default=16, show_default=True, help="Streaming view: attention-sink positions.")
 @click.option("--draft-window", type=int, default=None,
               help="Sliding window of the draft. Default: budget - sink (streaming), budget / 4 (snapkv).")
+@click.option("--reselect", type=int, default=None,
+              help="--draft-kv pillar: rounds between re-selections of the draft's keys from what verification "
+                   "attended to. Default: about 8 draft tokens per selection, round(8 / gamma) rounds (3 at gamma 3).")
 @click.option("--ngram", type=int, default=3, show_default=True,
               help="Prompt lookup: the longest n-gram matched against earlier text (shorter ones when it finds none).")
 @click.option("--ngram-min", type=int, default=1, show_default=True,
@@ -215,9 +218,12 @@ def build_draft_config(o) -> DraftConfig:
     gamma = parse_gamma(o.gamma)
     # --draft-budget -1 is this command's spelling of the full-cache view (--draft-kv full).
     full = o.draft_budget == -1
-    return DraftConfig(kind=draft_kind(o, gamma), kv="full" if full else o.draft_kv,
-                       budget=None if full else o.draft_budget, sink=o.sink, window=o.draft_window, ngram=o.ngram,
-                       ngram_min=o.ngram_min, gamma=3 if gamma is None else gamma)
+    kv = "full" if full else o.draft_kv
+    kind = draft_kind(o, gamma)
+    # --reselect with a fixed selection is a notice (IGNORED_WHEN), not the library's error.
+    reselect = o.reselect if kind != "none" and POLICIES[kv].dynamic else None
+    return DraftConfig(kind=kind, kv=kv, budget=None if full else o.draft_budget, sink=o.sink, window=o.draft_window,
+                       reselect=reselect, ngram=o.ngram, ngram_min=o.ngram_min, gamma=3 if gamma is None else gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +267,8 @@ IGNORED_WHEN = {
     "draft_window": lambda m: _draft_view_unused(m, "draft_window"),
     "sink": lambda m: _draft_view_unused(m, "sink") or (
         None if m.cfg.kv == "streaming" else f"with --draft-kv {m.cfg.kv} (--sink is the streaming view's)"),
+    "reselect": lambda m: _draft_view_unused(m, "reselect") or (
+        None if m.cfg.reselects else f"with --draft-kv {m.cfg.kv} (its selection is fixed at prefill)"),
     "ngram": lambda m: None if "lookup" in m.cfg.stages else "without a lookup draft (--draft lookup...)",
     "ngram_min": lambda m: None if "lookup" in m.cfg.stages else "without a lookup draft (--draft lookup...)",
     "gamma": lambda m: None if m.cfg.enabled or m.gamma_zero else "with --draft none",

@@ -84,6 +84,20 @@ class Drafter:
         """gamma draft tokens for every slot of `state` (speculative.DecodeState)."""
         raise NotImplementedError
 
+    # A re-selecting drafter learns from verification: for the rounds it wants, it hands the
+    # verification pass buffers to fill with attention mass, and re-selects once the round committed.
+    def score_buffers(self) -> Optional[list]:
+        """The per-target-layer buffers it may ask a verification to fill (None: it never asks)."""
+        return None
+
+    def round_scores(self, gamma: int) -> Optional[list]:
+        """Called once per round before verification: score_buffers() if this round's verification
+        must emit attention mass, else None."""
+        return None
+
+    def reselect(self, state) -> None:
+        """After a round whose verification filled round_scores(): re-select from them."""
+
 
 class ModelDrafter(Drafter):
     """A drafter that runs gamma steps of a model through the config's view, one token each.
@@ -98,10 +112,25 @@ class ModelDrafter(Drafter):
         super().__init__(config)
         self.model, self.runner = model, ctx.runner
         self.selection = None
+        device = ctx.target.output.weight.device
         if model is not None and not config.full:
-            shape = (ctx.batch, model.args.n_kv_heads, config.n_selected)
-            self.selection = [torch.full(shape, -1, dtype=torch.long, device=model.output.weight.device)
-                              for _ in range(model.args.n_layers)]
+            # One tensor for all layers (each layer's buffer a view of it), so a re-selection is one
+            # top-k over every layer rather than a loop of small launches.
+            self._selected = torch.full((model.args.n_layers, ctx.batch, model.args.n_kv_heads, config.n_selected),
+                                        -1, dtype=torch.long, device=device)
+            self.selection = list(self._selected.unbind(0))
+        self.scores = None  # re-selecting: [L_target, B, H_kv, S_max] fp32, verification's attention mass
+        if config.reselects:
+            target = ctx.target
+            self.scores = torch.zeros(target.args.n_layers, ctx.batch, target.args.n_kv_heads, target.max_seq_len,
+                                      dtype=torch.float32, device=device)
+            self._score_layers = list(self.scores.unbind(0))
+            # A self-draft is the target: each of its layers and KV heads takes its own picks. A
+            # standalone draft has other layers and heads: it takes the mass pooled over all of them,
+            # summed over the ranks under tensor parallelism (each holds some heads), so every rank,
+            # one outside --draft-ranks included, takes part in the sum.
+            self.per_head = model is ctx.target
+            self.tp, self.rounds = ctx.tp, 0
         self._steps: dict[tuple[int, bool], Step] = {}
 
     @classmethod
@@ -136,6 +165,29 @@ class ModelDrafter(Drafter):
 
     def prefill(self, rows, tokens, prompt_len, chunk, progress=False) -> None:
         self.select(rows, tokens, prompt_len)
+
+    def score_buffers(self) -> Optional[list]:
+        return None if self.scores is None else self._score_layers
+
+    def round_scores(self, gamma: int) -> Optional[list]:
+        if self.scores is None:
+            return None
+        self.rounds += 1
+        return self._score_layers if self.rounds % self.config.reselect_every_at(gamma) == 0 else None
+
+    def reselect(self, state) -> None:
+        """New selections for every slot from the mass verification just wrote. Slots whose sequence
+        stopped re-select too (harmlessly: a refill re-selects from its prompt)."""
+        if self.per_head:
+            mass = self.scores
+        else:
+            mass = self.scores.sum(dim=(0, 2))[:, None]  # [B, 1, S]
+            if self.tp is not None:
+                self.tp.sum_over_ranks(mass)
+        if self.selection is None:
+            return  # a rank outside --draft-ranks: its share of the sum is all it gives
+        picks = self.config.policy.reselect(mass, self.config, state.cache_len)
+        self._selected.copy_(picks.expand_as(self._selected))  # in place: captured draft steps read it
 
     def run_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, greedy: bool) -> torch.Tensor:
         """tokens [B, T] at cache_len [B] -> the last token's ids [B, 1] (greedy) or logits [B, 1, V]."""

@@ -23,6 +23,16 @@ class ChainDrafter(Drafter):
         self.first.prefill(rows, tokens, prompt_len, chunk, progress)
         self.second.prefill(rows, tokens, prompt_len, chunk, progress)
 
+    # Only the second stage reads a cache through a view, so only it can re-select.
+    def score_buffers(self):
+        return self.second.score_buffers()
+
+    def round_scores(self, gamma):
+        return self.second.round_scores(gamma)
+
+    def reselect(self, state) -> None:
+        self.second.reselect(state)
+
     def propose(self, state, gamma, sampling) -> Proposal:
         a, b = self.first.propose(state, gamma, sampling), self.second.propose(state, gamma, sampling)
         use_a = a.counts() > 0  # [B]

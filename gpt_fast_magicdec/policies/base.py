@@ -14,11 +14,13 @@ class SelectionPolicy:
     A policy is stateless: it checks a DraftConfig and names its default window, and after a
     prefill `select` returns the per-layer selected positions the draft's view reads for the
     prefilled rows, or None for the full view. Budget = selected + window keys per query, fixed
-    for the run."""
+    for the run. A dynamic policy also `reselect`s during decoding, from the attention mass a
+    verification pass gave every cache position (the drafter asks for it every few rounds)."""
 
     name: str = ""
     help: str = ""  # one line; the CLI, bench and the acceptance tools show it
     full: bool = False  # True: the draft reads the whole cache (no budget, no window)
+    dynamic: bool = False  # True: re-selects from verification's attention mass (reselect)
 
     def default_window(self, config) -> int:
         raise NotImplementedError
@@ -36,6 +38,16 @@ class SelectionPolicy:
         (None: rows 0..b-1): per layer [b, H_kv, K] positions (K = config.n_selected, -1 = unused
         slot), or None for the full view."""
         raise NotImplementedError
+
+    def default_reselect(self, gamma: int) -> int:
+        """Dynamic policies: rounds between re-selections when the config leaves it open."""
+        raise NotImplementedError
+
+    def reselect(self, mass: torch.Tensor, config, cache_len: torch.Tensor) -> torch.Tensor:
+        """Dynamic policies: mass [..., B, H, S] fp32 (what verification's queries gave each cache
+        position; H KV heads, or 1 when pooled), cache_len [B] committed lengths after the round
+        -> positions [..., B, H, K] (K = config.n_selected, -1 = unused slot) for the next drafts."""
+        raise NotImplementedError(f"{self.name} selects once, at prefill")
 
     def validate(self, config) -> None:
         """Check the budget and window of `config`; ParameterError naming the parameters."""

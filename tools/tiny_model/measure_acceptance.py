@@ -5,9 +5,9 @@
 Prompts are cut from a held-out book (never seen in training). For every prompt length the
 prompts *end* at the same fixed positions of the book, so every length continues the same text
 and only the amount of context differs. Greedy decoding; for each length it runs plain decoding
-once, then self-speculation with the StreamingLLM view (sink + window) and the SnapKV view at
-each budget, and the standalone draft model (the bundled draft by default) with its full cache and
-with a StreamingLLM view of its own cache, for each gamma. It records the acceptance rate and the
+once, then self-speculation through each --kv view (StreamingLLM sink + window, SnapKV, the
+re-selecting pillar view) at each budget, and the standalone draft model (the bundled draft by
+default) with its full cache and through each --draft-kv view of its own cache, for each gamma. It records the acceptance rate and the
 mean tokens emitted per round, and checks that every speculative output equals the plain greedy
 output token for token.
 
@@ -33,7 +33,7 @@ from gpt_fast_magicdec.drafting import DraftConfig
 from gpt_fast_magicdec.checkpoint import load_model
 from gpt_fast_magicdec.engine import Engine
 from gpt_fast_magicdec.errors import UserError
-from gpt_fast_magicdec.policies import SPARSE_POLICIES, policy_help
+from gpt_fast_magicdec.policies import POLICIES, SPARSE_POLICIES, policy_help
 from gpt_fast_magicdec.tokenizer import load_tokenizer
 from .corpus import DEFAULT_CORPUS, VALIDATION_BOOK_IDS, read_books, repo_root
 
@@ -92,7 +92,10 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
         f"*{meta['book']['title']}* ({meta['book']['tokens']} tokens), never seen in training.",
         f"Batch of {meta['batch']} prompts per length, ending at the same {meta['batch']} positions of the book "
         f"for every length; greedy; {meta['new_tokens']} new tokens per prompt; streaming sink "
-        f"{meta['sink']} (window = budget - sink); SnapKV window = budget / 4, observation window 32.",
+        f"{meta['sink']} (window = budget - sink); SnapKV window = budget / 4, observation window 32"
+        + ("; pillar: SnapKV's prefill selection, then re-selected from verification's attention every "
+           + (f"{meta['reselect']} rounds" if meta.get("reselect") else "round(8 / gamma) rounds")
+           + ", same window" if "pillar" in meta.get("kv", []) + meta.get("draft_kv", []) else "") + ".",
         "",
         "Each cell: **acceptance rate** / mean tokens emitted per round (accepted drafts + the bonus "
         "token; the ceiling is gamma + 1). `*`: the budget covers the whole context, so the draft sees "
@@ -141,7 +144,8 @@ def write_markdown(path: Path, meta: dict, results: list[dict]) -> None:
 def by_length(ax, meta: dict, results: list[dict], gamma: int = 3) -> None:
     """Last panel: acceptance against prompt length at one gamma, one line per draft."""
     lines = [(kv, b, False) for kv in meta["kv"] for b in meta["budgets"]]
-    lines += [("full", -1, True), ("streaming", meta["draft_budget"], True)] if meta["draft_model"] else []
+    if meta["draft_model"]:
+        lines += [("full", -1, True)] + [(kv, meta["draft_budget"], True) for kv in meta.get("draft_kv", ["streaming"])]
     for kv, budget, model in lines:
         pts = [(L, r["acceptance_rate"]) for L in meta["prompt_lens"]
                if (r := find(results, L, kv, budget, gamma, model)) is not None]
@@ -166,12 +170,12 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
                              squeeze=False)
     colors = plt.cm.viridis([i / max(1, len(gammas) - 1) * 0.85 for i in range(len(gammas))])
     for ax, L in zip(axes[0][:-1], lengths):
-        for kv, style in (("streaming", "-o"), ("snapkv", "--s")):
+        for kv, style in zip(meta["kv"], ("-o", "--s", ":^", "-.d")):
             for g, c in zip(gammas, colors):
                 pts = [(b, r["acceptance_rate"]) for b in meta["budgets"] if (r := find(results, L, kv, b, g))]
                 if pts:
                     ax.plot(*zip(*pts), style, color=c, ms=4, lw=1.2, label=f"{kv}, gamma {g}")
-        for kv, style in (("full", ":"), ("streaming", "-.")):
+        for kv, style in zip(["full", *meta.get("draft_kv", ["streaming"])], (":", "-.", "--", "-")):
             r = find(results, L, kv, -1 if kv == "full" else meta["draft_budget"], 3, model=True)
             if r is not None:
                 ax.axhline(r["acceptance_rate"], color="gray", ls=style, lw=1.2,
@@ -215,32 +219,42 @@ def plot(path: Path, meta: dict, results: list[dict]) -> None:
               help="Standalone draft model to measure beside self-speculation ('bundled-draft': the bundled "
                    "tiny draft), with its full cache and with a --draft-budget streaming view of it.")
 @click.option("--draft-budget", type=int, default=512,
-              help="Keys the standalone draft reads through its streaming view (sink --sink).")
+              help="Keys the standalone draft reads through each --draft-kv view of its cache.")
+@click.option("--draft-kv", "draft_kinds", default="streaming",
+              help="Comma-separated views of the standalone draft's own cache, at --draft-budget.")
+@click.option("--reselect", type=int, default=None,
+              help="pillar: rounds between re-selections (default: the policy's, round(8 / gamma)).")
 @click.option("--standalone/--no-standalone", default=True, help="Measure the standalone draft model at all.")
 @click.option("--threads", type=int, default=1, help="torch.set_num_threads.")
 @click.option("--out", "out_prefix", type=click.Path(path_type=Path),
               default=Path("benchmarks/tiny_model_acceptance"),
               help="Output prefix: writes PREFIX.json, PREFIX.md and PREFIX.png.")
 def main(checkpoint, corpus, book, prompt_lens, budgets, kv_kinds, gammas, sink, batch, new_tokens,
-         draft_checkpoint, draft_budget, standalone, threads, out_prefix):
+         draft_checkpoint, draft_budget, draft_kinds, reselect, standalone, threads, out_prefix):
     """Acceptance rate of MagicDec drafts (streaming / SnapKV self-speculation, full-KV standalone
     draft, full and sparse) for the bundled tiny model on held-out text, at several prompt lengths,
     budgets and gammas."""
     try:
         run(checkpoint, corpus, book, _ints(prompt_lens), _ints(budgets),
             [k.strip() for k in kv_kinds.split(",") if k.strip()], _ints(gammas), sink, batch, new_tokens,
-            draft_checkpoint if standalone else None, draft_budget, threads, out_prefix)
+            draft_checkpoint if standalone else None, draft_budget, threads, out_prefix,
+            [k.strip() for k in draft_kinds.split(",") if k.strip()], reselect)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
 
 def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, batch, new_tokens,
-        draft_checkpoint, draft_budget, threads, out_prefix) -> dict:
+        draft_checkpoint, draft_budget, threads, out_prefix, draft_kinds=("streaming",), reselect=None) -> dict:
     t0 = time.perf_counter()
-    unknown = [k for k in kv_kinds if k not in SPARSE_POLICIES]
-    if unknown:
-        raise UserError(f"--kv {','.join(unknown)}: self-speculation policies are {', '.join(SPARSE_POLICIES)}")
+    for flag, kinds in (("--kv", kv_kinds), ("--draft-kv", draft_kinds)):
+        unknown = [k for k in kinds if k not in SPARSE_POLICIES]
+        if unknown:
+            raise UserError(f"{flag} {','.join(unknown)}: sparse policies are {', '.join(SPARSE_POLICIES)}")
+
+    def config(kind: str, kv: str, budget: int, g: int) -> DraftConfig:
+        return DraftConfig(kind=kind, kv=kv, budget=budget, sink=sink, gamma=g,
+                           reselect=reselect if POLICIES[kv].dynamic else None)
     torch.set_num_threads(threads)
     train_context = None
     if checkpoint is None:
@@ -299,13 +313,12 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
         for kv in kv_kinds:
             for budget in budgets:
                 for g in gammas:
-                    cfg = DraftConfig(kind="self", kv=kv, budget=budget, sink=sink, gamma=g)
-                    record(L, kv, budget, cfg, self_engine, reference)
+                    record(L, kv, budget, config("self", kv, budget, g), self_engine, reference)
         if model_engine is not None:
             for g in gammas:
                 record(L, "full", -1, DraftConfig(kind="model", kv="full", gamma=g), model_engine, reference)
-                cfg = DraftConfig(kind="model", kv="streaming", budget=draft_budget, sink=sink, gamma=g)
-                record(L, "streaming", draft_budget, cfg, model_engine, reference)
+                for kv in draft_kinds:
+                    record(L, kv, draft_budget, config("model", kv, draft_budget, g), model_engine, reference)
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +333,7 @@ def run(checkpoint, corpus, book_id, lengths, budgets, kv_kinds, gammas, sink, b
         "book": {"id": book["id"], "title": book["title"], "tokens": len(book_tokens)},
         "prompt_lens": lengths, "budgets": budgets, "kv": kv_kinds, "gammas": gammas, "sink": sink,
         "batch": batch, "new_tokens": new_tokens, "draft_model": draft_model_name, "draft_params": draft_params,
-        "draft_budget": draft_budget, "plot": str(out_prefix.with_suffix(".png")),
+        "draft_budget": draft_budget, "draft_kv": list(draft_kinds), "reselect": reselect, "plot": str(out_prefix.with_suffix(".png")),
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
     report = {"meta": meta, "results": results}
