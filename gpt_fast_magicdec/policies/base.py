@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ParameterError
 
@@ -71,3 +72,24 @@ def same_positions(batch: int, n_kv_heads: int, positions: torch.Tensor, n_layer
     """positions [K] for every sequence, KV head and layer -> n_layers x [B, H_kv, K] (one tensor)."""
     sel = positions.expand(batch, n_kv_heads, positions.shape[0]).contiguous()  # [B, H_kv, K]
     return [sel] * n_layers
+
+
+def top_positions(scores: torch.Tensor, n_select: int, n_eligible: torch.Tensor, limit: int) -> torch.Tensor:
+    """The n_select highest-scoring positions of scores [..., B, H, S], ascending, per row; the
+    eligible positions of row b are 0 .. n_eligible[b] - 1 (the others are -inf) -> [..., B, H, n_select].
+
+    A row with fewer eligible positions than slots gives its spare slots to the positions right
+    after them, n_eligible[b], n_eligible[b] + 1, ...: the sparse view shows those once they are
+    committed and out of its window, so a budget covering the whole context really shows the draft
+    everything. Positions >= limit (past the cache) become -1, an unused slot."""
+    S = scores.shape[-1]
+    k = min(n_select, S)
+    top = scores.topk(k, dim=-1)
+    # Valid picks first (ascending), then the slots the row cannot fill.
+    picks = torch.where(torch.isfinite(top.values), top.indices, S + n_select).sort(dim=-1).values
+    picks = F.pad(picks, (0, n_select - k), value=S + n_select)
+    slot = torch.arange(n_select, device=scores.device)
+    n_valid = n_eligible.clamp(max=k)[:, None, None]  # [B, 1, 1]
+    spare = n_eligible[:, None, None] + slot - n_valid
+    sel = torch.where(slot < n_valid, picks, spare)
+    return torch.where(sel < limit, sel, -1)

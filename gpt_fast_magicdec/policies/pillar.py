@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .base import top_positions
 from .snapkv import SnapKV
 
 # PillarAttn re-uses one selection for about this many draft steps before verification refreshes it.
@@ -35,8 +36,7 @@ class Pillar(SnapKV):
         hides a selected key inside the window anyway). A context shorter than the selection gives
         its spare slots to the positions right after it, which become visible as they leave the
         window: a budget covering the whole context shows the draft everything, as SnapKV's does."""
-        *lead, H, S = mass.shape
-        K = config.n_selected
+        H, S = mass.shape[-2:]
         # Pooling keeps the neighbours of a hit: verification's mass is spikier than SnapKV's
         # prompt-wide votes, and on held-out text the raw top-K accepts markedly fewer drafts.
         pooled = F.avg_pool1d(mass.reshape(-1, H, S), config.pool_kernel, stride=1,
@@ -44,15 +44,7 @@ class Pillar(SnapKV):
         n_eligible = (cache_len.long() - config.view_window + 1).clamp(min=0)  # [B]
         positions = torch.arange(S, device=mass.device)
         pooled.masked_fill_(positions[None, None, :] >= n_eligible[:, None, None], float("-inf"))
-        k = min(K, S)
-        top = pooled.topk(k, dim=-1)  # [..., B, H, k]
-        picks = torch.where(torch.isfinite(top.values), top.indices, S + K).sort(dim=-1).values
-        picks = F.pad(picks, (0, K - k), value=S + K)
-        slot = torch.arange(K, device=mass.device)
-        n_valid = n_eligible.clamp(max=k)[:, None, None]  # [B, 1, 1]
-        spare = n_eligible[:, None, None] + slot - n_valid
-        sel = torch.where(slot < n_valid, picks, spare)
-        return torch.where(sel < S, sel, -1)
+        return top_positions(pooled, config.n_selected, n_eligible, S)
 
 
 PILLAR = Pillar()

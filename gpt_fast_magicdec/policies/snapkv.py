@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import AttentionView
-from .base import SelectionPolicy
+from .base import SelectionPolicy, top_positions
 
 
 class SnapKV(SelectionPolicy):
@@ -107,20 +107,8 @@ class SnapKVObserver:
                              count_include_pad=False)  # keep neighbours of a hit (SnapKV clustering)
         in_prompt = torch.arange(S, device=q.device)[None, None, :] < self.prompt_len[:, None, None]
         votes = votes.masked_fill(~in_prompt, float("-inf"))
-        k_sel = min(self.n_select, S)
-        top = votes.topk(k_sel, dim=-1)  # [B, H_kv, k_sel]
-        n_valid = torch.clamp(self.prompt_len, max=k_sel)[:, None, None]  # [B, 1, 1]
-        # Valid picks first (ascending), then the slots a short prompt cannot fill.
-        picks = torch.where(torch.isfinite(top.values), top.indices, S + self.n_select).sort(dim=-1).values
-        picks = F.pad(picks, (0, self.n_select - k_sel), value=S + self.n_select)
-        # A prompt shorter than the selection gives its spare slots to the positions generated right
-        # after it: they become visible only once committed and outside the window (s <= p - window),
-        # so a budget covering the whole context really shows the draft everything.
-        slot = torch.arange(self.n_select, device=q.device)[None, None, :]
-        spare = self.prompt_len[:, None, None] + slot - n_valid
-        sel = torch.where(slot < n_valid, picks, spare)
         limit = self.cache_len or k_cache.shape[2]
-        self.selected[layer_id] = torch.where(sel < limit, sel, -1)  # [B, H_kv, n_select]
+        self.selected[layer_id] = top_positions(votes, self.n_select, self.prompt_len, limit)  # [B, H_kv, n_select]
 
     def layers(self, n_layers: int) -> list[torch.Tensor]:
         return [self.selected[i] for i in range(n_layers)]
