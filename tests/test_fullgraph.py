@@ -16,7 +16,8 @@ DRAFTS = [DraftConfig(kind="self", budget=16, sink=4, gamma=3),
           DraftConfig(kind="self", kv="snapkv", budget=16, window=8, gamma=2),
           DraftConfig(kind="model", kv="streaming", budget=16, sink=4, gamma=2),
           DraftConfig(kind="model", kv="full", gamma=4),
-          DraftConfig(kind="lookup+self", kv="recent", budget=12, gamma=3)]
+          DraftConfig(kind="lookup+self", kv="recent", budget=12, gamma=3),
+          DraftConfig(kind="self", kv="pillar", budget=16, window=8, gamma=3, reselect=1)]  # + scoring verifications
 
 
 def captured_steps():
@@ -31,9 +32,9 @@ def captured_steps():
         for sampling in (SamplingParams(), SamplingParams(temperature=0.8)):
             engine.generate([[1, 2, 3, 4, 5, 6], [7, 8, 9]], 6, sampling, draft)
             steps.update(engine.graphs.captured)
-    unique = {}  # one step per spec: steps of one spec differ only in which buffers they read
+    unique = {}  # one step per spec (and scoring or not): the others differ only in which buffers they read
     for step in steps:
-        unique.setdefault(step.spec, step)
+        unique.setdefault((step.spec, step.scores is not None), step)
     return list(unique.values()), engine
 
 
@@ -41,6 +42,7 @@ def captured_steps():
 def test_every_captured_step_is_one_graph():
     steps, engine = captured_steps()
     specs = {s.spec for s in steps}
+    assert any(s.scores is not None for s in steps)
     assert len(specs) >= 10 and {s.role for s in specs} == {"target", "draft"}
     assert {s.greedy for s in specs} == {True, False} and {s.n_tokens for s in specs} >= {1, 2, 3, 4, 5}
     B = 2
@@ -48,8 +50,9 @@ def test_every_captured_step_is_one_graph():
         tokens = torch.zeros(B, step.spec.n_tokens, dtype=torch.long)
         cache_len = torch.full((B,), 5)
         for kv_limit in (None, 256):  # as graphed on a GPU, and as an eager CPU step bucketed to 256 keys
-            report = torch._dynamo.explain(forward_step)(step.model, step.spec, tokens, cache_len, step.selection,
-                                                          "torch", kv_limit)
+            with torch.no_grad():  # as the engine runs every step
+                report = torch._dynamo.explain(forward_step)(step.model, step.spec, tokens, cache_len, step.selection,
+                                                              "torch", kv_limit, step.scores)
             assert report.graph_break_count == 0, (step.spec, report.break_reasons)
             assert report.graph_count == 1, step.spec
             torch._dynamo.reset()
