@@ -110,13 +110,13 @@ def main() -> None:
                          f"{dynamic.T_R_per_round / dynamic.T_V:.3f} | {even:.3f} |")
     lines += [
         "",
-        "Reading it: the re-selection re-reads half of what verification reads, once every few rounds, so "
-        "its price grows with batch and context exactly as verification does (a constant share of a "
-        "round). Pillar pays where its acceptance gain over streaming beats that share; the break-even "
-        "column is the acceptance it must reach. On the tiny model the views are within a few points of "
-        "each other (a 6M-parameter model at 8K has no long-range retrieval to re-select for); the "
-        "published gains (SparseSpec, Vegas) come from 8B+ models on reasoning traces, which this CPU "
-        "cannot run. The GPU first-light drafts stage runs pillar beside streaming when a device is lent.",
+        "Reading it: the re-selection re-reads half of the keys verification reads, once every few rounds, so its "
+        "price grows with batch and context as verification's KV read does: small at batch 1 (the weights dominate "
+        "a round), largest where MagicDec pays most (large batch, long context). There pillar needs a clearly higher "
+        "acceptance than streaming (the break-even column) to pay for it. On the tiny model the views are within a "
+        "few points of each other (a 6M-parameter model at 8K has little long-range retrieval to re-select for); the "
+        "published gains (SparseSpec, Vegas) come from 8B+ models on reasoning traces, which this CPU cannot run. "
+        "The GPU first-light drafts stage runs pillar beside streaming when a device is lent.",
         "",
         "- command: `python -m benchmarks.pillar_pays`",
         f"- git commit: `{git_commit() or 'unknown'}`; acceptance measured at `{report['meta']['git_commit']}` "
